@@ -1,0 +1,125 @@
+//! Garbage collection: keep what a registered lock file or one of the most recent
+//! runs references, drop the rest.
+//!
+//! Roots are the lock files registered under `roots/` (every manifest run
+//! against a cache registers its lock file, so a cache shared by several
+//! checkouts is collected safely) and the keys of the `keep_runs` newest run
+//! records. From each live key, its action entry, its input and output
+//! artifacts, their objects and materialized folders stay. `gc` holds the cache's
+//! `gc.lock` exclusively, so it never runs beside a `swift run`.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io;
+use std::time::{Duration, SystemTime};
+
+use crate::digest::{ContentDigest, StageKey};
+use crate::lockfile::LockFile;
+use crate::store::{read_dir_sorted, remove_tree, Store};
+
+/// Scratch areas of stages not kept are removed once this old (they may hold an
+/// interrupted stage's checkpoints).
+const SCRATCH_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What a collection removed and kept.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GcReport {
+    /// Action entries kept.
+    pub kept_actions: usize,
+    /// Action entries removed.
+    pub removed_actions: usize,
+    /// Objects removed.
+    pub removed_objects: usize,
+    /// Bytes those objects held.
+    pub freed_bytes: u64,
+    /// Lock-file roots dropped because the lock file no longer exists.
+    pub dropped_roots: usize,
+}
+
+/// Why a collection could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// A `swift run` holds the cache.
+    #[error("a swift run is using this cache ({0}); run gc again when it has finished")]
+    Busy(String),
+    /// Reading or deleting failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Collects the cache.
+pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
+    let guard_path = store.root().join("gc.lock");
+    let guard = File::options().create(true).truncate(false).write(true).open(&guard_path)?;
+    if guard.try_lock().is_err() {
+        return Err(GcError::Busy(store.root().display().to_string()));
+    }
+    let mut report = GcReport::default();
+    let mut live_keys: HashSet<StageKey> = HashSet::new();
+    for root in read_dir_sorted(&store.root().join("roots"))? {
+        let lock_path = fs::read_to_string(&root)?;
+        match LockFile::read(std::path::Path::new(&lock_path)) {
+            Ok(Some(lock)) => live_keys.extend(lock.stages.values().map(|s| s.key)),
+            Ok(None) => {
+                fs::remove_file(&root)?;
+                report.dropped_roots += 1;
+            }
+            Err(_) => {} // unreadable lock file: keep nothing for it, keep the root
+        }
+    }
+    let runs = store.runs()?;
+    for run in runs.iter().rev().take(keep_runs) {
+        live_keys.extend(run.stages.iter().filter_map(|s| s.key));
+    }
+
+    let mut live_objects: HashSet<ContentDigest> = HashSet::new();
+    let mut live_materialized: HashSet<String> = HashSet::new();
+    for (key, entry) in store.actions()? {
+        if !live_keys.contains(&key) {
+            store.remove_action(&key)?;
+            report.removed_actions += 1;
+            continue;
+        }
+        report.kept_actions += 1;
+        for artifact in entry.inputs.values().chain(entry.outputs.values()) {
+            live_materialized.insert(artifact.digest().to_hex());
+            // An input that was a local file never entered the store: nothing to keep.
+            if let Ok(objects) = store.objects_of(artifact) {
+                live_objects.extend(objects);
+            }
+        }
+    }
+
+    for dir in read_dir_sorted(&store.root().join("m"))? {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if !live_materialized.contains(&name) {
+            remove_tree(&dir)?;
+        }
+    }
+    for shard in read_dir_sorted(&store.root().join("objects"))? {
+        let prefix = shard.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        for object in read_dir_sorted(&shard)? {
+            let rest = object.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let live = format!("{prefix}{rest}").parse::<ContentDigest>().is_ok_and(|d| live_objects.contains(&d));
+            if !live {
+                report.freed_bytes += fs::metadata(&object).map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(&object)?;
+                report.removed_objects += 1;
+            }
+        }
+    }
+    let now = SystemTime::now();
+    for scratch in read_dir_sorted(&store.root().join("scratch"))? {
+        let hex = scratch.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let kept = hex.parse::<StageKey>().is_ok_and(|k| live_keys.contains(&k));
+        let old = fs::metadata(&scratch)?.modified().ok().and_then(|t| now.duration_since(t).ok()).is_some_and(|age| age > SCRATCH_GRACE);
+        if !kept && old {
+            remove_tree(&scratch)?;
+        }
+    }
+    // No run holds the cache now, so every temporary file is an orphan.
+    for tmp in read_dir_sorted(&store.root().join("tmp"))? {
+        remove_tree(&tmp)?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,589 @@
+//! The executor: runs what is missing, in dependency order, concurrently.
+//!
+//! 1. Select stages (`--only`, `--until`), hash local inputs (stat cache first).
+//! 2. With `--locked`, compare parameters and local inputs with the lock file.
+//! 3. Walk the DAG on a tokio runtime. A stage whose inputs are known gets its
+//!    key; a hit in the action cache makes it `cached`, a miss spawns it on a
+//!    blocking thread once it holds a slot (`--jobs` CPU slots, one per GPU).
+//! 4. A spawned stage takes the cross-process lock of its key, checks the cache
+//!    again (another `swift run` may have just finished it), runs in its scratch
+//!    folder, moves its outputs into the store and writes the action entry last.
+//! 5. The lock file is rewritten if its text changed; a run record is appended.
+//!
+//! Ctrl-C (or SIGTERM) stops launching stages and asks running ones to stop; a
+//! second Ctrl-C exits at once. Either way nothing half-done is ever recorded:
+//! an entry exists only once all of a stage's outputs are stored, so an
+//! interrupted six-hour fine-tune is never mistaken for a finished one.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use indexmap::IndexMap;
+use swift_cache::store::remove_tree;
+use swift_cache::{ActionEntry, Artifact, LockFile, LockedStage, Provenance, RunRecord, RunStageRecord, StageKey, StatCache, Store};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::kind::{Cancelled, OutputValue, Resource, RunCtx};
+use crate::pipeline::{InputRef, Pipeline};
+use crate::report::{Reporter, RunReport, StageReport, StageStatus};
+use crate::resolve::{hash_locals, input_artifacts, input_values, key_of, lookup, params_of, LocalInput};
+
+/// How to run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// `--only`: these stages and what they need.
+    pub only: Vec<String>,
+    /// `--until`: stop after this stage (its descendants are skipped).
+    pub until: Option<String>,
+    /// `--force`: run these even if cached.
+    pub force: Vec<String>,
+    /// `--dry-run`: report what would run.
+    pub dry_run: bool,
+    /// `--locked`: require the lock file to match; never write it.
+    pub locked: bool,
+    /// `--rehash`: ignore the stat cache.
+    pub rehash: bool,
+    /// `--jobs`: concurrent CPU stages.
+    pub jobs: usize,
+}
+
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A bad stage name on the command line (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// `--locked` and the lock file disagree (exit 3).
+    #[error("the run does not match the lock file:\n  {}", .0.join("\n  "))]
+    Locked(Vec<String>),
+    /// Anything else (exit 1).
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+enum State {
+    Pending,
+    Running,
+    Done { status: StageStatus, entry: ActionEntry, paths: IndexMap<String, PathBuf>, seconds: f64 },
+    Failed { key: Option<StageKey>, error: String, seconds: f64 },
+    Skipped(String),
+    WouldRun(Option<StageKey>),
+}
+
+enum Outcome {
+    Done { reused: bool, entry: ActionEntry, paths: IndexMap<String, PathBuf>, seconds: f64 },
+    Failed { key: Option<StageKey>, error: String, seconds: f64 },
+}
+
+/// The stages a run covers.
+pub fn select(pipeline: &Pipeline, only: &[String], until: Option<&str>) -> Result<BTreeSet<usize>, String> {
+    let mut selected: BTreeSet<usize> = if only.is_empty() {
+        (0..pipeline.nodes.len()).collect()
+    } else {
+        let mut set = BTreeSet::new();
+        for name in only {
+            set.extend(pipeline.with_ancestors(pipeline.require(name)?));
+        }
+        set
+    };
+    if let Some(name) = until {
+        let stop = pipeline.require(name)?;
+        for after in pipeline.with_descendants(stop) {
+            if after != stop {
+                selected.remove(&after);
+            }
+        }
+    }
+    Ok(selected)
+}
+
+/// Runs a pipeline (or part of it) against a store.
+pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter: Arc<dyn Reporter>) -> Result<RunReport, RunError> {
+    let clock = Instant::now();
+    let started_unix_ms = unix_ms();
+    let _guard = store.run_guard().map_err(anyhow::Error::from)?;
+    let selected = select(&pipeline, &options.only, options.until.as_deref()).map_err(RunError::Usage)?;
+    let mut forced = HashSet::new();
+    for name in &options.force {
+        forced.insert(pipeline.require(name).map_err(RunError::Usage)?);
+    }
+    let stats = StatCache::load(store.root().join("stat-v1.json"));
+    let (locals, hash_stats) = hash_locals(&pipeline, selected.iter().copied(), &stats, options.rehash)?;
+    if hash_stats.bytes_hashed > 0 {
+        reporter.note(&format!("hashed {} of inputs", human_bytes(hash_stats.bytes_hashed)));
+    }
+    let lock_path = pipeline.manifest.lock_path();
+    let old_lock = LockFile::read(&lock_path).map_err(anyhow::Error::from)?;
+    if options.locked {
+        check_locked(&pipeline, old_lock.as_ref(), &selected, &locals).map_err(RunError::Locked)?;
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    let scheduler = Scheduler {
+        pipeline: pipeline.clone(),
+        store: store.clone(),
+        reporter: reporter.clone(),
+        locals: Arc::new(locals),
+        selected,
+        forced,
+        dry_run: options.dry_run,
+        jobs: options.jobs.max(1),
+    };
+    let (states, interrupted) = runtime.block_on(scheduler.drive())?;
+    runtime.shutdown_background();
+
+    let mut report = RunReport {
+        pipeline: pipeline.manifest.name.clone(),
+        ok: !interrupted,
+        stages: Vec::new(),
+        interrupted,
+        lock_written: false,
+        seconds: 0.0,
+    };
+    for &i in &pipeline.order {
+        let node = &pipeline.nodes[i];
+        let mut stage = StageReport {
+            name: node.name.clone(),
+            kind: node.kind.clone(),
+            status: StageStatus::Skipped,
+            key: None,
+            seconds: 0.0,
+            outputs: IndexMap::new(),
+            metrics: Default::default(),
+            error: None,
+        };
+        match &states[i] {
+            State::Done { status, entry, paths, seconds } => {
+                stage.status = *status;
+                stage.key = Some(entry.key);
+                stage.seconds = *seconds;
+                stage.outputs = paths.clone();
+                stage.metrics = entry.metrics.clone();
+            }
+            State::Failed { key, error, seconds } => {
+                stage.status = StageStatus::Failed;
+                stage.key = *key;
+                stage.seconds = *seconds;
+                stage.error = Some(error.clone());
+                report.ok = false;
+            }
+            State::Skipped(why) => {
+                stage.error = Some(why.clone());
+                if why != NOT_SELECTED {
+                    report.ok = false;
+                }
+            }
+            State::WouldRun(key) => {
+                stage.status = StageStatus::WouldRun;
+                stage.key = *key;
+            }
+            State::Pending | State::Running => {
+                stage.error = Some("interrupted before it could run".to_string());
+                report.ok = false;
+            }
+        }
+        report.stages.push(stage);
+    }
+
+    if !options.dry_run {
+        if !options.locked {
+            let lock = updated_lock(&pipeline, old_lock, &states);
+            report.lock_written = lock.write_if_changed(&lock_path).map_err(anyhow::Error::from)?;
+        }
+        store.register_root(&lock_path).map_err(anyhow::Error::from)?;
+        report.seconds = clock.elapsed().as_secs_f64();
+        store.write_run(&run_record(&pipeline, &report, started_unix_ms)).map_err(anyhow::Error::from)?;
+    }
+    if let Err(e) = stats.save() {
+        reporter.note(&format!("could not save the stat cache (inputs will be rehashed next time): {e}"));
+    }
+    report.seconds = clock.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+const NOT_SELECTED: &str = "not selected";
+
+struct Scheduler {
+    pipeline: Arc<Pipeline>,
+    store: Store,
+    reporter: Arc<dyn Reporter>,
+    locals: Arc<HashMap<(usize, usize), LocalInput>>,
+    selected: BTreeSet<usize>,
+    forced: HashSet<usize>,
+    dry_run: bool,
+    jobs: usize,
+}
+
+impl Scheduler {
+    async fn drive(self) -> anyhow::Result<(Vec<State>, bool)> {
+        let n = self.pipeline.nodes.len();
+        let mut states: Vec<State> = (0..n)
+            .map(|i| if self.selected.contains(&i) { State::Pending } else { State::Skipped(NOT_SELECTED.to_string()) })
+            .collect();
+        let mut outputs: Vec<Option<IndexMap<String, Artifact>>> = vec![None; n];
+        let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Outcome)>();
+        let cpu = Arc::new(Semaphore::new(self.jobs));
+        let mut gpus: HashMap<String, Arc<Semaphore>> = HashMap::new();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut running = 0usize;
+        loop {
+            if !cancel.load(Ordering::Relaxed) {
+                for &i in &self.pipeline.order {
+                    if !matches!(states[i], State::Pending) {
+                        continue;
+                    }
+                    let Some(next) = self.advance(i, &states, &outputs) else { continue };
+                    match next {
+                        Step::Launch(key, inputs) => {
+                            let resource = self.pipeline.nodes[i].plan.resource();
+                            let slot = match &resource {
+                                Resource::Cpu => cpu.clone(),
+                                Resource::Gpu(device) => gpus.entry(device.clone()).or_insert_with(|| Arc::new(Semaphore::new(1))).clone(),
+                            };
+                            let task = StageTask {
+                                pipeline: self.pipeline.clone(),
+                                store: self.store.clone(),
+                                reporter: self.reporter.clone(),
+                                locals: self.locals.clone(),
+                                index: i,
+                                key,
+                                inputs,
+                                force: self.forced.contains(&i),
+                                device: resource.device().to_string(),
+                                cancel: cancel.clone(),
+                            };
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                let permit = slot.acquire_owned().await;
+                                let started = Instant::now();
+                                let outcome = tokio::task::spawn_blocking(move || task.execute()).await.unwrap_or_else(|e| {
+                                    Outcome::Failed { key: None, error: format!("the stage panicked: {e}"), seconds: started.elapsed().as_secs_f64() }
+                                });
+                                drop(permit);
+                                let _ = tx.send((i, outcome));
+                            });
+                            states[i] = State::Running;
+                            running += 1;
+                        }
+                        Step::Settle(state) => {
+                            if let State::Done { entry, .. } = &state {
+                                outputs[i] = Some(entry.outputs.clone());
+                            }
+                            self.announce(i, &state);
+                            states[i] = state;
+                        }
+                    }
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            tokio::select! {
+                Some((i, outcome)) = rx.recv() => {
+                    running -= 1;
+                    let state = match outcome {
+                        Outcome::Done { reused, entry, paths, seconds } => {
+                            outputs[i] = Some(entry.outputs.clone());
+                            let status = if reused { StageStatus::Cached } else { StageStatus::Ran };
+                            State::Done { status, entry, paths, seconds }
+                        }
+                        Outcome::Failed { key, error, seconds } => State::Failed { key, error, seconds },
+                    };
+                    self.announce(i, &state);
+                    states[i] = state;
+                }
+                _ = interrupt.recv() => self.interrupt(&cancel, running),
+                _ = terminate.recv() => self.interrupt(&cancel, running),
+            }
+        }
+        Ok((states, cancel.load(Ordering::Relaxed)))
+    }
+
+    fn interrupt(&self, cancel: &AtomicBool, running: usize) {
+        if cancel.swap(true, Ordering::Relaxed) {
+            self.reporter.note("interrupted again: exiting now");
+            std::process::exit(130);
+        }
+        self.reporter.note(&format!(
+            "interrupted: waiting for {running} running stage(s) to stop (Ctrl-C again to exit at once; nothing half-done is recorded)"
+        ));
+    }
+
+    /// What to do with a pending stage now, or `None` to wait for its inputs.
+    fn advance(&self, i: usize, states: &[State], outputs: &[Option<IndexMap<String, Artifact>>]) -> Option<Step> {
+        let node = &self.pipeline.nodes[i];
+        for dep in node.deps() {
+            match &states[dep] {
+                State::Pending | State::Running => return None,
+                State::Failed { .. } | State::Skipped(_) => {
+                    return Some(Step::Settle(State::Skipped(format!("upstream stage `{}` did not complete", self.pipeline.nodes[dep].name))))
+                }
+                State::WouldRun(_) => return Some(Step::Settle(State::WouldRun(None))),
+                State::Done { .. } => {}
+            }
+        }
+        let Some(inputs) = input_artifacts(&self.pipeline, i, &self.locals, outputs) else {
+            let error = "internal error: an input is missing".to_string();
+            return Some(Step::Settle(State::Failed { key: None, error, seconds: 0.0 }));
+        };
+        let key = key_of(&self.pipeline, i, &inputs);
+        if !self.forced.contains(&i) {
+            if let Some((entry, paths)) = lookup(&self.store, &key) {
+                return Some(Step::Settle(State::Done { status: StageStatus::Cached, entry, paths, seconds: 0.0 }));
+            }
+        }
+        if self.dry_run {
+            return Some(Step::Settle(State::WouldRun(Some(key))));
+        }
+        Some(Step::Launch(key, inputs))
+    }
+
+    fn announce(&self, i: usize, state: &State) {
+        let node = &self.pipeline.nodes[i];
+        let (status, key, seconds, error) = match state {
+            State::Done { status, entry, seconds, .. } => (*status, Some(entry.key), *seconds, None),
+            State::Failed { key, error, seconds } => (StageStatus::Failed, *key, *seconds, Some(error.clone())),
+            State::Skipped(why) => (StageStatus::Skipped, None, 0.0, Some(why.clone())),
+            State::WouldRun(key) => (StageStatus::WouldRun, *key, 0.0, None),
+            State::Pending | State::Running => return,
+        };
+        let metrics = match state {
+            State::Done { entry, .. } => entry.metrics.clone(),
+            _ => Default::default(),
+        };
+        self.reporter.stage_finished(&StageReport {
+            name: node.name.clone(),
+            kind: node.kind.clone(),
+            status,
+            key,
+            seconds,
+            outputs: IndexMap::new(),
+            metrics,
+            error,
+        });
+    }
+}
+
+enum Step {
+    Launch(StageKey, Vec<(String, Artifact)>),
+    Settle(State),
+}
+
+struct StageTask {
+    pipeline: Arc<Pipeline>,
+    store: Store,
+    reporter: Arc<dyn Reporter>,
+    locals: Arc<HashMap<(usize, usize), LocalInput>>,
+    index: usize,
+    key: StageKey,
+    inputs: Vec<(String, Artifact)>,
+    force: bool,
+    device: String,
+    cancel: Arc<AtomicBool>,
+}
+
+impl StageTask {
+    fn execute(self) -> Outcome {
+        let started = Instant::now();
+        match self.try_execute() {
+            Ok((entry, paths, reused)) => Outcome::Done { reused, entry, paths, seconds: started.elapsed().as_secs_f64() },
+            Err(error) => {
+                Outcome::Failed { key: Some(self.key), error: format!("{error:#}"), seconds: started.elapsed().as_secs_f64() }
+            }
+        }
+    }
+
+    fn try_execute(&self) -> anyhow::Result<(ActionEntry, IndexMap<String, PathBuf>, bool)> {
+        let node = &self.pipeline.nodes[self.index];
+        let _lock = self.store.lock_key(&self.key)?;
+        if !self.force {
+            if let Some((entry, paths)) = lookup(&self.store, &self.key) {
+                return Ok((entry, paths, true)); // another swift run finished it while we waited
+            }
+        }
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Cancelled.into());
+        }
+        self.reporter.stage_started(&node.name, &node.kind);
+        let clock = Instant::now();
+        let started_unix_ms = unix_ms();
+        let scratch_dir = self.store.scratch_dir(&self.key);
+        let out_dir = scratch_dir.join("out");
+        remove_tree(&out_dir)?;
+        std::fs::create_dir_all(&out_dir)?;
+        let inputs = input_values(&self.pipeline, &self.store, self.index, &self.inputs, &self.locals)?;
+        let reporter = self.reporter.clone();
+        let name = node.name.clone();
+        let progress = move |done: u64, total: u64, message: &str| reporter.stage_progress(&name, done, total, message);
+        let ctx = RunCtx {
+            stage: &node.name,
+            inputs,
+            out_dir: out_dir.clone(),
+            scratch_dir: scratch_dir.clone(),
+            store: &self.store,
+            seed: self.pipeline.manifest.pipeline.seed,
+            cancel: &self.cancel,
+            progress: &progress,
+        };
+        let result = node.plan.run(&ctx)?;
+        let mut outputs = IndexMap::new();
+        let mut paths = IndexMap::new();
+        for decl in node.plan.outputs() {
+            let artifact = match result.outputs.get(decl.name) {
+                Some(OutputValue::Stored(artifact)) => artifact.clone(),
+                Some(OutputValue::Path(path)) => self.store.ingest_output(path)?,
+                None => anyhow::bail!("internal error: the stage did not produce its `{}` output", decl.name),
+            };
+            paths.insert(decl.name.to_string(), self.store.materialize(&artifact)?);
+            outputs.insert(decl.name.to_string(), artifact);
+        }
+        let entry = ActionEntry {
+            key: self.key,
+            kind: node.kind.clone(),
+            kind_version: node.kind_version,
+            params: node.plan.params(),
+            inputs: self.inputs.iter().cloned().collect(),
+            outputs,
+            metrics: result.metrics,
+            provenance: Provenance {
+                host: hostname(),
+                device: self.device.clone(),
+                started_unix_ms,
+                seconds: clock.elapsed().as_secs_f64(),
+                swift_version: env!("CARGO_PKG_VERSION").to_string(),
+                manifest: self.pipeline.manifest.path.display().to_string(),
+            },
+        };
+        // The entry is written last: only now does the stage count as done.
+        self.store.write_action(&entry)?;
+        remove_tree(&scratch_dir)?;
+        Ok((entry, paths, false))
+    }
+}
+
+fn check_locked(
+    pipeline: &Pipeline,
+    lock: Option<&LockFile>,
+    selected: &BTreeSet<usize>,
+    locals: &HashMap<(usize, usize), LocalInput>,
+) -> Result<(), Vec<String>> {
+    let path = pipeline.manifest.lock_path();
+    let Some(lock) = lock else {
+        return Err(vec![format!("there is no lock file at {}; run once without --locked to create it", path.display())]);
+    };
+    let mut problems = Vec::new();
+    for &i in selected {
+        let node = &pipeline.nodes[i];
+        let Some(locked) = lock.stages.get(&node.name) else {
+            problems.push(format!("stage `{}` is not in the lock file", node.name));
+            continue;
+        };
+        if locked.kind != node.kind {
+            problems.push(format!("stage `{}` is a {} stage, the lock has {}", node.name, node.kind, locked.kind));
+        } else if locked.params != params_of(pipeline, i) {
+            problems.push(format!("stage `{}`: its parameters differ from the locked run (see `swift status`)", node.name));
+        }
+        for (j, input) in node.inputs.iter().enumerate() {
+            if let InputRef::Local { shown, .. } = &input.source {
+                let now = locals[&(i, j)].artifact.digest();
+                match locked.inputs.get(&input.name) {
+                    Some(pinned) if *pinned == now => {}
+                    Some(pinned) => problems.push(format!(
+                        "stage `{}`: input `{}` ({shown}) is {}…, the lock has {}…",
+                        node.name,
+                        input.name,
+                        &now.to_hex()[..12],
+                        &pinned.to_hex()[..12]
+                    )),
+                    None => problems.push(format!("stage `{}`: input `{}` is not in the lock file", node.name, input.name)),
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+fn updated_lock(pipeline: &Pipeline, old: Option<LockFile>, states: &[State]) -> LockFile {
+    let old = old.unwrap_or_default();
+    let mut lock = LockFile { version: swift_cache::lockfile::LOCK_VERSION, pipeline: pipeline.manifest.name.clone(), stages: Default::default() };
+    for (i, node) in pipeline.nodes.iter().enumerate() {
+        if let State::Done { entry, .. } = &states[i] {
+            lock.stages.insert(
+                node.name.clone(),
+                LockedStage {
+                    kind: node.kind.clone(),
+                    key: entry.key,
+                    params: params_of(pipeline, i),
+                    revision: None,
+                    inputs: entry.inputs.iter().map(|(k, a)| (k.clone(), a.digest())).collect(),
+                    outputs: entry.outputs.iter().map(|(k, a)| (k.clone(), a.digest())).collect(),
+                },
+            );
+        } else if let Some(previous) = old.stages.get(&node.name) {
+            lock.stages.insert(node.name.clone(), previous.clone());
+        }
+    }
+    lock
+}
+
+fn run_record(pipeline: &Pipeline, report: &RunReport, started_unix_ms: u64) -> RunRecord {
+    RunRecord {
+        manifest: pipeline.manifest.path.clone(),
+        pipeline: pipeline.manifest.name.clone(),
+        started_unix_ms,
+        seconds: report.seconds,
+        ok: report.ok,
+        stages: report
+            .stages
+            .iter()
+            .map(|s| RunStageRecord {
+                name: s.name.clone(),
+                kind: s.kind.clone(),
+                status: s.status.as_str().to_string(),
+                key: s.key,
+                seconds: s.seconds,
+                metrics: s.metrics.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// `1.5 GiB`, `12.0 MiB`, `300 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,296 @@
+//! Stage kinds: the `Stage` contract between the engine and `swift-stages`.
+//!
+//! A [`StageKind`] types its parameters and declares its inputs while the
+//! pipeline compiles ([`CompileCtx`]), giving a [`StagePlan`]; the executor later
+//! calls [`StagePlan::run`] with a [`RunCtx`] when the plan's key misses the cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use indexmap::IndexMap;
+use serde::de::DeserializeOwned;
+use swift_cache::{Artifact, Store};
+
+use crate::error::ManifestError;
+use crate::manifest::Manifest;
+
+/// What an output holds, so references can be checked ("`model` expects a stage
+/// that yields a model").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputType {
+    /// A Hugging Face model folder.
+    Model,
+    /// A data file or folder.
+    Dataset,
+    /// Packed token shards.
+    Tokens,
+    /// A PEFT adapter folder.
+    Adapter,
+    /// A report, log, chart or statistics file.
+    Report,
+    /// An exported folder.
+    Export,
+}
+
+impl OutputType {
+    /// How the type reads in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            OutputType::Model => "a model",
+            OutputType::Dataset => "a dataset",
+            OutputType::Tokens => "tokens",
+            OutputType::Adapter => "an adapter",
+            OutputType::Report => "a report",
+            OutputType::Export => "an export",
+        }
+    }
+}
+
+/// A named, typed output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputDecl {
+    /// The output's name (`model`, `adapter`, `tokens`).
+    pub name: &'static str,
+    /// What it holds.
+    pub ty: OutputType,
+}
+
+/// What a stage occupies while it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Resource {
+    /// A CPU slot (bounded by `--jobs`).
+    Cpu,
+    /// A GPU device: at most one stage per device at a time.
+    Gpu(String),
+}
+
+impl Resource {
+    /// The device name recorded in provenance.
+    pub fn device(&self) -> &str {
+        match self {
+            Resource::Cpu => "cpu",
+            Resource::Gpu(device) => device,
+        }
+    }
+}
+
+/// A kind of stage, registered once in the registry.
+pub trait StageKind: Send + Sync {
+    /// The `kind = "…"` name.
+    fn name(&self) -> &'static str;
+    /// Bumped whenever the kind's outputs for the same inputs change; part of every key.
+    fn version(&self) -> u32;
+    /// Every output the kind can produce.
+    fn outputs(&self) -> &'static [OutputDecl];
+    /// Types the stage's parameters, declares its inputs, and returns its plan.
+    fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError>;
+}
+
+/// A compiled stage: resolved parameters and the work to do.
+pub trait StagePlan: Send + Sync {
+    /// Fully resolved parameters, defaults included: they enter the key.
+    fn params(&self) -> serde_json::Value;
+    /// The outputs this stage produces (a subset of its kind's).
+    fn outputs(&self) -> Vec<OutputDecl>;
+    /// What the stage occupies while running.
+    fn resource(&self) -> Resource {
+        Resource::Cpu
+    }
+    /// Does the work. Outputs are returned already stored or as paths under
+    /// [`RunCtx::out_dir`] for the engine to move into the store.
+    fn run(&self, ctx: &RunCtx<'_>) -> anyhow::Result<StageResult>;
+}
+
+/// Where an input comes from.
+#[derive(Clone, Debug)]
+pub enum InputSource {
+    /// An output of another stage (resolved by name after every stage compiled).
+    Stage {
+        /// The referenced stage's name.
+        stage: String,
+        /// The output type expected.
+        expects: OutputType,
+    },
+    /// A local file or folder.
+    Local {
+        /// Absolute path.
+        path: PathBuf,
+        /// The path as the manifest wrote it.
+        shown: String,
+    },
+}
+
+/// An input a stage declared while compiling.
+#[derive(Clone, Debug)]
+pub struct InputDecl {
+    /// The input's name within the stage (`source`, `model`, `data.0`).
+    pub name: String,
+    /// The manifest key it came from, for errors.
+    pub field: Vec<String>,
+    /// Where it comes from.
+    pub source: InputSource,
+}
+
+/// What a kind sees while compiling one stage.
+pub struct CompileCtx<'a> {
+    manifest: &'a Manifest,
+    stage: &'a str,
+    inputs: Vec<InputDecl>,
+}
+
+impl<'a> CompileCtx<'a> {
+    pub(crate) fn new(manifest: &'a Manifest, stage: &'a str) -> Self {
+        Self { manifest, stage, inputs: Vec::new() }
+    }
+
+    pub(crate) fn into_inputs(self) -> Vec<InputDecl> {
+        self.inputs
+    }
+
+    /// The project root.
+    pub fn root(&self) -> &Path {
+        &self.manifest.root
+    }
+
+    /// The pipeline seed.
+    pub fn seed(&self) -> u64 {
+        self.manifest.pipeline.seed
+    }
+
+    fn path(&self, field: &[&str]) -> Vec<String> {
+        ["stages", self.stage].iter().chain(field).map(|s| s.to_string()).collect()
+    }
+
+    /// Types the stage's parameters (use `#[serde(deny_unknown_fields)]`).
+    pub fn parse<T: DeserializeOwned>(&self, params: &toml::Table) -> Result<T, ManifestError> {
+        self.manifest.locator().parse(&self.path(&[]), toml::Value::Table(params.clone()))
+    }
+
+    /// An error located at one of the stage's keys.
+    pub fn error(&self, field: &[&str], message: impl Into<String>) -> ManifestError {
+        self.manifest.locator().error(&self.path(field), false, message)
+    }
+
+    /// Declares an input taken from another stage's output of type `expects`.
+    pub fn stage_input(&mut self, input: &str, field: &[&str], stage: &str, expects: OutputType) {
+        self.inputs.push(InputDecl {
+            name: input.to_string(),
+            field: self.path(field),
+            source: InputSource::Stage { stage: stage.to_string(), expects },
+        });
+    }
+
+    /// Declares a local file or folder input, resolved against the project root;
+    /// it must exist.
+    pub fn local_input(&mut self, input: &str, field: &[&str], shown: &str) -> Result<PathBuf, ManifestError> {
+        let path = self.manifest.root.join(shown);
+        if !path.exists() {
+            return Err(self
+                .error(field, format!("input `{shown}` does not exist (looked for {})", path.display()))
+                .with_help("relative paths resolve against the project root (the folder holding .git)"));
+        }
+        self.inputs.push(InputDecl {
+            name: input.to_string(),
+            field: self.path(field),
+            source: InputSource::Local { path: path.clone(), shown: shown.to_string() },
+        });
+        Ok(path)
+    }
+}
+
+/// One resolved input, as a running stage sees it.
+#[derive(Clone, Debug)]
+pub struct InputValue {
+    /// The artifact (its digest entered the key).
+    pub artifact: Artifact,
+    /// Where to read it: the materialized path in the cache, or the local path.
+    pub path: PathBuf,
+    /// For local inputs, what hashing found (lets a stage ingest without rehashing).
+    pub hashed: Option<swift_cache::Hashed>,
+}
+
+/// An output a stage returns.
+#[derive(Clone, Debug)]
+pub enum OutputValue {
+    /// Already in the store.
+    Stored(Artifact),
+    /// A file or folder under `out_dir` to move into the store.
+    Path(PathBuf),
+}
+
+/// What a finished stage hands back.
+#[derive(Clone, Debug, Default)]
+pub struct StageResult {
+    /// Outputs by name; every output the plan declared must be present.
+    pub outputs: IndexMap<String, OutputValue>,
+    /// Numbers for the run summary and `swift report`.
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a running stage sees.
+pub struct RunCtx<'a> {
+    /// The stage's name.
+    pub stage: &'a str,
+    /// Inputs by name.
+    pub inputs: IndexMap<String, InputValue>,
+    /// An empty folder for outputs.
+    pub out_dir: PathBuf,
+    /// The stage key's scratch folder (kept across crashes, cleaned on success).
+    pub scratch_dir: PathBuf,
+    /// The store, for stages that ingest directly.
+    pub store: &'a Store,
+    /// The pipeline seed.
+    pub seed: u64,
+    pub(crate) cancel: &'a AtomicBool,
+    pub(crate) progress: &'a (dyn Fn(u64, u64, &str) + Sync),
+}
+
+impl RunCtx<'_> {
+    /// Whether the run was interrupted (Ctrl-C): long stages check this and
+    /// return [`Cancelled`] after saving what they can.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Reports progress (`done` of `total` units, with a short message).
+    pub fn progress(&self, done: u64, total: u64, message: &str) {
+        (self.progress)(done, total, message)
+    }
+
+    /// The input named `name` (declared while compiling, so always present).
+    pub fn input(&self, name: &str) -> anyhow::Result<&InputValue> {
+        self.inputs.get(name).ok_or_else(|| anyhow::anyhow!("internal error: stage has no input `{name}`"))
+    }
+}
+
+/// The error a stage returns when it stopped because of Ctrl-C.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Cancelled;
+
+/// Every stage kind this build knows, in one table.
+pub struct Registry {
+    kinds: Vec<Box<dyn StageKind>>,
+}
+
+impl Registry {
+    /// A registry of the given kinds (plus the test-only kinds when the
+    /// `test-kinds` feature is on).
+    #[cfg_attr(not(feature = "test-kinds"), allow(unused_mut))]
+    pub fn new(mut kinds: Vec<Box<dyn StageKind>>) -> Self {
+        #[cfg(feature = "test-kinds")]
+        kinds.extend(crate::testkinds::kinds());
+        Self { kinds }
+    }
+
+    /// The kind called `name`.
+    pub fn get(&self, name: &str) -> Option<&dyn StageKind> {
+        self.kinds.iter().find(|k| k.name() == name).map(|k| k.as_ref())
+    }
+
+    /// Every kind's name.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.iter().map(|k| k.name())
+    }
+}

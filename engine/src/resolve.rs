@@ -1,0 +1,123 @@
+//! What planning, running and `status` share: hashing local inputs (through the
+//! stat cache), turning inputs into artifacts, computing keys and looking them up.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use indexmap::IndexMap;
+use swift_cache::{hash_path, ActionEntry, Artifact, HashStats, Hashed, StageKey, StatCache, Store};
+
+use crate::key::{params_digest, stage_key};
+use crate::kind::InputValue;
+use crate::pipeline::{InputRef, Pipeline};
+
+/// A local input after hashing.
+#[derive(Clone, Debug)]
+pub struct LocalInput {
+    /// As an artifact (what enters the key).
+    pub artifact: Artifact,
+    /// What hashing found.
+    pub hashed: Hashed,
+}
+
+/// The artifact a hashed local path stands for.
+pub fn local_artifact(path: &std::path::Path, hashed: &Hashed) -> Artifact {
+    match hashed {
+        Hashed::File { digest, size, executable } => Artifact::File {
+            digest: *digest,
+            size: *size,
+            name: path.file_name().and_then(|n| n.to_str()).unwrap_or("input").to_string(),
+            executable: *executable,
+        },
+        Hashed::Tree(listing) => {
+            Artifact::Tree { digest: listing.digest(), size: listing.total_size(), files: listing.entries().len() as u64 }
+        }
+    }
+}
+
+/// Hashes the local inputs of the given stages. Keys are `(stage, input index)`.
+pub fn hash_locals(
+    pipeline: &Pipeline,
+    stages: impl IntoIterator<Item = usize>,
+    stats: &StatCache,
+    rehash: bool,
+) -> anyhow::Result<(HashMap<(usize, usize), LocalInput>, HashStats)> {
+    let mut out = HashMap::new();
+    let mut total = HashStats::default();
+    for i in stages {
+        for (j, input) in pipeline.nodes[i].inputs.iter().enumerate() {
+            if let InputRef::Local { path, shown } = &input.source {
+                let (hashed, summary) = hash_path(path, stats, rehash).map_err(|e| {
+                    anyhow::anyhow!("stage `{}`: cannot read input `{shown}`: {e}", pipeline.nodes[i].name)
+                })?;
+                total.bytes_hashed += summary.bytes_hashed;
+                total.stat_hits += summary.stat_hits;
+                out.insert((i, j), LocalInput { artifact: local_artifact(path, &hashed), hashed });
+            }
+        }
+    }
+    Ok((out, total))
+}
+
+/// A stage's inputs as artifacts, once every producer's outputs are known.
+pub fn input_artifacts(
+    pipeline: &Pipeline,
+    stage: usize,
+    locals: &HashMap<(usize, usize), LocalInput>,
+    outputs: &[Option<IndexMap<String, Artifact>>],
+) -> Option<Vec<(String, Artifact)>> {
+    pipeline.nodes[stage]
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(j, input)| {
+            let artifact = match &input.source {
+                InputRef::Local { .. } => locals.get(&(stage, j))?.artifact.clone(),
+                InputRef::Stage { stage: producer, output } => outputs[*producer].as_ref()?.get(output)?.clone(),
+            };
+            Some((input.name.clone(), artifact))
+        })
+        .collect()
+}
+
+/// The inputs a running stage sees: paths to read and, for local ones, the hashing.
+pub fn input_values(
+    pipeline: &Pipeline,
+    store: &Store,
+    stage: usize,
+    artifacts: &[(String, Artifact)],
+    locals: &HashMap<(usize, usize), LocalInput>,
+) -> std::io::Result<IndexMap<String, InputValue>> {
+    let mut values = IndexMap::new();
+    for (j, (input, (name, artifact))) in pipeline.nodes[stage].inputs.iter().zip(artifacts).enumerate() {
+        let (path, hashed): (PathBuf, _) = match &input.source {
+            InputRef::Local { path, .. } => (path.clone(), locals.get(&(stage, j)).map(|l| l.hashed.clone())),
+            InputRef::Stage { .. } => (store.materialize(artifact)?, None),
+        };
+        values.insert(name.clone(), InputValue { artifact: artifact.clone(), path, hashed });
+    }
+    Ok(values)
+}
+
+/// The stage's key given its input artifacts.
+pub fn key_of(pipeline: &Pipeline, stage: usize, inputs: &[(String, Artifact)]) -> StageKey {
+    let node = &pipeline.nodes[stage];
+    stage_key(&node.kind, node.kind_version, &node.plan.params(), inputs)
+}
+
+/// The stage's parameter digest (what `--locked` compares).
+pub fn params_of(pipeline: &Pipeline, stage: usize) -> StageKey {
+    let node = &pipeline.nodes[stage];
+    params_digest(&node.kind, node.kind_version, &node.plan.params())
+}
+
+/// The cached entry for a key, with its outputs materialized; `None` on a miss
+/// or when the entry's objects are gone (then the stage simply runs again).
+pub fn lookup(store: &Store, key: &StageKey) -> Option<(ActionEntry, IndexMap<String, PathBuf>)> {
+    let entry = store.read_action(key).ok()??;
+    let mut paths = IndexMap::new();
+    for (name, artifact) in &entry.outputs {
+        paths.insert(name.clone(), store.materialize(artifact).ok()?);
+    }
+    Some((entry, paths))
+}

@@ -1,0 +1,62 @@
+//! `swift status`: which stages are fresh, and why the others would run.
+
+use std::path::PathBuf;
+
+use swift_cache::StatCache;
+use swift_engine::status::assess;
+
+use super::{compile_or_exit, open_store, table, Exit, ManifestArgs};
+
+/// Arguments of `swift status`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    manifest: ManifestArgs,
+    /// Hash every input again instead of trusting the stat cache.
+    #[arg(long)]
+    rehash: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
+    let pipeline = match compile_or_exit(&args.manifest, args.json) {
+        Ok(pipeline) => pipeline,
+        Err(exit) => return Ok(exit),
+    };
+    let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
+    let stats = StatCache::load(store.root().join("stat-v1.json"));
+    let assessments = assess(&pipeline, &store, &stats, args.rehash)?;
+    let _ = stats.save();
+    if args.json {
+        let stages: Vec<serde_json::Value> = pipeline
+            .order
+            .iter()
+            .map(|&i| {
+                let a = &assessments[i];
+                serde_json::json!({
+                    "name": pipeline.nodes[i].name,
+                    "kind": pipeline.nodes[i].kind,
+                    "key": a.key,
+                    "fresh": a.fresh(),
+                    "reasons": a.reasons.iter().map(|r| serde_json::json!({"kind": r.kind(), "detail": r.sentence()})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({"pipeline": pipeline.manifest.name, "stages": stages}));
+        return Ok(Exit::Success);
+    }
+    let rows: Vec<Vec<String>> = pipeline
+        .order
+        .iter()
+        .map(|&i| {
+            let a = &assessments[i];
+            let state = if a.fresh() { "fresh" } else { "stale" };
+            let why = a.reasons.iter().map(|r| r.sentence()).collect::<Vec<_>>().join("; ");
+            vec![pipeline.nodes[i].name.clone(), pipeline.nodes[i].kind.clone(), state.to_string(), why]
+        })
+        .collect();
+    table(&mut std::io::stdout(), &["stage", "kind", "state", "why"], &rows)?;
+    Ok(Exit::Success)
+}

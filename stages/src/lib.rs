@@ -1,0 +1,19 @@
+//! swift's stage kinds, one module each, all listed in [`registry`]:
+//!
+//! - fetch: [`download`] (local files and folders);
+//! - still to come ([`planned`]): `preprocess` (data), `finetune` (train),
+//!   `quantize`, `eval`, `export`.
+#![deny(missing_docs)]
+
+pub mod download;
+pub mod planned;
+
+use swift_engine::kind::StageKind;
+use swift_engine::Registry;
+
+/// Every stage kind of this build, in one table.
+pub fn registry() -> Registry {
+    let mut kinds: Vec<Box<dyn StageKind>> = vec![Box::new(download::Download)];
+    kinds.extend(planned::kinds().into_iter().map(|k| Box::new(k) as Box<dyn StageKind>));
+    Registry::new(kinds)
+}

@@ -1,0 +1,18 @@
+//! Whole-binary tests: each runs the real `swift` in a fresh project folder, as a
+//! user would. The `test-step` stage kind (engine feature `test-kinds`, on for
+//! `cargo test`) stands in for heavy stages.
+
+mod util;
+
+/// Reruns, invalidation, dry runs and partial runs.
+mod incremental;
+/// Bad manifests and command lines: exit 2 with file:line:column.
+mod invalid;
+/// Lock files and `--locked`.
+mod locking;
+/// kill -9, Ctrl-C, concurrent runs, GPU slots.
+mod robustness;
+/// `status`, `show`, `dag`, `report`, `gc`, `cache verify`.
+mod inspect;
+/// The `download` stage on local files and folders.
+mod download;

@@ -1,0 +1,92 @@
+use std::process::Command;
+
+use crate::util::Project;
+
+const SLOW: &str = r#"
+[stages.slow]
+kind = "test-step"
+text = "slow"
+sleep_ms = 1500
+trace = "trace.log"
+
+[stages.next]
+kind = "test-step"
+inputs = ["slow"]
+trace = "trace.log"
+"#;
+
+fn output_of(child: std::process::Child) -> (i32, String, String) {
+    let out = child.wait_with_output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn kill_9_mid_stage_then_rerun_completes_with_a_consistent_cache() {
+    let p = Project::new();
+    p.write("pipelines/slow.toml", SLOW);
+    let mut child = p.spawn(&["run", "pipelines/slow.toml"]);
+    p.wait_for("the slow stage to start", |p| p.started().contains(&"slow".to_string()));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let status = p.swift(&["status", "pipelines/slow.toml", "--json"]);
+    assert_eq!(status.json()["stages"][0]["fresh"], false, "a killed stage is never recorded\n{status}");
+    let run = p.run("pipelines/slow.toml", &[], 0);
+    assert_eq!(run.statuses(), vec![("slow".into(), "ran".into()), ("next".into(), "ran".into())]);
+    let verify = p.swift(&["cache", "verify"]);
+    assert_eq!(verify.code, 0, "{verify}");
+    assert!(p.run("pipelines/slow.toml", &[], 0).statuses().iter().all(|(_, s)| s == "cached"));
+}
+
+#[test]
+fn two_concurrent_runs_compute_each_stage_once() {
+    let p = Project::new();
+    p.write("pipelines/slow.toml", SLOW);
+    let first = p.spawn(&["run", "pipelines/slow.toml", "--json"]);
+    p.wait_for("the first run to start its stage", |p| !p.started().is_empty());
+    let second = p.spawn(&["run", "pipelines/slow.toml", "--json"]);
+    let (code1, out1, err1) = output_of(first);
+    let (code2, out2, err2) = output_of(second);
+    assert_eq!((code1, code2), (0, 0), "{err1}\n{err2}");
+    assert_eq!(p.started(), vec!["slow".to_string(), "next".to_string()], "each stage computed once");
+    let last = |out: &str| serde_json::from_str::<serde_json::Value>(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last(&out2)["stages"][0]["status"], "cached", "the second run reused the first's result");
+    assert_eq!(last(&out1)["stages"][0]["key"], last(&out2)["stages"][0]["key"]);
+    assert_eq!(p.swift(&["cache", "verify"]).code, 0);
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_with_exit_130() {
+    let p = Project::new();
+    p.write("pipelines/slow.toml", &SLOW.replace("1500", "20000"));
+    let child = p.spawn(&["run", "pipelines/slow.toml"]);
+    p.wait_for("the slow stage to start", |p| p.started().contains(&"slow".to_string()));
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let (code, _, stderr) = output_of(child);
+    assert_eq!(code, 130, "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(p.read("trace.log").contains("cancelled slow"));
+    let status = p.swift(&["status", "pipelines/slow.toml", "--json"]);
+    assert_eq!(status.json()["stages"][0]["fresh"], false);
+}
+
+#[test]
+fn one_stage_per_gpu_at_a_time_while_cpu_stages_overlap() {
+    let p = Project::new();
+    let mut manifest = String::new();
+    for (name, gpu) in [("g1", true), ("g2", true), ("c1", false), ("c2", false)] {
+        manifest.push_str(&format!("[stages.{name}]\nkind = \"test-step\"\ntext = \"{name}\"\nsleep_ms = 600\ntrace = \"trace.log\"\n"));
+        if gpu {
+            manifest.push_str("gpu = \"cuda:0\"\n");
+        }
+    }
+    p.write("pipelines/slots.toml", &manifest);
+    p.run("pipelines/slots.toml", &["--jobs", "2"], 0);
+    let span = |stage: &str| {
+        let trace = p.trace();
+        let at = |event: &str| trace.iter().find(|(e, s, _)| e == event && s == stage).unwrap().2;
+        (at("start"), at("end"))
+    };
+    let overlap = |a: (u128, u128), b: (u128, u128)| a.0 < b.1 && b.0 < a.1;
+    assert!(!overlap(span("g1"), span("g2")), "GPU stages overlapped: {:?}", p.trace());
+    assert!(overlap(span("c1"), span("c2")), "CPU stages did not run concurrently: {:?}", p.trace());
+}

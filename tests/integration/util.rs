@@ -1,0 +1,166 @@
+//! A temporary project with a `.git` folder, and the real swift binary.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+pub struct Project {
+    dir: tempfile::TempDir,
+}
+
+/// What one swift invocation did.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The JSON object on stdout's last line.
+    pub fn json(&self) -> Value {
+        let last = self.stdout.lines().last().unwrap_or_else(|| panic!("no stdout\n{self}"));
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("stdout's last line is not JSON ({e})\n{self}"))
+    }
+
+    /// Each stage's status, by name, from `--json` output.
+    pub fn statuses(&self) -> Vec<(String, String)> {
+        self.json()["stages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no stages\n{self}"))
+            .iter()
+            .map(|s| (s["name"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    /// The status of one stage.
+    pub fn status(&self, stage: &str) -> String {
+        self.statuses().into_iter().find(|(n, _)| n == stage).unwrap_or_else(|| panic!("no stage {stage}\n{self}")).1
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+impl Project {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(".git")).unwrap();
+        fs::create_dir(dir.path().join("pipelines")).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, rel: &str, content: &str) {
+        let path = self.path(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, content).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.path(rel)).unwrap_or_default()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_swift"));
+        cmd.args(args).current_dir(self.root()).env_remove("SWIFT_CACHE").env("TERM", "dumb").stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn swift(&self, args: &[&str]) -> Run {
+        let output: Output = self.command(args).output().unwrap();
+        let run = Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        assert!(!run.stderr.contains("panicked"), "swift panicked\n{run}");
+        run
+    }
+
+    /// `swift run MANIFEST --json EXTRA…`, expecting `code`.
+    pub fn run(&self, manifest: &str, extra: &[&str], code: i32) -> Run {
+        let mut args = vec!["run", manifest, "--json"];
+        args.extend(extra);
+        let run = self.swift(&args);
+        assert_eq!(run.code, code, "swift {args:?}\n{run}");
+        run
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// Lines of the trace file written by test-step stages: (event, stage, ms).
+    pub fn trace(&self) -> Vec<(String, String, u128)> {
+        self.read("trace.log")
+            .lines()
+            .map(|l| {
+                let parts: Vec<&str> = l.split(' ').collect();
+                (parts[0].to_string(), parts[1].to_string(), parts[2].parse().unwrap())
+            })
+            .collect()
+    }
+
+    /// Stages that started, in order.
+    pub fn started(&self) -> Vec<String> {
+        self.trace().into_iter().filter(|(e, _, _)| e == "start").map(|(_, s, _)| s).collect()
+    }
+
+    /// Waits (up to 30 s) until `check` holds.
+    pub fn wait_for(&self, what: &str, check: impl Fn(&Self) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !check(self) {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// A chain a → b → c plus an independent d, all test-step stages tracing to trace.log.
+pub const CHAIN: &str = r#"
+[pipeline]
+name = "chain"
+
+[stages.a]
+kind = "test-step"
+text = "alpha"
+files = ["data/input.txt"]
+trace = "trace.log"
+
+[stages.b]
+kind = "test-step"
+text = "beta"
+inputs = ["a"]
+trace = "trace.log"
+
+[stages.c]
+kind = "test-step"
+text = "gamma"
+inputs = ["b"]
+trace = "trace.log"
+
+[stages.d]
+kind = "test-step"
+text = "delta"
+trace = "trace.log"
+"#;
+
+/// A project holding the CHAIN manifest and its input file.
+pub fn chain_project() -> Project {
+    let project = Project::new();
+    project.write("pipelines/chain.toml", CHAIN);
+    project.write("data/input.txt", "input v1\n");
+    project
+}
