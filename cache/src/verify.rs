@@ -32,9 +32,9 @@ pub fn verify(store: &Store) -> io::Result<VerifyReport> {
         let prefix = shard.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         for path in read_dir_sorted(&shard)? {
             let rest = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            match format!("{prefix}{rest}").parse() {
-                Ok(digest) => objects.push((digest, path)),
-                Err(_) => {} // a stray temp name; gc removes it
+            // Anything else is a stray temp name, which gc removes.
+            if let Ok(digest) = format!("{prefix}{rest}").parse() {
+                objects.push((digest, path));
             }
         }
     }

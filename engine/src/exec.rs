@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::kind::{Cancelled, OutputValue, Resource, RunCtx};
 use crate::pipeline::{InputRef, Pipeline};
 use crate::report::{Reporter, RunReport, StageReport, StageStatus};
-use crate::resolve::{hash_locals, input_artifacts, input_values, key_of, lookup, params_of, LocalInput};
+use crate::resolve::{hash_locals, input_artifacts, input_values, key_of, lookup, params_of, Locals};
 
 /// How to run.
 #[derive(Clone, Debug, Default)]
@@ -64,6 +64,8 @@ pub enum RunError {
     Other(#[from] anyhow::Error),
 }
 
+// A handful of these exist per run; boxing the entry would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum State {
     Pending,
     Running,
@@ -73,6 +75,7 @@ enum State {
     WouldRun(Option<StageKey>),
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     Done { reused: bool, entry: ActionEntry, paths: IndexMap<String, PathBuf>, seconds: f64 },
     Failed { key: Option<StageKey>, error: String, seconds: f64 },
@@ -214,7 +217,7 @@ struct Scheduler {
     pipeline: Arc<Pipeline>,
     store: Store,
     reporter: Arc<dyn Reporter>,
-    locals: Arc<HashMap<(usize, usize), LocalInput>>,
+    locals: Arc<Locals>,
     selected: BTreeSet<usize>,
     forced: HashSet<usize>,
     dry_run: bool,
@@ -373,6 +376,7 @@ impl Scheduler {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Launch(StageKey, Vec<(String, Artifact)>),
     Settle(State),
@@ -382,7 +386,7 @@ struct StageTask {
     pipeline: Arc<Pipeline>,
     store: Store,
     reporter: Arc<dyn Reporter>,
-    locals: Arc<HashMap<(usize, usize), LocalInput>>,
+    locals: Arc<Locals>,
     index: usize,
     key: StageKey,
     inputs: Vec<(String, Artifact)>,
@@ -474,7 +478,7 @@ fn check_locked(
     pipeline: &Pipeline,
     lock: Option<&LockFile>,
     selected: &BTreeSet<usize>,
-    locals: &HashMap<(usize, usize), LocalInput>,
+    locals: &Locals,
 ) -> Result<(), Vec<String>> {
     let path = pipeline.manifest.lock_path();
     let Some(lock) = lock else {

@@ -20,6 +20,9 @@ pub struct LocalInput {
     pub hashed: Hashed,
 }
 
+/// Hashed local inputs by `(stage index, input index)`.
+pub type Locals = HashMap<(usize, usize), LocalInput>;
+
 /// The artifact a hashed local path stands for.
 pub fn local_artifact(path: &std::path::Path, hashed: &Hashed) -> Artifact {
     match hashed {
@@ -41,7 +44,7 @@ pub fn hash_locals(
     stages: impl IntoIterator<Item = usize>,
     stats: &StatCache,
     rehash: bool,
-) -> anyhow::Result<(HashMap<(usize, usize), LocalInput>, HashStats)> {
+) -> anyhow::Result<(Locals, HashStats)> {
     let mut out = HashMap::new();
     let mut total = HashStats::default();
     for i in stages {
@@ -63,7 +66,7 @@ pub fn hash_locals(
 pub fn input_artifacts(
     pipeline: &Pipeline,
     stage: usize,
-    locals: &HashMap<(usize, usize), LocalInput>,
+    locals: &Locals,
     outputs: &[Option<IndexMap<String, Artifact>>],
 ) -> Option<Vec<(String, Artifact)>> {
     pipeline.nodes[stage]
@@ -86,7 +89,7 @@ pub fn input_values(
     store: &Store,
     stage: usize,
     artifacts: &[(String, Artifact)],
-    locals: &HashMap<(usize, usize), LocalInput>,
+    locals: &Locals,
 ) -> std::io::Result<IndexMap<String, InputValue>> {
     let mut values = IndexMap::new();
     for (j, (input, (name, artifact))) in pipeline.nodes[stage].inputs.iter().zip(artifacts).enumerate() {

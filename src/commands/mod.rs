@@ -3,6 +3,7 @@
 //! the exit codes and what every command shares (loading a manifest, opening
 //! the cache, printing errors).
 
+mod bench;
 mod cache;
 mod dag;
 mod gc;
@@ -46,6 +47,9 @@ enum Command {
     /// Cache maintenance.
     #[command(subcommand)]
     Cache(cache::Command),
+    /// Benchmarks whose figures go into docs/PERFORMANCE.md.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// swift's exit codes.
@@ -76,6 +80,7 @@ pub fn dispatch(cli: Cli) -> Exit {
         Command::Report(args) => report::exec(cache, args),
         Command::Gc(args) => gc::exec(cache, args),
         Command::Cache(command) => cache::exec(cache, command),
+        Command::Bench(command) => bench::exec(command),
     };
     match result {
         Ok(exit) => exit,

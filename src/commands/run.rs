@@ -78,11 +78,13 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
         Err(RunError::Other(error)) => return Err(error),
     };
     reporter.finish();
+    let lock_path = pipeline.manifest.lock_path();
+    let lock = lock_path.strip_prefix(&pipeline.manifest.root).unwrap_or(&lock_path);
     if args.json {
-        summary(&mut std::io::stderr(), &report, &pipeline.manifest.lock_path(), args.dry_run)?;
+        summary(&mut std::io::stderr(), &report, lock, args.dry_run)?;
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        summary(&mut std::io::stdout(), &report, &pipeline.manifest.lock_path(), args.dry_run)?;
+        summary(&mut std::io::stdout(), &report, lock, args.dry_run)?;
     }
     Ok(if report.interrupted {
         Exit::Interrupted

@@ -16,3 +16,5 @@ mod robustness;
 mod inspect;
 /// The `download` stage on local files and folders.
 mod download;
+/// The shipped demo pipeline.
+mod demo;

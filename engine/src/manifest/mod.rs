@@ -160,14 +160,13 @@ impl Manifest {
         let mut locator = Locator { file: path.to_path_buf(), source, spans: SpanIndex::of(&doc), overridden: HashSet::new() };
         let mut doc = doc.into_mut();
 
-        let process_env = |name: &str| std::env::var(name).ok();
-        let lookup: Box<dyn Fn(&str) -> Option<String>> = match &options.env {
-            Some(map) => Box::new(move |name: &str| map.get(name).cloned()),
-            None => Box::new(process_env),
+        let lookup = |name: &str| match &options.env {
+            Some(map) => map.get(name).cloned(),
+            None => std::env::var(name).ok(),
         };
         overrides::map_strings(doc.as_table_mut(), &mut Vec::new(), &mut |_, s| {
             if s.contains('$') {
-                overrides::interpolate(s, &*lookup).map(Some)
+                overrides::interpolate(s, &lookup).map(Some)
             } else {
                 Ok(None)
             }
@@ -198,7 +197,7 @@ impl Manifest {
     fn from_table(path: &Path, mut table: toml::Table, locator: Locator) -> Result<Self, ManifestError> {
         for key in table.keys() {
             if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
-                let mut error = locator.error(&[key.clone()], true, format!("unknown top-level key `{key}`"));
+                let mut error = locator.error(std::slice::from_ref(key), true, format!("unknown top-level key `{key}`"));
                 error = match did_you_mean(key, TOP_LEVEL_KEYS.iter().copied()) {
                     Some(best) => error.with_help(format!("did you mean `{best}`?")),
                     None => error.with_help("a manifest has a `[pipeline]` table and `[stages.NAME]` tables"),

@@ -3,6 +3,9 @@
 
 use toml_edit::{DocumentMut, Item, Table, Value};
 
+/// Rewrites one string value (given its key path): `Ok(None)` keeps it.
+pub type StringRewrite<'a> = dyn FnMut(&[String], &str) -> Result<Option<String>, String> + 'a;
+
 /// Replaces `${VAR}` (or `${VAR:-default}`) in a string with the variable's
 /// value; `$$` stands for a literal `$`. Returns the name of an unset variable.
 pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
@@ -39,7 +42,7 @@ pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resul
 pub fn map_strings(
     table: &mut Table,
     path: &mut Vec<String>,
-    f: &mut dyn FnMut(&[String], &str) -> Result<Option<String>, String>,
+    f: &mut StringRewrite<'_>,
 ) -> Result<(), (Vec<String>, String)> {
     for (key, item) in table.iter_mut() {
         path.push(key.get().to_string());
@@ -63,7 +66,7 @@ pub fn map_strings(
 fn map_value(
     value: &mut Value,
     path: &mut Vec<String>,
-    f: &mut dyn FnMut(&[String], &str) -> Result<Option<String>, String>,
+    f: &mut StringRewrite<'_>,
 ) -> Result<(), (Vec<String>, String)> {
     match value {
         Value::String(s) => {
