@@ -4,21 +4,24 @@
 //! Roots are the lock files registered under `roots/` (every manifest run
 //! against a cache registers its lock file, so a cache shared by several
 //! checkouts is collected safely) and the keys of the `keep_runs` newest run
-//! records. From each live key, its action entry, its input and output
-//! artifacts, their objects and materialized folders stay. `gc` holds the cache's
-//! `gc.lock` exclusively, so it never runs beside a `swift run`.
+//! records (a run records each stage as it finishes, so the results of a run
+//! that was killed half-way are roots too). From each live key, its action
+//! entry, its input and output artifacts, their objects and materialized folders
+//! stay. `gc` holds the cache's `gc.lock` exclusively, so it never runs beside a
+//! `swift run`.
 
 use std::collections::HashSet;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::digest::{ContentDigest, StageKey};
 use crate::lockfile::LockFile;
 use crate::store::{read_dir_sorted, remove_tree, Store};
 
-/// Scratch areas of stages not kept are removed once this old (they may hold an
-/// interrupted stage's checkpoints).
+/// Scratch areas of stages not kept are removed once untouched this long (they
+/// may hold an interrupted stage's checkpoints).
 const SCRATCH_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What a collection removed and kept.
@@ -26,7 +29,7 @@ const SCRATCH_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub struct GcReport {
     /// Action entries kept.
     pub kept_actions: usize,
-    /// Action entries removed.
+    /// Action entries removed (unreadable ones included).
     pub removed_actions: usize,
     /// Objects removed.
     pub removed_objects: usize,
@@ -42,6 +45,10 @@ pub enum GcError {
     /// A `swift run` holds the cache.
     #[error("a swift run is using this cache ({0}); run gc again when it has finished")]
     Busy(String),
+    /// A registered lock file exists but cannot be read: collecting now could
+    /// delete what it pins.
+    #[error("{0}; fix or delete that lock file, then run gc again")]
+    UnreadableRoot(String),
     /// Reading or deleting failed.
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -49,22 +56,24 @@ pub enum GcError {
 
 /// Collects the cache.
 pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
-    let guard_path = store.root().join("gc.lock");
-    let guard = File::options().create(true).truncate(false).write(true).open(&guard_path)?;
-    if guard.try_lock().is_err() {
+    let Some(_guard) = store.maintenance_guard()? else {
         return Err(GcError::Busy(store.root().display().to_string()));
-    }
+    };
     let mut report = GcReport::default();
     let mut live_keys: HashSet<StageKey> = HashSet::new();
     for root in read_dir_sorted(&store.root().join("roots"))? {
+        if is_temp(&root) {
+            fs::remove_file(&root)?;
+            continue;
+        }
         let lock_path = fs::read_to_string(&root)?;
-        match LockFile::read(std::path::Path::new(&lock_path)) {
+        match LockFile::read(Path::new(&lock_path)) {
             Ok(Some(lock)) => live_keys.extend(lock.stages.values().map(|s| s.key)),
             Ok(None) => {
                 fs::remove_file(&root)?;
                 report.dropped_roots += 1;
             }
-            Err(_) => {} // unreadable lock file: keep nothing for it, keep the root
+            Err(e) => return Err(GcError::UnreadableRoot(e.to_string())),
         }
     }
     let runs = store.runs()?;
@@ -72,9 +81,14 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
         live_keys.extend(run.stages.iter().filter_map(|s| s.key));
     }
 
+    let scan = store.actions()?;
+    for file in &scan.unreadable {
+        fs::remove_file(file)?;
+        report.removed_actions += 1;
+    }
     let mut live_objects: HashSet<ContentDigest> = HashSet::new();
     let mut live_materialized: HashSet<String> = HashSet::new();
-    for (key, entry) in store.actions()? {
+    for (key, entry) in scan.entries {
         if !live_keys.contains(&key) {
             store.remove_action(&key)?;
             report.removed_actions += 1;
@@ -83,7 +97,9 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
         report.kept_actions += 1;
         for artifact in entry.inputs.values().chain(entry.outputs.values()) {
             live_materialized.insert(artifact.digest().to_hex());
-            // An input that was a local file never entered the store: nothing to keep.
+            // An input that was a local folder never had its listing stored:
+            // nothing to keep for it beyond its files, which a download stage's
+            // output (the same artifact) keeps.
             if let Ok(objects) = store.objects_of(artifact) {
                 live_objects.extend(objects);
             }
@@ -112,8 +128,8 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
     for scratch in read_dir_sorted(&store.root().join("scratch"))? {
         let hex = scratch.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let kept = hex.parse::<StageKey>().is_ok_and(|k| live_keys.contains(&k));
-        let old = fs::metadata(&scratch)?.modified().ok().and_then(|t| now.duration_since(t).ok()).is_some_and(|age| age > SCRATCH_GRACE);
-        if !kept && old {
+        let idle = newest_mtime(&scratch).and_then(|t| now.duration_since(t).ok()).is_some_and(|age| age > SCRATCH_GRACE);
+        if !kept && idle {
             remove_tree(&scratch)?;
         }
     }
@@ -121,5 +137,26 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
     for tmp in read_dir_sorted(&store.root().join("tmp"))? {
         remove_tree(&tmp)?;
     }
+    for stray in read_dir_sorted(&store.root().join("runs"))?.into_iter().filter(|p| is_temp(p)) {
+        fs::remove_file(stray)?;
+    }
     Ok(report)
+}
+
+fn is_temp(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-"))
+}
+
+/// The newest modification time of anything under `path`.
+fn newest_mtime(path: &Path) -> Option<SystemTime> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    let mut newest = meta.modified().ok()?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).ok()?.flatten() {
+            if let Some(t) = newest_mtime(&entry.path()) {
+                newest = newest.max(t);
+            }
+        }
+    }
+    Some(newest)
 }

@@ -33,4 +33,4 @@ pub use hash::{hash_path, HashStats, Hashed};
 pub use lockfile::{LockFile, LockedStage};
 pub use runs::{RunRecord, RunStageRecord};
 pub use statcache::StatCache;
-pub use store::{KeyLock, Store};
+pub use store::{ActionScan, KeyLock, Store};

@@ -40,6 +40,15 @@ pub struct Store {
     root: PathBuf,
 }
 
+/// What [`Store::actions`] found.
+#[derive(Debug, Default)]
+pub struct ActionScan {
+    /// Readable entries by key.
+    pub entries: BTreeMap<StageKey, ActionEntry>,
+    /// Files that are not readable entries.
+    pub unreadable: Vec<PathBuf>,
+}
+
 /// Held while a key is being computed: another process asking for the same key
 /// waits, then finds the finished entry.
 #[derive(Debug)]
@@ -119,6 +128,16 @@ impl Store {
         }
         let tmp = self.temp_path("ingest");
         reflink_copy::reflink_or_copy(src, &tmp).map_err(|e| with_path(e, src))?;
+        // Hash what was copied: a source rewritten since it was hashed must not
+        // be stored under the old digest.
+        let copied = hash_file(&tmp)?;
+        if copied != *digest {
+            fs::remove_file(&tmp)?;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} changed while swift was reading it; run again", src.display()),
+            ));
+        }
         self.commit_object(&tmp, digest)
     }
 
@@ -158,13 +177,9 @@ impl Store {
         let hashed = crate::hash::hash_path(path, &crate::StatCache::in_memory(), true)?;
         let crate::hash::Hashed::Tree(listing) = hashed.0 else { unreachable!("a folder hashes to a tree") };
         for entry in listing.entries() {
-            let file = path.join(&entry.path);
-            if self.has_object(&entry.digest) {
-                continue;
+            if !self.has_object(&entry.digest) {
+                self.take_in(&path.join(&entry.path), &entry.digest)?;
             }
-            let tmp = self.temp_path("out");
-            fs::rename(&file, &tmp).map_err(|e| with_path(e, &file))?;
-            self.commit_object(&tmp, &entry.digest)?;
         }
         self.put_tree(&listing)
     }
@@ -172,11 +187,20 @@ impl Store {
     fn move_in(&self, file: &Path) -> io::Result<ContentDigest> {
         let digest = hash_file(file)?;
         if !self.has_object(&digest) {
-            let tmp = self.temp_path("out");
-            fs::rename(file, &tmp).map_err(|e| with_path(e, file))?;
-            self.commit_object(&tmp, &digest)?;
+            self.take_in(file, &digest)?;
         }
         Ok(digest)
+    }
+
+    /// Moves a regular file into the store; a symbolic link's target is copied
+    /// (moving the link would store a link that dangles once scratch is gone).
+    fn take_in(&self, file: &Path, digest: &ContentDigest) -> io::Result<()> {
+        if fs::symlink_metadata(file)?.file_type().is_symlink() {
+            return self.ingest_copy(file, digest);
+        }
+        let tmp = self.temp_path("out");
+        fs::rename(file, &tmp).map_err(|e| with_path(e, file))?;
+        self.commit_object(&tmp, digest)
     }
 
     /// Reads a stored folder listing.
@@ -280,19 +304,23 @@ impl Store {
         }
     }
 
-    /// Every recorded action entry.
-    pub fn actions(&self) -> io::Result<BTreeMap<StageKey, ActionEntry>> {
-        let mut all = BTreeMap::new();
+    /// Every recorded action entry, plus the files under `actions/` that are not
+    /// readable entries (torn or foreign files, stray temporary files).
+    pub fn actions(&self) -> io::Result<ActionScan> {
+        let mut scan = ActionScan::default();
         for shard in read_dir_sorted(&self.root.join("actions"))? {
             for file in read_dir_sorted(&shard)? {
-                let Some(hex) = file.file_stem().and_then(|s| s.to_str()) else { continue };
-                let Ok(key) = hex.parse::<StageKey>() else { continue };
-                if let Some(entry) = self.read_action(&key)? {
-                    all.insert(key, entry);
+                let key = file.file_stem().and_then(|s| s.to_str()).and_then(|hex| hex.parse::<StageKey>().ok());
+                let entry = key.and_then(|key| self.read_action(&key).ok().flatten().filter(|e| e.key == key));
+                match entry {
+                    Some(entry) => {
+                        scan.entries.insert(entry.key, entry);
+                    }
+                    None => scan.unreadable.push(file),
                 }
             }
         }
-        Ok(all)
+        Ok(scan)
     }
 
     /// Blocks until this process holds the lock for `key`. Released on drop,
@@ -303,11 +331,31 @@ impl Store {
         Ok(KeyLock { _file: file })
     }
 
-    /// Held (shared) by every run; `gc` takes it exclusively so it never deletes
-    /// what a running pipeline is producing or reading.
+    /// Held (shared) by every command that reads or writes entries; `gc` and
+    /// `cache verify` take it exclusively ([`Store::maintenance_guard`]) so they
+    /// never delete what a running pipeline is producing or reading.
     pub fn run_guard(&self) -> io::Result<File> {
         let file = open_lock_file(&self.root.join("gc.lock"))?;
         file.lock_shared()?;
+        Ok(file)
+    }
+
+    /// The exclusive side of [`Store::run_guard`]; `None` while a run holds the cache.
+    pub fn maintenance_guard(&self) -> io::Result<Option<File>> {
+        let file = open_lock_file(&self.root.join("gc.lock"))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// A lock for read-modify-write of one manifest's lock file, so concurrent
+    /// runs of the same manifest merge their updates instead of losing one.
+    pub fn lock_file_guard(&self, lock_file: &Path) -> io::Result<File> {
+        let id = blake3::hash(lock_file.to_string_lossy().as_bytes()).to_hex();
+        let file = open_lock_file(&self.root.join("locks").join(format!("lockfile-{}.lock", &id[..32])))?;
+        file.lock()?;
         Ok(file)
     }
 

@@ -107,6 +107,17 @@ pub fn select(pipeline: &Pipeline, only: &[String], until: Option<&str>) -> Resu
 pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter: Arc<dyn Reporter>) -> Result<RunReport, RunError> {
     let clock = Instant::now();
     let started_unix_ms = unix_ms();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    // Catch Ctrl-C and SIGTERM from the start: one arriving while inputs are
+    // hashed is seen as soon as the scheduler starts, and nothing is launched.
+    let signals = {
+        let _context = runtime.enter();
+        Signals::new().map_err(anyhow::Error::from)?
+    };
     let _guard = store.run_guard().map_err(anyhow::Error::from)?;
     let selected = select(&pipeline, &options.only, options.until.as_deref()).map_err(RunError::Usage)?;
     let mut forced = HashSet::new();
@@ -124,11 +135,7 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
         check_locked(&pipeline, old_lock.as_ref(), &selected, &locals).map_err(RunError::Locked)?;
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)?;
+    let journal = Journal::new(&store, &pipeline, started_unix_ms);
     let scheduler = Scheduler {
         pipeline: pipeline.clone(),
         store: store.clone(),
@@ -139,7 +146,7 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
         dry_run: options.dry_run,
         jobs: options.jobs.max(1),
     };
-    let (states, interrupted) = runtime.block_on(scheduler.drive())?;
+    let (states, interrupted) = runtime.block_on(scheduler.drive(signals, &journal))?;
     runtime.shutdown_background();
 
     let mut report = RunReport {
@@ -197,15 +204,19 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
 
     if !options.dry_run {
         if !options.locked {
-            let lock = updated_lock(&pipeline, old_lock, &states);
+            // Re-read under a lock: a concurrent run of the same manifest may
+            // have updated other stages since this run started.
+            let _lock_guard = store.lock_file_guard(&lock_path).map_err(anyhow::Error::from)?;
+            let current = LockFile::read(&lock_path).map_err(anyhow::Error::from)?;
+            let lock = updated_lock(&pipeline, current, &states);
             report.lock_written = lock.write_if_changed(&lock_path).map_err(anyhow::Error::from)?;
         }
         store.register_root(&lock_path).map_err(anyhow::Error::from)?;
         report.seconds = clock.elapsed().as_secs_f64();
-        store.write_run(&run_record(&pipeline, &report, started_unix_ms)).map_err(anyhow::Error::from)?;
-    }
-    if let Err(e) = stats.save() {
-        reporter.note(&format!("could not save the stat cache (inputs will be rehashed next time): {e}"));
+        journal.finish(&report).map_err(anyhow::Error::from)?;
+        if let Err(e) = stats.save() {
+            reporter.note(&format!("could not save the stat cache (inputs will be rehashed next time): {e}"));
+        }
     }
     report.seconds = clock.elapsed().as_secs_f64();
     Ok(report)
@@ -225,7 +236,7 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    async fn drive(self) -> anyhow::Result<(Vec<State>, bool)> {
+    async fn drive(self, mut signals: Signals, journal: &Journal) -> anyhow::Result<(Vec<State>, bool)> {
         let n = self.pipeline.nodes.len();
         let mut states: Vec<State> = (0..n)
             .map(|i| if self.selected.contains(&i) { State::Pending } else { State::Skipped(NOT_SELECTED.to_string()) })
@@ -235,10 +246,11 @@ impl Scheduler {
         let cpu = Arc::new(Semaphore::new(self.jobs));
         let mut gpus: HashMap<String, Arc<Semaphore>> = HashMap::new();
         let cancel = Arc::new(AtomicBool::new(false));
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut running = 0usize;
         loop {
+            while signals.pending() {
+                self.interrupt(&cancel, running);
+            }
             if !cancel.load(Ordering::Relaxed) {
                 for &i in &self.pipeline.order {
                     if !matches!(states[i], State::Pending) {
@@ -297,6 +309,12 @@ impl Scheduler {
                         Outcome::Done { reused, entry, paths, seconds } => {
                             outputs[i] = Some(entry.outputs.clone());
                             let status = if reused { StageStatus::Cached } else { StageStatus::Ran };
+                            if status == StageStatus::Ran {
+                                // Keep the result a GC root even if this run is killed later.
+                                if let Err(e) = journal.stage_ran(&self.pipeline.nodes[i], &entry, seconds) {
+                                    self.reporter.note(&format!("could not update the run record: {e}"));
+                                }
+                            }
                             State::Done { status, entry, paths, seconds }
                         }
                         Outcome::Failed { key, error, seconds } => State::Failed { key, error, seconds },
@@ -304,8 +322,8 @@ impl Scheduler {
                     self.announce(i, &state);
                     states[i] = state;
                 }
-                _ = interrupt.recv() => self.interrupt(&cancel, running),
-                _ = terminate.recv() => self.interrupt(&cancel, running),
+                _ = signals.interrupt.recv() => self.interrupt(&cancel, running),
+                _ = signals.terminate.recv() => self.interrupt(&cancel, running),
             }
         }
         Ok((states, cancel.load(Ordering::Relaxed)))
@@ -434,7 +452,6 @@ impl StageTask {
             out_dir: out_dir.clone(),
             scratch_dir: scratch_dir.clone(),
             store: &self.store,
-            seed: self.pipeline.manifest.pipeline.seed,
             cancel: &self.cancel,
             progress: &progress,
         };
@@ -543,14 +560,64 @@ fn updated_lock(pipeline: &Pipeline, old: Option<LockFile>, states: &[State]) ->
     lock
 }
 
-fn run_record(pipeline: &Pipeline, report: &RunReport, started_unix_ms: u64) -> RunRecord {
-    RunRecord {
-        manifest: pipeline.manifest.path.clone(),
-        pipeline: pipeline.manifest.name.clone(),
-        started_unix_ms,
-        seconds: report.seconds,
-        ok: report.ok,
-        stages: report
+/// Ctrl-C and SIGTERM, registered when a run starts.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
+    }
+
+    /// Takes one signal that already arrived, without waiting.
+    fn pending(&mut self) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        self.interrupt.poll_recv(&mut cx).is_ready() || self.terminate.poll_recv(&mut cx).is_ready()
+    }
+}
+
+/// The run record, rewritten whenever a stage finishes running (so a run killed
+/// half-way still protects what it computed from `gc`) and once at the end.
+struct Journal {
+    store: Store,
+    record: std::sync::Mutex<RunRecord>,
+}
+
+impl Journal {
+    fn new(store: &Store, pipeline: &Pipeline, started_unix_ms: u64) -> Self {
+        let record = RunRecord {
+            manifest: pipeline.manifest.path.clone(),
+            pipeline: pipeline.manifest.name.clone(),
+            started_unix_ms,
+            seconds: 0.0,
+            ok: false,
+            stages: Vec::new(),
+        };
+        Self { store: store.clone(), record: std::sync::Mutex::new(record) }
+    }
+
+    fn stage_ran(&self, node: &crate::pipeline::StageNode, entry: &ActionEntry, seconds: f64) -> std::io::Result<()> {
+        let mut record = self.record.lock().expect("journal lock");
+        record.stages.push(RunStageRecord {
+            name: node.name.clone(),
+            kind: node.kind.clone(),
+            status: StageStatus::Ran.as_str().to_string(),
+            key: Some(entry.key),
+            seconds,
+            metrics: entry.metrics.clone(),
+        });
+        self.store.write_run(&record).map(|_| ())
+    }
+
+    fn finish(&self, report: &RunReport) -> std::io::Result<()> {
+        let mut record = self.record.lock().expect("journal lock");
+        record.seconds = report.seconds;
+        record.ok = report.ok;
+        record.stages = report
             .stages
             .iter()
             .map(|s| RunStageRecord {
@@ -561,7 +628,8 @@ fn run_record(pipeline: &Pipeline, report: &RunReport, started_unix_ms: u64) -> 
                 seconds: s.seconds,
                 metrics: s.metrics.clone(),
             })
-            .collect(),
+            .collect();
+        self.store.write_run(&record).map(|_| ())
     }
 }
 

@@ -153,7 +153,8 @@ impl<'a> CompileCtx<'a> {
         &self.manifest.root
     }
 
-    /// The pipeline seed.
+    /// The pipeline seed. A kind that uses it puts it in its resolved
+    /// parameters, so that it enters the key.
     pub fn seed(&self) -> u64 {
         self.manifest.pipeline.seed
     }
@@ -240,8 +241,6 @@ pub struct RunCtx<'a> {
     pub scratch_dir: PathBuf,
     /// The store, for stages that ingest directly.
     pub store: &'a Store,
-    /// The pipeline seed.
-    pub seed: u64,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) progress: &'a (dyn Fn(u64, u64, &str) + Sync),
 }

@@ -31,8 +31,8 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 2.0)]
     size_gb: f64,
     /// How many no-op reruns to time (the median is reported).
-    #[arg(long, default_value_t = 11)]
-    reruns: usize,
+    #[arg(long, default_value_t = 11, value_parser = clap::value_parser!(u16).range(1..))]
+    reruns: u16,
     /// A `dvc` executable to measure side by side.
     #[arg(long)]
     dvc: Option<PathBuf>,
@@ -86,8 +86,8 @@ pub fn exec(command: BenchCommand) -> anyhow::Result<Exit> {
     };
     let (first_seconds, first) = run(&[])?;
     let ingest_seconds: f64 = first["stages"].as_array().into_iter().flatten().filter_map(|s| s["seconds"].as_f64()).sum();
-    let noop = median((0..args.reruns).map(|_| run(&[]).map(|r| r.0)).collect::<anyhow::Result<Vec<_>>>()?);
-    let locked = median((0..args.reruns).map(|_| run(&["--locked"]).map(|r| r.0)).collect::<anyhow::Result<Vec<_>>>()?);
+    let noop = median((0..usize::from(args.reruns)).map(|_| run(&[]).map(|r| r.0)).collect::<anyhow::Result<Vec<_>>>()?);
+    let locked = median((0..usize::from(args.reruns)).map(|_| run(&["--locked"]).map(|r| r.0)).collect::<anyhow::Result<Vec<_>>>()?);
 
     let gb = total as f64 / 1e9;
     let mut out = std::io::stdout().lock();
@@ -100,7 +100,7 @@ pub fn exec(command: BenchCommand) -> anyhow::Result<Exit> {
     match &args.dvc {
         Some(dvc) => {
             let dvc = dvc.canonicalize().with_context(|| format!("finding {}", dvc.display()))?;
-            let (dvc_first, dvc_noop) = bench_dvc(&dvc, &dir, args.reruns)?;
+            let (dvc_first, dvc_noop) = bench_dvc(&dvc, &dir, usize::from(args.reruns))?;
             writeln!(out, "| first run, whole process | {first_seconds:.2} s | {dvc_first:.2} s | {:.1}× |", dvc_first / first_seconds)?;
             writeln!(out, "| no-op rerun, median of {} | {:.1} ms | {:.0} ms | {:.0}× |", args.reruns, noop * 1e3, dvc_noop * 1e3, dvc_noop / noop)?;
         }

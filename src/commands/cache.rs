@@ -9,7 +9,8 @@ use super::{open_store_here, Exit};
 /// `swift cache` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Rehash every object; quarantine corrupt ones (exit 4 if any).
+    /// Rehash every object, check every entry's objects and materialized files;
+    /// quarantine or drop what is broken (exit 4 if anything was).
     Verify {
         /// Print JSON.
         #[arg(long)]
@@ -20,7 +21,14 @@ pub enum Command {
 pub fn exec(cache: Option<PathBuf>, command: Command) -> anyhow::Result<Exit> {
     let Command::Verify { json } = command;
     let store = open_store_here(cache.as_deref())?;
-    let report = swift_cache::verify::verify(&store)?;
+    let report = match swift_cache::verify::verify(&store) {
+        Ok(report) => report,
+        Err(swift_cache::verify::VerifyError::Io(e)) => return Err(e.into()),
+        Err(busy) => {
+            eprintln!("error: {busy}");
+            return Ok(Exit::Failure);
+        }
+    };
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -28,9 +36,18 @@ pub fn exec(cache: Option<PathBuf>, command: Command) -> anyhow::Result<Exit> {
         for digest in &report.corrupt {
             println!("corrupt: {digest} (moved to {})", store.root().join("quarantine").display());
         }
+        for digest in &report.missing {
+            println!("missing: {digest}");
+        }
+        for dir in &report.bad_materialized {
+            println!("damaged materialized copy: {dir} (removed; rebuilt on next use)");
+        }
+        for file in &report.unreadable_entries {
+            println!("unreadable entry: {file} (removed)");
+        }
         if !report.dropped_actions.is_empty() {
             println!("{} stage results dropped; those stages will run again", report.dropped_actions.len());
         }
     }
-    Ok(if report.corrupt.is_empty() { Exit::Success } else { Exit::Corrupt })
+    Ok(if report.is_clean() { Exit::Success } else { Exit::Corrupt })
 }

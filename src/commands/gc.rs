@@ -30,11 +30,11 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
             human_bytes(report.freed_bytes),
             if report.dropped_roots > 0 { format!("; forgot {} deleted lock files", report.dropped_roots) } else { String::new() }
         ),
-        Err(GcError::Busy(message)) => {
-            eprintln!("error: {}", GcError::Busy(message));
+        Err(GcError::Io(e)) => return Err(e.into()),
+        Err(other) => {
+            eprintln!("error: {other}");
             return Ok(Exit::Failure);
         }
-        Err(GcError::Io(e)) => return Err(e.into()),
     }
     Ok(Exit::Success)
 }

@@ -7,6 +7,7 @@ mod bench;
 mod cache;
 mod dag;
 mod gc;
+mod generate;
 mod report;
 mod run;
 mod show;
@@ -44,6 +45,8 @@ enum Command {
     Report(report::Args),
     /// Remove cache entries no lock file or recent run refers to.
     Gc(gc::Args),
+    /// Generate text with a model folder or a stage's model.
+    Generate(generate::Args),
     /// Cache maintenance.
     #[command(subcommand)]
     Cache(cache::Command),
@@ -79,6 +82,7 @@ pub fn dispatch(cli: Cli) -> Exit {
         Command::Show(args) => show::exec(cache, args),
         Command::Report(args) => report::exec(cache, args),
         Command::Gc(args) => gc::exec(cache, args),
+        Command::Generate(args) => generate::exec(cache, args),
         Command::Cache(command) => cache::exec(cache, command),
         Command::Bench(command) => bench::exec(command),
     };
@@ -140,7 +144,7 @@ pub fn open_store(cache: Option<&Path>, project_root: &Path) -> anyhow::Result<S
     let ignore = store.root().join(".gitignore");
     if !ignore.exists() {
         // Keeps the cache out of git without touching the user's .gitignore.
-        std::fs::write(&ignore, "# Written by swift: this folder is a cache.\n*\n")?;
+        swift_cache::atomic::write_atomic(&ignore, b"# Written by swift: this folder is a cache.\n*\n")?;
     }
     Ok(store)
 }

@@ -32,6 +32,7 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
         }
     };
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
+    let _guard = store.run_guard()?;
     let stats = StatCache::load(store.root().join("stat-v1.json"));
     let assessment = assess(&pipeline, &store, &stats, false)?.swap_remove(index);
     let node = &pipeline.nodes[index];

@@ -26,6 +26,7 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
         Err(exit) => return Ok(exit),
     };
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
+    let _guard = store.run_guard()?;
     let stats = StatCache::load(store.root().join("stat-v1.json"));
     let assessments = assess(&pipeline, &store, &stats, args.rehash)?;
     let _ = stats.save();

@@ -1,11 +1,14 @@
 //! swift's stage kinds, one module each, all listed in [`registry`]:
 //!
 //! - fetch: [`download`] (local files and folders);
+//! - shared model code: [`llm`] (Qwen2/Llama/Mistral checkpoints, tokenizer,
+//!   chat templates, the decoder, generation);
 //! - still to come ([`planned`]): `preprocess` (data), `finetune` (train),
 //!   `quantize`, `eval`, `export`.
 #![deny(missing_docs)]
 
 pub mod download;
+pub mod llm;
 pub mod planned;
 
 use swift_engine::kind::StageKind;

@@ -185,7 +185,7 @@ impl Manifest {
         for set in &options.sets {
             apply_set(&mut doc, set, &stage_names)?;
             let key = set.split_once('=').map_or(set.as_str(), |(k, _)| k);
-            locator.overridden.insert(key.split('.').map(str::to_string).collect());
+            locator.overridden.insert(key.split('.').map(|s| s.trim().to_string()).collect());
         }
 
         let table: toml::Table = toml::from_str(&doc.to_string()).map_err(|e| {

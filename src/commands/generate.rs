@@ -1,0 +1,148 @@
+//! `swift generate`: try a model — a model folder, or any stage of a manifest
+//! that yields one — on a prompt.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use swift_cache::StatCache;
+use swift_engine::kind::OutputType;
+use swift_engine::status::assess;
+use swift_stages::llm::chat::Message;
+use swift_stages::llm::generate::{generate, GenerateOptions};
+use swift_stages::llm::linear::DenseLoader;
+use swift_stages::llm::{default_dtype, Decoder, ModelConfig, TextTokenizer};
+
+use super::{open_store, Exit, ManifestArgs};
+
+/// Arguments of `swift generate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model folder, or MANIFEST:STAGE for a stage that yields a model.
+    #[arg(long, value_name = "PATH_OR_STAGE")]
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template (as a user message).
+    #[arg(long)]
+    chat: bool,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling mass (with --temperature).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute dtype: f32, bf16 or f16 (default: f32 on CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Print one JSON object on stdout's last line: {"prompt_ids", "new_ids", "text"}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
+    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
+        eprintln!("error: --top-p must be in (0, 1]");
+        return Ok(Exit::Invalid);
+    }
+    if args.temperature < 0.0 {
+        eprintln!("error: --temperature must be 0 (greedy) or positive");
+        return Ok(Exit::Invalid);
+    }
+    let folder = match resolve_model(cache.as_deref(), &args.model)? {
+        Ok(folder) => folder,
+        Err(exit) => return Ok(exit),
+    };
+    let device = Device::Cpu;
+    let dtype = match args.dtype.as_deref() {
+        None => default_dtype(&device),
+        Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some(other) => {
+            eprintln!("error: --dtype {other}: use f32, bf16 or f16");
+            return Ok(Exit::Invalid);
+        }
+    };
+    let config = ModelConfig::load(&folder)?;
+    let tokenizer = TextTokenizer::load(&folder, &config)?;
+    let model = Decoder::load(&folder, config, dtype, &device, &DenseLoader)?;
+    let prompt_text = if args.chat {
+        let template = tokenizer.chat_template().with_context(|| {
+            format!("{} has no chat template (tokenizer_config.json or chat_template.jinja); drop --chat", folder.display())
+        })?;
+        let messages = [Message { role: "user".into(), content: args.prompt.clone() }];
+        template.render(&messages, None::<&()>, true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt_ids = tokenizer.encode(&prompt_text)?;
+    let options = GenerateOptions { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+    let mut printed = String::new();
+    let mut so_far = Vec::new();
+    let new_ids = generate(&model, &prompt_ids, tokenizer.eos_ids(), &options, |id| {
+        if args.json {
+            return;
+        }
+        so_far.push(id);
+        // Print the text as it grows (decoding whole prefixes keeps multi-byte characters intact).
+        if let Ok(text) = tokenizer.decode(&so_far, true) {
+            if let Some(fresh) = text.strip_prefix(printed.as_str()) {
+                print!("{fresh}");
+                let _ = std::io::stdout().flush();
+                printed = text;
+            }
+        }
+    })?;
+    let text = tokenizer.decode(&new_ids, true)?;
+    if args.json {
+        println!("{}", serde_json::json!({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text}));
+    } else {
+        println!("{}", text.strip_prefix(printed.as_str()).unwrap_or(""));
+    }
+    Ok(Exit::Success)
+}
+
+/// A model folder from a path or `MANIFEST:STAGE`; `Err(exit)` after printing why not.
+fn resolve_model(cache: Option<&Path>, spec: &str) -> anyhow::Result<Result<PathBuf, Exit>> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(Ok(path.to_path_buf()));
+    }
+    let Some((manifest, stage)) = spec.rsplit_once(':') else {
+        bail!("--model {spec}: not a folder; give a model folder or MANIFEST:STAGE");
+    };
+    let args = ManifestArgs { manifest: PathBuf::from(manifest), sets: Vec::new() };
+    let pipeline = match args.compile() {
+        Ok(pipeline) => pipeline,
+        Err(error) => return Ok(Err(super::invalid(&error, false))),
+    };
+    let index = match pipeline.require(stage) {
+        Ok(index) => index,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return Ok(Err(Exit::Invalid));
+        }
+    };
+    let node = &pipeline.nodes[index];
+    let Some(output) = node.plan.outputs().into_iter().find(|o| o.ty == OutputType::Model) else {
+        eprintln!("error: stage `{stage}` ({}) does not yield a model", node.kind);
+        return Ok(Err(Exit::Invalid));
+    };
+    let store = open_store(cache, &pipeline.manifest.root)?;
+    let _guard = store.run_guard()?;
+    let stats = StatCache::load(store.root().join("stat-v1.json"));
+    let assessment = assess(&pipeline, &store, &stats, false)?.swap_remove(index);
+    match assessment.cached {
+        Some((_, paths)) => Ok(Ok(paths[output.name].clone())),
+        None => bail!("stage `{stage}` is not in the cache yet; run `swift run {manifest} --only {stage}` first"),
+    }
+}

@@ -1,0 +1,289 @@
+//! `config.json` of Qwen2, Llama and Mistral checkpoints, read into one
+//! [`ModelConfig`] the decoder understands.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::LlmError;
+
+/// The families one decoder implementation serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `model_type = "qwen2"`: q/k/v biases.
+    Qwen2,
+    /// `model_type = "llama"`: biases only with `attention_bias`.
+    Llama,
+    /// `model_type = "mistral"`: Llama's layout with a sliding window.
+    Mistral,
+}
+
+/// RoPE frequency scaling (Llama 3.1's `rope_scaling = {rope_type = "llama3"}`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// Overall factor (8 for Llama 3.1).
+    pub factor: f64,
+    /// Low-frequency factor.
+    pub low_freq_factor: f64,
+    /// High-frequency factor.
+    pub high_freq_factor: f64,
+    /// The context length the model was pretrained with.
+    pub original_max_position_embeddings: f64,
+}
+
+/// What the decoder needs from `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture family.
+    pub family: Family,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// MLP inner size.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Per-head size (`head_dim`, else `hidden_size / num_heads`).
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Llama-3 RoPE scaling, if any.
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Longest position.
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` reuses the embedding.
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v projections carry biases.
+    pub qkv_bias: bool,
+    /// Whether o_proj carries a bias (Llama's `attention_bias`).
+    pub o_bias: bool,
+    /// Attention window (tokens), when the model uses one on every layer.
+    pub sliding_window: Option<usize>,
+    /// `eos_token_id` from config.json (one or several).
+    pub eos_token_ids: Vec<u32>,
+    /// `bos_token_id` from config.json.
+    pub bos_token_id: Option<u32>,
+    /// The dtype the weights were saved in (`torch_dtype` or `dtype`).
+    pub saved_dtype: Option<String>,
+}
+
+/// One id or a list of ids, as configs write `eos_token_id`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// As a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<serde_json::Value>,
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_positions")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    attention_bias: bool,
+    hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
+    sliding_window: Option<usize>,
+    max_window_layers: Option<usize>,
+    eos_token_id: Option<TokenIds>,
+    bos_token_id: Option<u32>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_max_positions() -> usize {
+    4096
+}
+
+impl ModelConfig {
+    /// Reads `config.json` in a model folder.
+    pub fn load(folder: &Path) -> Result<Self, LlmError> {
+        let path = folder.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| LlmError::io(&path, e))?;
+        Self::parse(&path, &text)
+    }
+
+    /// Parses config.json text (`path` is for messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, LlmError> {
+        let bad = |message: String| LlmError::Config { path: path.to_path_buf(), message };
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let model_type = raw.model_type.clone().unwrap_or_default();
+        let family = match model_type.as_str() {
+            "qwen2" => Family::Qwen2,
+            "llama" => Family::Llama,
+            "mistral" => Family::Mistral,
+            other => {
+                return Err(bad(format!(
+                    "model_type {other:?} is not supported; swift runs qwen2, llama and mistral checkpoints"
+                )))
+            }
+        };
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(bad(format!("hidden_act {act:?} is not supported (only silu)")));
+            }
+        }
+        if raw.num_attention_heads == 0 || raw.num_hidden_layers == 0 {
+            return Err(bad("num_attention_heads and num_hidden_layers must be positive".into()));
+        }
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+            return Err(bad(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
+                raw.num_attention_heads
+            )));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if raw.hidden_size % raw.num_attention_heads == 0 => raw.hidden_size / raw.num_attention_heads,
+            None => return Err(bad("hidden_size is not a multiple of num_attention_heads and head_dim is absent".into())),
+        };
+        if head_dim % 2 != 0 {
+            return Err(bad(format!("head_dim {head_dim} must be even for RoPE")));
+        }
+        let nested = raw.rope_parameters.as_ref();
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| nested.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .unwrap_or(10000.0);
+        let scaling = raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(nested.filter(|p| p.get("rope_type").is_some()));
+        let rope_scaling = match scaling {
+            None => None,
+            Some(spec) => {
+                let kind = spec.get("rope_type").or_else(|| spec.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "llama3" => {
+                        let num = |key: &str| {
+                            spec.get(key).and_then(|v| v.as_f64()).ok_or_else(|| bad(format!("rope_scaling.{key} is missing")))
+                        };
+                        Some(Llama3RopeScaling {
+                            factor: num("factor")?,
+                            low_freq_factor: num("low_freq_factor")?,
+                            high_freq_factor: num("high_freq_factor")?,
+                            original_max_position_embeddings: num("original_max_position_embeddings")?,
+                        })
+                    }
+                    other => {
+                        return Err(bad(format!("rope_scaling type {other:?} is not supported (default and llama3 are)")))
+                    }
+                }
+            }
+        };
+        let sliding_window = match family {
+            Family::Qwen2 => match (raw.use_sliding_window.unwrap_or(false), raw.sliding_window) {
+                (false, _) => None,
+                (true, Some(window)) if raw.max_window_layers.unwrap_or(0) == 0 => Some(window),
+                (true, _) => {
+                    return Err(bad(
+                        "use_sliding_window with max_window_layers > 0 (window on some layers only) is not supported".into(),
+                    ))
+                }
+            },
+            Family::Mistral => raw.sliding_window,
+            Family::Llama => None,
+        };
+        Ok(Self {
+            family,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            qkv_bias: family == Family::Qwen2 || raw.attention_bias,
+            o_bias: family != Family::Qwen2 && raw.attention_bias,
+            sliding_window,
+            eos_token_ids: raw.eos_token_id.map(|ids| ids.to_vec()).unwrap_or_default(),
+            bos_token_id: raw.bos_token_id,
+            saved_dtype: raw.torch_dtype.or(raw.dtype),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelConfig, LlmError> {
+        ModelConfig::parse(Path::new("config.json"), text)
+    }
+
+    const BASE: &str = r#""vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2"#;
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_derives_head_dim() {
+        let c = parse(&format!(r#"{{"model_type": "qwen2", {BASE}, "rope_theta": 1000000.0}}"#)).unwrap();
+        assert_eq!((c.head_dim, c.qkv_bias, c.o_bias, c.rope_theta), (16, true, false, 1e6));
+    }
+
+    #[test]
+    fn nested_rope_parameters_and_llama3_scaling_are_read() {
+        let c = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "head_dim": 32, "rope_parameters": {{"rope_theta": 500000.0}},
+            "rope_scaling": {{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}}}"#
+        ))
+        .unwrap();
+        assert_eq!((c.head_dim, c.rope_theta, c.qkv_bias), (32, 500000.0, false));
+        assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
+    }
+
+    #[test]
+    fn unknown_types_and_partial_windows_are_rejected() {
+        let e = parse(&format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).unwrap_err();
+        assert!(e.to_string().contains("\"gpt2\" is not supported"), "{e}");
+        let e = parse(&format!(
+            r#"{{"model_type": "qwen2", {BASE}, "use_sliding_window": true, "sliding_window": 8, "max_window_layers": 1}}"#
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("max_window_layers"), "{e}");
+        let m = parse(&format!(r#"{{"model_type": "mistral", {BASE}, "sliding_window": 4096}}"#)).unwrap();
+        assert_eq!(m.sliding_window, Some(4096));
+    }
+}

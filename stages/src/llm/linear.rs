@@ -1,0 +1,72 @@
+//! The one abstraction every projection of the decoder goes through.
+//!
+//! The decoder asks a [`LinearLoader`] for each of its projections by checkpoint
+//! prefix (`model.layers.3.self_attn.q_proj`) and gets back a [`Projection`]:
+//! dense weights here; NF4 and AWQ int4 weights, and LoRA adapters wrapped around
+//! any of them, are further implementations of the same two traits.
+
+use candle_core::{Module, Tensor};
+
+use super::weights::Weights;
+use super::LlmError;
+
+/// `y = x Wᵀ (+ b)` for `x` of shape `[…, in_features]`, however `W` is stored.
+pub trait Projection: Send + Sync {
+    /// Applies the projection.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    /// Input size.
+    fn in_features(&self) -> usize;
+    /// Output size.
+    fn out_features(&self) -> usize;
+}
+
+/// Builds the decoder's projections from a checkpoint.
+pub trait LinearLoader {
+    /// Loads `{prefix}.weight` (`[out, in]`) and, if `bias`, `{prefix}.bias`.
+    fn load(&self, weights: &Weights, prefix: &str, in_features: usize, out_features: usize, bias: bool)
+        -> Result<Box<dyn Projection>, LlmError>;
+}
+
+/// A plain weight matrix in the compute dtype.
+pub struct Dense {
+    inner: candle_nn::Linear,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl Dense {
+    /// Wraps a `[out, in]` weight and an optional `[out]` bias.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        Ok(Self { inner: candle_nn::Linear::new(weight, bias), in_features, out_features })
+    }
+
+    /// The weight matrix.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+impl Projection for Dense {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.forward(x)
+    }
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+}
+
+/// Loads every projection as [`Dense`].
+pub struct DenseLoader;
+
+impl LinearLoader for DenseLoader {
+    fn load(&self, weights: &Weights, prefix: &str, in_features: usize, out_features: usize, bias: bool)
+        -> Result<Box<dyn Projection>, LlmError> {
+        let weight = weights.get(&format!("{prefix}.weight"), &[out_features, in_features])?;
+        let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[out_features])?) } else { None };
+        Ok(Box::new(Dense::new(weight, bias)?))
+    }
+}

@@ -1,0 +1,85 @@
+//! The model code every stage shares: Hugging Face checkpoints of the Qwen2,
+//! Llama and Mistral families on candle.
+//!
+//! - [`config`]: `config.json` → [`ModelConfig`];
+//! - [`weights`]: single-file and sharded safetensors, memory-mapped, checked
+//!   against the config;
+//! - [`linear`]: the one abstraction every projection goes through, so NF4 and
+//!   AWQ weights and LoRA adapters slot in without touching the decoder;
+//! - [`model`]: the decoder (RMSNorm, RoPE, GQA attention with causal, packed
+//!   and sliding-window masks, SwiGLU, KV cache);
+//! - [`tokenizer`] and [`chat`]: `tokenizer.json`, special tokens and chat
+//!   templates rendered as transformers renders them;
+//! - [`generate`]: greedy and sampled generation.
+
+pub mod chat;
+pub mod config;
+pub mod generate;
+pub mod linear;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Family, ModelConfig};
+pub use model::Decoder;
+pub use tokenizer::TextTokenizer;
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `config.json` is unusable.
+    #[error("{}: {message}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A weights file or tensor is unusable.
+    #[error("{}: {message}", path.display())]
+    Weights {
+        /// The safetensors file (or the model folder).
+        path: PathBuf,
+        /// What is wrong, naming the tensor.
+        message: String,
+    },
+    /// The tokenizer or its configuration is unusable.
+    #[error("{}: {message}", path.display())]
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A chat template failed to parse or render.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl LlmError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// The default compute dtype for a device: f32 on CPU, bf16 on CUDA.
+pub fn default_dtype(device: &candle_core::Device) -> candle_core::DType {
+    if device.is_cuda() {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    }
+}

@@ -1,0 +1,304 @@
+//! The decoder shared by the Qwen2, Llama and Mistral families: token embedding,
+//! `num_layers` × (RMSNorm → GQA attention with RoPE → residual, RMSNorm →
+//! SwiGLU MLP → residual), final RMSNorm, `lm_head` (or the tied embedding).
+//!
+//! One forward pass takes a row of tokens with a position and a segment id per
+//! token: tokens attend only to earlier tokens of the same segment (causal and
+//! block-diagonal, so packed samples never see each other), within the sliding
+//! window if the model has one, and positions restart per packed sample.
+//! A [`KvCache`] carries keys and values across calls for generation.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{Llama3RopeScaling, ModelConfig};
+use super::linear::{LinearLoader, Projection};
+use super::weights::Weights;
+use super::LlmError;
+
+struct Attention {
+    q_proj: Box<dyn Projection>,
+    k_proj: Box<dyn Projection>,
+    v_proj: Box<dyn Projection>,
+    o_proj: Box<dyn Projection>,
+}
+
+struct Mlp {
+    gate_proj: Box<dyn Projection>,
+    up_proj: Box<dyn Projection>,
+    down_proj: Box<dyn Projection>,
+}
+
+struct Layer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Keys and values of the tokens seen so far, per layer.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    segments: Vec<u32>,
+}
+
+impl KvCache {
+    /// How many tokens the cache holds.
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+}
+
+/// A loaded decoder.
+pub struct Decoder {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Box<dyn Projection>>,
+    inv_freq: Vec<f32>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Decoder {
+    /// Loads a model folder's weights in `dtype` on `device`, building every
+    /// projection through `linear`.
+    pub fn load(folder: &Path, config: ModelConfig, dtype: DType, device: &Device, linear: &dyn LinearLoader)
+        -> Result<Self, LlmError> {
+        let weights = Weights::open(folder, dtype, device)?;
+        let c = &config;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let embed_tokens = weights.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for n in 0..c.num_layers {
+            let p = format!("model.layers.{n}");
+            layers.push(Layer {
+                input_layernorm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: linear.load(&weights, &format!("{p}.self_attn.q_proj"), h, q_out, c.qkv_bias)?,
+                    k_proj: linear.load(&weights, &format!("{p}.self_attn.k_proj"), h, kv_out, c.qkv_bias)?,
+                    v_proj: linear.load(&weights, &format!("{p}.self_attn.v_proj"), h, kv_out, c.qkv_bias)?,
+                    o_proj: linear.load(&weights, &format!("{p}.self_attn.o_proj"), q_out, h, c.o_bias)?,
+                },
+                post_attention_layernorm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: linear.load(&weights, &format!("{p}.mlp.gate_proj"), h, i, false)?,
+                    up_proj: linear.load(&weights, &format!("{p}.mlp.up_proj"), h, i, false)?,
+                    down_proj: linear.load(&weights, &format!("{p}.mlp.down_proj"), i, h, false)?,
+                },
+            });
+        }
+        let norm = weights.get("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            None
+        } else {
+            Some(linear.load(&weights, "lm_head", h, c.vocab_size, false)?)
+        };
+        let inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, inv_freq, device: device.clone(), dtype })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Logits (f32, `[tokens, vocab]`, or `[1, vocab]` with `last_only`) for one
+    /// row of tokens. `positions` and `segments` give each token's RoPE position
+    /// and packed-sample id; with a cache, the row continues the cached tokens.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        segments: &[u32],
+        mut cache: Option<&mut KvCache>,
+        last_only: bool,
+    ) -> Result<Tensor, LlmError> {
+        let t = tokens.len();
+        if t == 0 || positions.len() != t || segments.len() != t {
+            return Err(LlmError::Candle(candle_core::Error::Msg(format!(
+                "forward needs one position and segment per token ({t} tokens, {} positions, {} segments)",
+                positions.len(),
+                segments.len()
+            ))));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(LlmError::Candle(candle_core::Error::Msg(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                self.config.vocab_size
+            ))));
+        }
+        let past_segments: &[u32] = cache.as_ref().map_or(&[], |c| &c.segments);
+        let mask = self.mask(past_segments, segments)?;
+        let (cos, sin) = self.rope_tables(positions)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.layers.resize_with(self.layers.len(), || None);
+        }
+        for (n, layer) in self.layers.iter().enumerate() {
+            let residual = x.clone();
+            let normed = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, self.config.rms_norm_eps as f32)?;
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[n]);
+            let attended = self.attention(&layer.self_attn, &normed, &cos, &sin, &mask, slot)?;
+            x = (residual + attended)?;
+            let residual = x.clone();
+            let normed = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, self.config.rms_norm_eps as f32)?;
+            let mlp = &layer.mlp;
+            let gated = (mlp.gate_proj.forward(&normed)?.silu()? * mlp.up_proj.forward(&normed)?)?;
+            x = (residual + mlp.down_proj.forward(&gated)?)?;
+        }
+        if let Some(cache) = cache {
+            cache.segments.extend_from_slice(segments);
+        }
+        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&x)?,
+            None => x.broadcast_matmul(&self.embed_tokens.t()?)?,
+        };
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor, LlmError> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let heads = |p: &dyn Projection, n: usize| -> candle_core::Result<Tensor> {
+            p.forward(x)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = candle_nn::rotary_emb::rope(&heads(attn.q_proj.as_ref(), c.num_heads)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(attn.k_proj.as_ref(), c.num_kv_heads)?, cos, sin)?;
+        let v = heads(attn.v_proj.as_ref(), c.num_kv_heads)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let repeat = c.num_heads / c.num_kv_heads;
+        let k = repeat_kv(&k, repeat)?;
+        let v = repeat_kv(&v, repeat)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, c.num_heads * c.head_dim))?;
+        Ok(attn.o_proj.forward(&out)?)
+    }
+
+    /// Additive mask `[t, past + t]`: 0 where a query may attend a key, -inf elsewhere.
+    fn mask(&self, past_segments: &[u32], segments: &[u32]) -> Result<Tensor, LlmError> {
+        let past = past_segments.len();
+        let t = segments.len();
+        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        let mut data = vec![f32::NEG_INFINITY; t * (past + t)];
+        for (i, &segment) in segments.iter().enumerate() {
+            let query = past + i;
+            for key in 0..=query {
+                let key_segment = if key < past { past_segments[key] } else { segments[key - past] };
+                if key_segment == segment && query - key < window {
+                    data[i * (past + t) + key] = 0.0;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(data, (t, past + t), &self.device)?)
+    }
+
+    /// cos and sin `[t, head_dim / 2]` for the given positions.
+    fn rope_tables(&self, positions: &[u32]) -> Result<(Tensor, Tensor), LlmError> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), half);
+        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// `[b, kv, t, d]` → `[b, kv·n, t, d]`, each key/value head serving `n` query heads.
+fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, kv, n, t, d))?.reshape((b, kv * n, t, d))
+}
+
+/// RoPE inverse frequencies (f32, as transformers computes them), with Llama-3
+/// frequency scaling when configured.
+fn inverse_frequencies(head_dim: usize, theta: f64, scaling: Option<&Llama3RopeScaling>) -> Vec<f32> {
+    let base = theta as f32;
+    let freqs = (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32));
+    let Some(s) = scaling else { return freqs.collect() };
+    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    freqs
+        .map(|f| {
+            let f = f as f64;
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let scaled = if wavelen > low_wavelen {
+                f / s.factor
+            } else if wavelen < high_wavelen {
+                f
+            } else {
+                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            };
+            scaled as f32
+        })
+        .collect()
+}
+
+/// Positions and segments for sequences packed into one row: positions restart
+/// at 0 for each sequence, segment ids count sequences.
+pub fn packed_layout(lengths: &[usize]) -> (Vec<u32>, Vec<u32>) {
+    let mut positions = Vec::new();
+    let mut segments = Vec::new();
+    for (segment, &len) in lengths.iter().enumerate() {
+        positions.extend(0..len as u32);
+        segments.extend(std::iter::repeat_n(segment as u32, len));
+    }
+    (positions, segments)
+}
+
+/// Reduces logits to the last dimension's argmax.
+pub fn argmax(logits: &Tensor) -> Result<u32, LlmError> {
+    Ok(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}

@@ -1,0 +1,157 @@
+//! Safetensors checkpoints: `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`, memory-mapped. Every tensor is checked
+//! against the shape the config implies before it is used, and every error
+//! names the file and the tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::LlmError;
+
+/// The tensors of one model folder.
+pub struct Weights {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    index: HashMap<String, usize>,
+    folder: PathBuf,
+    dtype: DType,
+    device: Device,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Weights {
+    /// Opens the weights of a model folder; tensors come back in `dtype` on `device`.
+    pub fn open(folder: &Path, dtype: DType, device: &Device) -> Result<Self, LlmError> {
+        let index_path = folder.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| LlmError::io(&index_path, e))?;
+            let index: ShardIndex = serde_json::from_str(&text)
+                .map_err(|e| LlmError::Weights { path: index_path.clone(), message: format!("not a shard index: {e}") })?;
+            let mut shards: Vec<String> = index.weight_map.into_values().collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|s| folder.join(s)).collect()
+        } else {
+            let single = folder.join("model.safetensors");
+            if !single.exists() {
+                return Err(LlmError::Weights {
+                    path: folder.to_path_buf(),
+                    message: "no model.safetensors or model.safetensors.index.json in this folder".into(),
+                });
+            }
+            vec![single]
+        };
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for path in paths {
+            // SAFETY: the file is mapped read-only; swift's cache never changes a
+            // stored object, and a user folder changing while a model loads is
+            // outside what any loader can defend against (transformers included).
+            let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| LlmError::Weights {
+                path: path.clone(),
+                message: format!("not a valid safetensors file: {}", strip_path(&e.to_string())),
+            })?;
+            for (name, _) in st.tensors() {
+                index.insert(name, files.len());
+            }
+            files.push((path, st));
+        }
+        Ok(Self { files, index, folder: folder.to_path_buf(), dtype, device: device.clone() })
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The compute dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are loaded on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Loads a tensor after checking its shape, converted to the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, LlmError> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    /// Loads a tensor after checking its shape, converted to `dtype`.
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor, LlmError> {
+        let Some(&file) = self.index.get(name) else {
+            return Err(LlmError::Weights { path: self.folder.clone(), message: format!("tensor `{name}` is missing") });
+        };
+        let (path, st) = &self.files[file];
+        let err = |message: String| LlmError::Weights { path: path.clone(), message };
+        let view = st.get(name).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        if view.shape() != shape {
+            return Err(err(format!(
+                "tensor `{name}` has shape {:?}, but config.json implies {shape:?}",
+                view.shape()
+            )));
+        }
+        let tensor = st.load(name, &self.device).map_err(|e| err(format!("tensor `{name}`: {}", strip_path(&e.to_string()))))?;
+        Ok(tensor.to_dtype(dtype)?)
+    }
+}
+
+/// candle appends the path to some messages; we name it ourselves.
+fn strip_path(message: &str) -> String {
+    message.lines().next().unwrap_or(message).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+
+    fn valid_file() -> Vec<u8> {
+        let t = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("w", t)]), &path).unwrap();
+        std::fs::read(&path).unwrap()
+    }
+
+    #[test]
+    fn shape_mismatch_names_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "model.safetensors", &valid_file());
+        let weights = Weights::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(weights.get("w", &[2, 3]).unwrap().dims(), &[2, 3]);
+        let e = weights.get("w", &[3, 2]).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors") && e.contains("tensor `w` has shape [2, 3]"), "{e}");
+        let e = weights.get("absent", &[1]).unwrap_err().to_string();
+        assert!(e.contains("tensor `absent` is missing"), "{e}");
+    }
+
+    #[test]
+    fn truncated_and_lying_headers_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = valid_file();
+        write(dir.path(), "model.safetensors", &good[..good.len() - 4]);
+        let e = Weights::open(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("model.safetensors: not a valid safetensors file"), "{e}");
+        let mut lying = good.clone();
+        lying[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        write(dir.path(), "model.safetensors", &lying);
+        let e = Weights::open(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("not a valid safetensors file"), "{e}");
+        std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+        let e = Weights::open(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("no model.safetensors"), "{e}");
+    }
+}
