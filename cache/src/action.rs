@@ -18,6 +18,9 @@ pub struct ActionEntry {
     pub kind_version: u32,
     /// Fully resolved parameters (what entered the key), for `swift status` diffs.
     pub params: serde_json::Value,
+    /// The upstream revision that entered the key (a Hub commit sha), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Input artifacts by input name (what entered the key).
     pub inputs: IndexMap<String, Artifact>,
     /// Output artifacts by output name.

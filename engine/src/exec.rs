@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::kind::{Cancelled, OutputValue, Resource, RunCtx};
 use crate::pipeline::{InputRef, Pipeline};
 use crate::report::{Reporter, RunReport, StageReport, StageStatus};
-use crate::resolve::{hash_locals, input_artifacts, input_values, key_of, lookup, params_of, Locals};
+use crate::resolve::{hash_locals, input_artifacts, input_values, key_of, lookup, params_of, resolve_revisions, Locals};
 
 /// How to run.
 #[derive(Clone, Debug, Default)]
@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub rehash: bool,
     /// `--jobs`: concurrent CPU stages.
     pub jobs: usize,
+    /// `--offline`: no network; upstream revisions and files come from local caches.
+    pub offline: bool,
 }
 
 /// Why a run could not start or finish.
@@ -124,13 +126,20 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
     for name in &options.force {
         forced.insert(pipeline.require(name).map_err(RunError::Usage)?);
     }
+    let lock_path = pipeline.manifest.lock_path();
+    let old_lock = LockFile::read(&lock_path).map_err(anyhow::Error::from)?;
+    if options.locked && old_lock.is_none() {
+        return Err(RunError::Locked(vec![format!(
+            "there is no lock file at {}; run once without --locked to create it",
+            lock_path.display()
+        )]));
+    }
+    let revisions = resolve_revisions(&pipeline, selected.iter().copied(), old_lock.as_ref(), options.offline, options.locked)?;
     let stats = StatCache::load(store.root().join("stat-v1.json"));
     let (locals, hash_stats) = hash_locals(&pipeline, selected.iter().copied(), &stats, options.rehash)?;
     if hash_stats.bytes_hashed > 0 {
         reporter.note(&format!("hashed {} of inputs", human_bytes(hash_stats.bytes_hashed)));
     }
-    let lock_path = pipeline.manifest.lock_path();
-    let old_lock = LockFile::read(&lock_path).map_err(anyhow::Error::from)?;
     if options.locked {
         check_locked(&pipeline, old_lock.as_ref(), &selected, &locals).map_err(RunError::Locked)?;
     }
@@ -141,6 +150,8 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
         store: store.clone(),
         reporter: reporter.clone(),
         locals: Arc::new(locals),
+        revisions: Arc::new(revisions),
+        offline: options.offline,
         selected,
         forced,
         dry_run: options.dry_run,
@@ -229,6 +240,8 @@ struct Scheduler {
     store: Store,
     reporter: Arc<dyn Reporter>,
     locals: Arc<Locals>,
+    revisions: Arc<Vec<Option<String>>>,
+    offline: bool,
     selected: BTreeSet<usize>,
     forced: HashSet<usize>,
     dry_run: bool,
@@ -269,6 +282,8 @@ impl Scheduler {
                                 store: self.store.clone(),
                                 reporter: self.reporter.clone(),
                                 locals: self.locals.clone(),
+                                revision: self.revisions[i].clone(),
+                                offline: self.offline,
                                 index: i,
                                 key,
                                 inputs,
@@ -356,7 +371,7 @@ impl Scheduler {
             let error = "internal error: an input is missing".to_string();
             return Some(Step::Settle(State::Failed { key: None, error, seconds: 0.0 }));
         };
-        let key = key_of(&self.pipeline, i, &inputs);
+        let key = key_of(&self.pipeline, i, self.revisions[i].as_deref(), &inputs);
         if !self.forced.contains(&i) {
             if let Some((entry, paths)) = lookup(&self.store, &key) {
                 return Some(Step::Settle(State::Done { status: StageStatus::Cached, entry, paths, seconds: 0.0 }));
@@ -405,6 +420,8 @@ struct StageTask {
     store: Store,
     reporter: Arc<dyn Reporter>,
     locals: Arc<Locals>,
+    revision: Option<String>,
+    offline: bool,
     index: usize,
     key: StageKey,
     inputs: Vec<(String, Artifact)>,
@@ -452,6 +469,8 @@ impl StageTask {
             out_dir: out_dir.clone(),
             scratch_dir: scratch_dir.clone(),
             store: &self.store,
+            revision: self.revision.clone(),
+            offline: self.offline,
             cancel: &self.cancel,
             progress: &progress,
         };
@@ -472,6 +491,7 @@ impl StageTask {
             kind: node.kind.clone(),
             kind_version: node.kind_version,
             params: node.plan.params(),
+            revision: self.revision.clone(),
             inputs: self.inputs.iter().cloned().collect(),
             outputs,
             metrics: result.metrics,
@@ -497,9 +517,8 @@ fn check_locked(
     selected: &BTreeSet<usize>,
     locals: &Locals,
 ) -> Result<(), Vec<String>> {
-    let path = pipeline.manifest.lock_path();
     let Some(lock) = lock else {
-        return Err(vec![format!("there is no lock file at {}; run once without --locked to create it", path.display())]);
+        return Err(vec![format!("there is no lock file at {}", pipeline.manifest.lock_path().display())]);
     };
     let mut problems = Vec::new();
     for &i in selected {
@@ -548,7 +567,7 @@ fn updated_lock(pipeline: &Pipeline, old: Option<LockFile>, states: &[State]) ->
                     kind: node.kind.clone(),
                     key: entry.key,
                     params: params_of(pipeline, i),
-                    revision: None,
+                    revision: entry.revision.clone(),
                     inputs: entry.inputs.iter().map(|(k, a)| (k.clone(), a.digest())).collect(),
                     outputs: entry.outputs.iter().map(|(k, a)| (k.clone(), a.digest())).collect(),
                 },

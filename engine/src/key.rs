@@ -5,6 +5,7 @@
 //! | the kind's name and version number               | device, host         |
 //! | every parameter, defaults filled in (incl. dtype)| start time, duration |
 //! | every input's artifact: type, digest, file name  | absolute paths       |
+//! | a resolved upstream revision (Hub commit sha)    |                      |
 //! | `${VAR}` values (not their names)                | the manifest's path  |
 //!
 //! `key = blake3("swift-stage-key-v1\n" + canonical JSON)`, where canonical JSON
@@ -62,16 +63,21 @@ pub fn params_digest(kind: &str, version: u32, params: &Value) -> StageKey {
     StageKey::of(format!("{PARAMS_DOMAIN}{text}").as_bytes())
 }
 
-/// The stage key.
-pub fn stage_key(kind: &str, version: u32, params: &Value, inputs: &[(String, Artifact)]) -> StageKey {
+/// The stage key. `revision` is an upstream revision the stage resolved (a Hub
+/// commit sha); stages without one have no `revision` field in their key.
+pub fn stage_key(kind: &str, version: u32, params: &Value, revision: Option<&str>, inputs: &[(String, Artifact)]) -> StageKey {
     let inputs: serde_json::Map<String, Value> =
         inputs.iter().map(|(name, artifact)| (name.clone(), serde_json::to_value(artifact).expect("artifacts serialize"))).collect();
-    let text = canonical_json(&serde_json::json!({
+    let mut described = serde_json::json!({
         "kind": kind,
         "kind_version": version,
         "params": params,
         "inputs": inputs,
-    }));
+    });
+    if let Some(revision) = revision {
+        described["revision"] = Value::String(revision.to_string());
+    }
+    let text = canonical_json(&described);
     StageKey::of(format!("{KEY_DOMAIN}{text}").as_bytes())
 }
 
@@ -90,11 +96,12 @@ mod tests {
     #[test]
     fn key_depends_on_every_part_and_not_on_key_order() {
         let file = |bytes: &[u8]| Artifact::File { digest: ContentDigest::of(bytes), size: 1, name: "d.jsonl".into(), executable: false };
-        let base = stage_key("k", 1, &json!({"a": 1, "b": 2}), &[("data".into(), file(b"x"))]);
-        assert_eq!(base, stage_key("k", 1, &json!({"b": 2, "a": 1}), &[("data".into(), file(b"x"))]));
-        assert_ne!(base, stage_key("k", 2, &json!({"a": 1, "b": 2}), &[("data".into(), file(b"x"))]));
-        assert_ne!(base, stage_key("k", 1, &json!({"a": 1, "b": 3}), &[("data".into(), file(b"x"))]));
-        assert_ne!(base, stage_key("k", 1, &json!({"a": 1, "b": 2}), &[("data".into(), file(b"y"))]));
-        assert_ne!(base, stage_key("j", 1, &json!({"a": 1, "b": 2}), &[("data".into(), file(b"x"))]));
+        let base = stage_key("k", 1, &json!({"a": 1, "b": 2}), None, &[("data".into(), file(b"x"))]);
+        assert_eq!(base, stage_key("k", 1, &json!({"b": 2, "a": 1}), None, &[("data".into(), file(b"x"))]));
+        assert_ne!(base, stage_key("k", 2, &json!({"a": 1, "b": 2}), None, &[("data".into(), file(b"x"))]));
+        assert_ne!(base, stage_key("k", 1, &json!({"a": 1, "b": 3}), None, &[("data".into(), file(b"x"))]));
+        assert_ne!(base, stage_key("k", 1, &json!({"a": 1, "b": 2}), None, &[("data".into(), file(b"y"))]));
+        assert_ne!(base, stage_key("j", 1, &json!({"a": 1, "b": 2}), None, &[("data".into(), file(b"x"))]));
+        assert_ne!(base, stage_key("k", 1, &json!({"a": 1, "b": 2}), Some("abc"), &[("data".into(), file(b"x"))]));
     }
 }

@@ -97,9 +97,24 @@ pub trait StagePlan: Send + Sync {
     fn resource(&self) -> Resource {
         Resource::Cpu
     }
+    /// Resolves an upstream revision (a Hub branch or tag to a commit sha)
+    /// before keys are computed; the result enters the key and the lock file.
+    /// Most stages have none.
+    fn resolve(&self, _ctx: &ResolveCtx) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
     /// Does the work. Outputs are returned already stored or as paths under
     /// [`RunCtx::out_dir`] for the engine to move into the store.
     fn run(&self, ctx: &RunCtx<'_>) -> anyhow::Result<StageResult>;
+}
+
+/// What a stage may use to resolve its upstream revision.
+#[derive(Clone, Debug, Default)]
+pub struct ResolveCtx {
+    /// No network: resolve from local caches only.
+    pub offline: bool,
+    /// `--locked`: the revision the lock file pins (use it, ask nothing).
+    pub locked: Option<String>,
 }
 
 /// Where an input comes from.
@@ -241,6 +256,10 @@ pub struct RunCtx<'a> {
     pub scratch_dir: PathBuf,
     /// The store, for stages that ingest directly.
     pub store: &'a Store,
+    /// The upstream revision resolved before the run (see [`StagePlan::resolve`]).
+    pub revision: Option<String>,
+    /// No network.
+    pub offline: bool,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) progress: &'a (dyn Fn(u64, u64, &str) + Sync),
 }

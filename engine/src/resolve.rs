@@ -102,10 +102,29 @@ pub fn input_values(
     Ok(values)
 }
 
-/// The stage's key given its input artifacts.
-pub fn key_of(pipeline: &Pipeline, stage: usize, inputs: &[(String, Artifact)]) -> StageKey {
+/// The stage's key given its resolved revision and input artifacts.
+pub fn key_of(pipeline: &Pipeline, stage: usize, revision: Option<&str>, inputs: &[(String, Artifact)]) -> StageKey {
     let node = &pipeline.nodes[stage];
-    stage_key(&node.kind, node.kind_version, &node.plan.params(), inputs)
+    stage_key(&node.kind, node.kind_version, &node.plan.params(), revision, inputs)
+}
+
+/// Resolves the upstream revisions of the given stages (index → revision);
+/// with `locked`, each stage gets the revision its lock entry pins.
+pub fn resolve_revisions(
+    pipeline: &Pipeline,
+    stages: impl IntoIterator<Item = usize>,
+    lock: Option<&swift_cache::LockFile>,
+    offline: bool,
+    locked: bool,
+) -> anyhow::Result<Vec<Option<String>>> {
+    let mut revisions = vec![None; pipeline.nodes.len()];
+    for i in stages {
+        let node = &pipeline.nodes[i];
+        let pinned = if locked { lock.and_then(|l| l.stages.get(&node.name)).and_then(|s| s.revision.clone()) } else { None };
+        let ctx = crate::kind::ResolveCtx { offline, locked: pinned };
+        revisions[i] = node.plan.resolve(&ctx).map_err(|e| anyhow::anyhow!("stage `{}`: {e:#}", node.name))?;
+    }
+    Ok(revisions)
 }
 
 /// The stage's parameter digest (what `--locked` compares).

@@ -8,7 +8,7 @@ use serde_json::Value;
 use swift_cache::{ActionEntry, Artifact, LockFile, StageKey, StatCache, Store};
 
 use crate::pipeline::{InputRef, Pipeline};
-use crate::resolve::{hash_locals, input_artifacts, key_of, lookup, params_of};
+use crate::resolve::{hash_locals, input_artifacts, key_of, lookup, params_of, resolve_revisions};
 
 /// Why a stage is not fresh.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -48,6 +48,13 @@ pub enum StaleReason {
         /// The stage or path it comes from.
         from: String,
     },
+    /// The upstream revision (a Hub commit) moved.
+    RevisionChanged {
+        /// Locked revision.
+        old: String,
+        /// Resolved now.
+        new: String,
+    },
     /// An upstream stage will run first, so this stage's inputs are not known yet.
     UpstreamStale {
         /// The upstream stage.
@@ -70,6 +77,7 @@ impl StaleReason {
             StaleReason::KindChanged { old, new } => format!("kind changed {old} → {new}"),
             StaleReason::KindVersionChanged { old, new } => format!("kind version changed {old} → {new}"),
             StaleReason::InputChanged { input, from } => format!("input {input} changed ({from})"),
+            StaleReason::RevisionChanged { old, new } => format!("upstream revision changed {old} → {new}"),
             StaleReason::UpstreamStale { stage } => format!("upstream stage {stage} will run first"),
             StaleReason::NotInCache => "not in this cache".to_string(),
             StaleReason::Forced => "forced".to_string(),
@@ -85,6 +93,7 @@ impl StaleReason {
             StaleReason::KindChanged { .. } => "kind-changed",
             StaleReason::KindVersionChanged { .. } => "kind-version-changed",
             StaleReason::InputChanged { .. } => "input-changed",
+            StaleReason::RevisionChanged { .. } => "revision-changed",
             StaleReason::UpstreamStale { .. } => "upstream-stale",
             StaleReason::NotInCache => "not-in-cache",
             StaleReason::Forced => "forced",
@@ -110,15 +119,17 @@ impl Assessment {
     }
 }
 
-/// Assesses every stage without running anything.
-pub fn assess(pipeline: &Pipeline, store: &Store, stats: &StatCache, rehash: bool) -> anyhow::Result<Vec<Assessment>> {
+/// Assesses every stage without running anything (upstream revisions are
+/// resolved, which asks the Hub unless `offline`).
+pub fn assess(pipeline: &Pipeline, store: &Store, stats: &StatCache, rehash: bool, offline: bool) -> anyhow::Result<Vec<Assessment>> {
     let lock = LockFile::read(&pipeline.manifest.lock_path())?.unwrap_or_default();
+    let revisions = resolve_revisions(pipeline, 0..pipeline.nodes.len(), Some(&lock), offline, false)?;
     let (locals, _) = hash_locals(pipeline, 0..pipeline.nodes.len(), stats, rehash)?;
     let mut outputs: Vec<Option<IndexMap<String, Artifact>>> = vec![None; pipeline.nodes.len()];
     let mut result: Vec<Option<Assessment>> = vec![None; pipeline.nodes.len()];
     for &i in &pipeline.order {
         let inputs = input_artifacts(pipeline, i, &locals, &outputs);
-        let key = inputs.as_ref().map(|inputs| key_of(pipeline, i, inputs));
+        let key = inputs.as_ref().map(|inputs| key_of(pipeline, i, revisions[i].as_deref(), inputs));
         let cached = key.as_ref().and_then(|k| lookup(store, k));
         if let Some((entry, _)) = &cached {
             outputs[i] = Some(entry.outputs.clone());
@@ -126,11 +137,19 @@ pub fn assess(pipeline: &Pipeline, store: &Store, stats: &StatCache, rehash: boo
         let reasons = if cached.is_some() {
             Vec::new()
         } else {
-            stale_reasons(pipeline, store, &lock, i, key.as_ref(), inputs.as_deref(), &outputs)
+            let now = Now { key: key.as_ref(), revision: revisions[i].as_deref(), inputs: inputs.as_deref() };
+            stale_reasons(pipeline, store, &lock, i, &now, &outputs)
         };
         result[i] = Some(Assessment { key, cached, reasons });
     }
     Ok(result.into_iter().map(|a| a.expect("every stage assessed")).collect())
+}
+
+/// What a stage's key is made of now, as far as it is known.
+struct Now<'a> {
+    key: Option<&'a StageKey>,
+    revision: Option<&'a str>,
+    inputs: Option<&'a [(String, Artifact)]>,
 }
 
 fn stale_reasons(
@@ -138,10 +157,10 @@ fn stale_reasons(
     store: &Store,
     lock: &LockFile,
     stage: usize,
-    key: Option<&StageKey>,
-    inputs: Option<&[(String, Artifact)]>,
+    now: &Now<'_>,
     outputs: &[Option<IndexMap<String, Artifact>>],
 ) -> Vec<StaleReason> {
+    let Now { key, revision, inputs } = *now;
     let node = &pipeline.nodes[stage];
     let Some(locked) = lock.stages.get(&node.name) else { return vec![StaleReason::NeverRun] };
     if Some(&locked.key) == key {
@@ -165,6 +184,11 @@ fn stale_reasons(
                 reasons.extend(changes);
             }
             None => reasons.push(StaleReason::ParamsChanged),
+        }
+    }
+    if let (Some(old), Some(new)) = (&locked.revision, revision) {
+        if old != new {
+            reasons.push(StaleReason::RevisionChanged { old: old.clone(), new: new.to_string() });
         }
     }
     for (j, input) in node.inputs.iter().enumerate() {

@@ -48,7 +48,7 @@ pub struct Args {
     json: bool,
 }
 
-pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
+pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result<Exit> {
     if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
         eprintln!("error: --top-p must be in (0, 1]");
         return Ok(Exit::Invalid);
@@ -57,7 +57,7 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
         eprintln!("error: --temperature must be 0 (greedy) or positive");
         return Ok(Exit::Invalid);
     }
-    let folder = match resolve_model(cache.as_deref(), &args.model)? {
+    let folder = match resolve_model(cache.as_deref(), offline, &args.model)? {
         Ok(folder) => folder,
         Err(exit) => return Ok(exit),
     };
@@ -112,7 +112,7 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
 }
 
 /// A model folder from a path or `MANIFEST:STAGE`; `Err(exit)` after printing why not.
-fn resolve_model(cache: Option<&Path>, spec: &str) -> anyhow::Result<Result<PathBuf, Exit>> {
+fn resolve_model(cache: Option<&Path>, offline: bool, spec: &str) -> anyhow::Result<Result<PathBuf, Exit>> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(Ok(path.to_path_buf()));
@@ -140,7 +140,7 @@ fn resolve_model(cache: Option<&Path>, spec: &str) -> anyhow::Result<Result<Path
     let store = open_store(cache, &pipeline.manifest.root)?;
     let _guard = store.run_guard()?;
     let stats = StatCache::load(store.root().join("stat-v1.json"));
-    let assessment = assess(&pipeline, &store, &stats, false)?.swap_remove(index);
+    let assessment = assess(&pipeline, &store, &stats, false, offline)?.swap_remove(index);
     match assessment.cached {
         Some((_, paths)) => Ok(Ok(paths[output.name].clone())),
         None => bail!("stage `{stage}` is not in the cache yet; run `swift run {manifest} --only {stage}` first"),

@@ -27,6 +27,10 @@ pub struct Cli {
     /// Cache folder (default: `.swift/` at the project root).
     #[arg(long, global = true, env = "SWIFT_CACHE", value_name = "DIR")]
     cache: Option<PathBuf>,
+    /// No network: Hub revisions and files come from the Hugging Face cache
+    /// (also HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    offline: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,14 +79,15 @@ pub enum Exit {
 /// Runs the parsed command.
 pub fn dispatch(cli: Cli) -> Exit {
     let cache = cli.cache;
+    let offline = cli.offline;
     let result = match cli.command {
-        Command::Run(args) => run::exec(cache, args),
-        Command::Status(args) => status::exec(cache, args),
+        Command::Run(args) => run::exec(cache, offline, args),
+        Command::Status(args) => status::exec(cache, offline, args),
         Command::Dag(args) => dag::exec(args),
-        Command::Show(args) => show::exec(cache, args),
+        Command::Show(args) => show::exec(cache, offline, args),
         Command::Report(args) => report::exec(cache, args),
         Command::Gc(args) => gc::exec(cache, args),
-        Command::Generate(args) => generate::exec(cache, args),
+        Command::Generate(args) => generate::exec(cache, offline, args),
         Command::Cache(command) => cache::exec(cache, command),
         Command::Bench(command) => bench::exec(command),
     };

@@ -40,7 +40,7 @@ pub struct Args {
     json: bool,
 }
 
-pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
+pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result<Exit> {
     let pipeline = match compile_or_exit(&args.manifest, args.json) {
         Ok(pipeline) => pipeline,
         Err(exit) => return Ok(exit),
@@ -54,6 +54,7 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
         locked: args.locked,
         rehash: args.rehash,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        offline,
     };
     let reporter = reporters::for_terminal();
     let report = match swift_engine::run(pipeline.clone(), store, &options, reporter.clone()) {

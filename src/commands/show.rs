@@ -19,7 +19,7 @@ pub struct Args {
     json: bool,
 }
 
-pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
+pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result<Exit> {
     let pipeline = match compile_or_exit(&args.manifest, args.json) {
         Ok(pipeline) => pipeline,
         Err(exit) => return Ok(exit),
@@ -34,7 +34,7 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
     let _guard = store.run_guard()?;
     let stats = StatCache::load(store.root().join("stat-v1.json"));
-    let assessment = assess(&pipeline, &store, &stats, false)?.swap_remove(index);
+    let assessment = assess(&pipeline, &store, &stats, false, offline)?.swap_remove(index);
     let node = &pipeline.nodes[index];
     let (outputs, metrics, provenance) = match &assessment.cached {
         Some((entry, paths)) => (

@@ -20,7 +20,7 @@ pub struct Args {
     json: bool,
 }
 
-pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
+pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result<Exit> {
     let pipeline = match compile_or_exit(&args.manifest, args.json) {
         Ok(pipeline) => pipeline,
         Err(exit) => return Ok(exit),
@@ -28,7 +28,7 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
     let _guard = store.run_guard()?;
     let stats = StatCache::load(store.root().join("stat-v1.json"));
-    let assessments = assess(&pipeline, &store, &stats, args.rehash)?;
+    let assessments = assess(&pipeline, &store, &stats, args.rehash, offline)?;
     let _ = stats.save();
     if args.json {
         let stages: Vec<serde_json::Value> = pipeline

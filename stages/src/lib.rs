@@ -1,6 +1,7 @@
 //! swift's stage kinds, one module each, all listed in [`registry`]:
 //!
-//! - fetch: [`download`] (local files and folders);
+//! - fetch: [`download`] (local files and folders, and the Hugging Face Hub
+//!   through [`hub`]);
 //! - shared model code: [`llm`] (Qwen2/Llama/Mistral checkpoints, tokenizer,
 //!   chat templates, the decoder, generation);
 //! - still to come ([`planned`]): `preprocess` (data), `finetune` (train),
@@ -8,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod download;
+pub mod hub;
 pub mod llm;
 pub mod planned;
 

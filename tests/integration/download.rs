@@ -36,6 +36,10 @@ fn download_rejects_bad_sources() {
     assert!(p.run("pipelines/a.toml", &[], 2).stderr.contains("is a file"));
     p.write("pipelines/b.toml", "[stages.s]\nkind = \"download\"\n");
     assert!(p.run("pipelines/b.toml", &[], 2).stderr.contains("needs `model"));
-    p.write("pipelines/c.toml", "[stages.s]\nkind = \"download\"\nmodel = \"hf://Qwen/Qwen2.5-0.5B\"\n");
-    assert!(p.run("pipelines/c.toml", &[], 2).stderr.contains("not supported by this build"));
+    p.write("pipelines/c.toml", "[stages.s]\nkind = \"download\"\nmodel = \"hf://onlyorg\"\n");
+    assert!(p.run("pipelines/c.toml", &[], 2).stderr.contains("expected hf://ORG/NAME"));
+    p.write("pipelines/d.toml", "[stages.s]\nkind = \"download\"\nmodel = \"hf://datasets/org/data\"\n");
+    assert!(p.run("pipelines/d.toml", &[], 2).stderr.contains("is a Dataset repository"));
+    p.write("pipelines/e.toml", "[stages.s]\nkind = \"download\"\ndataset = \"data/file.txt\"\nfiles = [\"*.json\"]\n");
+    assert!(p.run("pipelines/e.toml", &[], 2).stderr.contains("applies to hf:// sources only"));
 }

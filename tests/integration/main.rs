@@ -18,3 +18,7 @@ mod inspect;
 mod download;
 /// The shipped demo pipeline.
 mod demo;
+/// The download stage against a loopback Hub and a pre-populated HF cache.
+mod hub;
+/// `swift generate` on the fixture models.
+mod generate;

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 pub struct Project {
     dir: tempfile::TempDir,
+    env: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 /// What one swift invocation did.
@@ -51,7 +52,14 @@ impl Project {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join(".git")).unwrap();
         fs::create_dir(dir.path().join("pipelines")).unwrap();
-        Self { dir }
+        Self { dir, env: Default::default() }
+    }
+
+    /// Sets an environment variable for every later swift command of this project.
+    pub fn set_env(&self, key: &str, value: &str) {
+        let mut env = self.env.borrow_mut();
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -74,7 +82,16 @@ impl Project {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_swift"));
-        cmd.args(args).current_dir(self.root()).env_remove("SWIFT_CACHE").env("TERM", "dumb").stdin(Stdio::null());
+        cmd.args(args).current_dir(self.root()).stdin(Stdio::null());
+        // Nothing from the developer's environment leaks in: no shared cache, no
+        // Hub token or endpoint, no HF cache of theirs.
+        for key in ["SWIFT_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"] {
+            cmd.env_remove(key);
+        }
+        cmd.env("TERM", "dumb").env("HF_HOME", self.path(".hf-home-unset"));
+        for (key, value) in self.env.borrow().iter() {
+            cmd.env(key, value);
+        }
         cmd
     }
 

@@ -165,7 +165,7 @@ impl ModelConfig {
             return Err(bad("num_attention_heads and num_hidden_layers must be positive".into()));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 raw.num_attention_heads
@@ -173,7 +173,7 @@ impl ModelConfig {
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
-            None if raw.hidden_size % raw.num_attention_heads == 0 => raw.hidden_size / raw.num_attention_heads,
+            None if raw.hidden_size.is_multiple_of(raw.num_attention_heads) => raw.hidden_size / raw.num_attention_heads,
             None => return Err(bad("hidden_size is not a multiple of num_attention_heads and head_dim is absent".into())),
         };
         if head_dim % 2 != 0 {

@@ -1,0 +1,362 @@
+//! The Hugging Face Hub half of the `download` stage, through the hf-hub crate.
+//!
+//! - Sources: `hf://ORG/NAME[@REV]` (a model) and
+//!   `hf://datasets/ORG/NAME[@REV][/PATH]` (a dataset, or one path inside it),
+//!   the revision before the path as the Python hub filesystem writes it
+//!   (`%2F` for a `/` inside a revision).
+//! - A branch or tag resolves to a commit sha with one metadata request; a
+//!   40-hex revision is pinned as-is with none; `--locked` uses the sha the lock
+//!   file pins.
+//! - Files live in the standard HF cache (`HF_HUB_CACHE`, else `$HF_HOME/hub`,
+//!   else `~/.cache/huggingface/hub`): what is already there is never fetched
+//!   again, and other tools share it.
+//! - `HF_ENDPOINT` points at a mirror; the token comes from `HF_TOKEN` or the
+//!   token file and is only ever sent to the endpoint, never logged or stored.
+//! - Offline (`--offline` or `HF_HUB_OFFLINE=1`): no network at all; a file
+//!   missing from the cache is an error that says how to fetch it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+use hf_hub::{Repo, RepoType};
+
+/// Model or dataset repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepoKind {
+    /// `hf://ORG/NAME`.
+    Model,
+    /// `hf://datasets/ORG/NAME`.
+    Dataset,
+}
+
+/// A parsed `hf://` source.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HubSource {
+    /// Model or dataset.
+    pub kind: RepoKind,
+    /// `ORG/NAME`.
+    pub repo: String,
+    /// The revision asked for (default `main`).
+    pub revision: String,
+    /// A path inside a dataset repository.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl HubSource {
+    /// Parses `hf://…`; `None` when `text` is not an `hf://` source.
+    pub fn parse(text: &str) -> Option<Result<Self, String>> {
+        let rest = text.strip_prefix("hf://")?;
+        Some(Self::parse_rest(rest))
+    }
+
+    fn parse_rest(rest: &str) -> Result<Self, String> {
+        let (kind, rest) = match rest.strip_prefix("datasets/") {
+            Some(rest) => (RepoKind::Dataset, rest),
+            None => (RepoKind::Model, rest),
+        };
+        let mut parts = rest.splitn(3, '/');
+        let (Some(org), Some(name_rev)) = (parts.next(), parts.next()) else {
+            return Err("expected hf://ORG/NAME[@REV] or hf://datasets/ORG/NAME[@REV][/PATH]".into());
+        };
+        let path = parts.next().filter(|p| !p.is_empty()).map(str::to_string);
+        if path.is_some() && kind == RepoKind::Model {
+            return Err("a model source is a whole repository: hf://ORG/NAME[@REV]".into());
+        }
+        let (name, revision) = match name_rev.split_once('@') {
+            Some((name, rev)) if !rev.is_empty() => (name, rev.replace("%2F", "/").replace("%2f", "/")),
+            Some(_) => return Err("empty revision after `@`".into()),
+            None => (name_rev, "main".to_string()),
+        };
+        let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid(org) || !valid(name) {
+            return Err(format!("`{org}/{name}` is not a repository id (letters, digits, `-`, `_`, `.`)"));
+        }
+        Ok(Self { kind, repo: format!("{org}/{name}"), revision, path })
+    }
+
+    fn repo_type(&self) -> RepoType {
+        match self.kind {
+            RepoKind::Model => RepoType::Model,
+            RepoKind::Dataset => RepoType::Dataset,
+        }
+    }
+
+    /// The repository's folder in the HF cache.
+    pub fn cache_folder(&self, cache: &Path) -> PathBuf {
+        let prefix = match self.kind {
+            RepoKind::Model => "models",
+            RepoKind::Dataset => "datasets",
+        };
+        cache.join(format!("{prefix}--{}", self.repo.replace('/', "--")))
+    }
+}
+
+/// Where the Hub is and how to reach it, from the environment.
+#[derive(Clone)]
+pub struct HubSettings {
+    /// API endpoint (`HF_ENDPOINT`).
+    pub endpoint: String,
+    /// The HF cache folder.
+    pub cache: PathBuf,
+    token: Option<String>,
+    /// No network.
+    pub offline: bool,
+}
+
+impl std::fmt::Debug for HubSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubSettings")
+            .field("endpoint", &self.endpoint)
+            .field("cache", &self.cache)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("offline", &self.offline)
+            .finish()
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+impl HubSettings {
+    /// Reads `HF_ENDPOINT`, `HF_HUB_CACHE`/`HUGGINGFACE_HUB_CACHE`/`HF_HOME`/
+    /// `XDG_CACHE_HOME`, `HF_TOKEN`/`HF_TOKEN_PATH` and `HF_HUB_OFFLINE`.
+    pub fn from_env(offline: bool) -> Self {
+        let home = env("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+        let hf_home = env("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            env("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| home.join(".cache")).join("huggingface")
+        });
+        let cache = env("HF_HUB_CACHE").or_else(|| env("HUGGINGFACE_HUB_CACHE")).map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
+        let token_file = env("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
+        let token = env("HF_TOKEN")
+            .or_else(|| env("HUGGING_FACE_HUB_TOKEN"))
+            .or_else(|| std::fs::read_to_string(token_file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()));
+        let env_offline = env("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"));
+        let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".to_string()).trim_end_matches('/').to_string();
+        Self { endpoint, cache, token, offline: offline || env_offline }
+    }
+
+    fn api(&self) -> anyhow::Result<Api> {
+        ApiBuilder::new()
+            .with_endpoint(self.endpoint.clone())
+            .with_cache_dir(self.cache.clone())
+            .with_token(self.token.clone())
+            .with_progress(false)
+            .with_retries(2)
+            .build()
+            .map_err(|e| anyhow!("setting up the Hub client: {e}"))
+    }
+}
+
+/// Resolves and fetches one source; remembers the file list the resolution
+/// request returned so fetching asks nothing more.
+pub struct HubFetcher {
+    source: HubSource,
+    settings: HubSettings,
+    listing: Mutex<Option<(String, Vec<String>)>>,
+}
+
+/// What a fetch did.
+#[derive(Debug, Default)]
+pub struct FetchReport {
+    /// Files downloaded now.
+    pub downloaded: usize,
+    /// Files already in the HF cache.
+    pub cached: usize,
+}
+
+impl HubFetcher {
+    /// A fetcher for `source`.
+    pub fn new(source: HubSource, settings: HubSettings) -> Self {
+        Self { source, settings, listing: Mutex::new(None) }
+    }
+
+    /// The source.
+    pub fn source(&self) -> &HubSource {
+        &self.source
+    }
+
+    /// The commit sha the source's revision names now.
+    pub fn resolve(&self, locked: Option<&str>) -> anyhow::Result<String> {
+        if let Some(sha) = locked {
+            return Ok(sha.to_string());
+        }
+        let revision = &self.source.revision;
+        if is_commit(revision) {
+            return Ok(revision.clone());
+        }
+        if self.settings.offline {
+            let reference = self.source.cache_folder(&self.settings.cache).join("refs").join(revision);
+            return std::fs::read_to_string(&reference).map(|s| s.trim().to_string()).map_err(|_| {
+                anyhow!(
+                    "offline, and {}@{revision} is not in the Hugging Face cache at {} (no {}); run once without --offline \
+                     (and without HF_HUB_OFFLINE) to fetch it, or `huggingface-cli download {}`",
+                    self.source.repo,
+                    self.settings.cache.display(),
+                    reference.display(),
+                    self.source.repo
+                )
+            });
+        }
+        let info = self.info(revision)?;
+        let sha = info.0.clone();
+        *self.listing.lock().expect("listing lock") = Some(info);
+        Ok(sha)
+    }
+
+    fn info(&self, revision: &str) -> anyhow::Result<(String, Vec<String>)> {
+        let repo = Repo::with_revision(self.source.repo.clone(), self.source.repo_type(), revision.to_string());
+        let info = self.settings.api()?.repo(repo).info().map_err(|e| self.explain(e, revision))?;
+        Ok((info.sha, info.siblings.into_iter().map(|s| s.rfilename).collect()))
+    }
+
+    /// Makes sure every wanted file of commit `sha` is in the HF cache and
+    /// returns the snapshot folder (or the dataset path inside it).
+    pub fn fetch(&self, sha: &str, patterns: &[String]) -> anyhow::Result<(PathBuf, FetchReport)> {
+        let snapshot = self.source.cache_folder(&self.settings.cache).join("snapshots").join(sha);
+        let all_files: Vec<String> = if self.settings.offline {
+            if !snapshot.is_dir() {
+                bail!(
+                    "offline, and commit {sha} of {} is not in the Hugging Face cache at {}; run without --offline to fetch it",
+                    self.source.repo,
+                    self.settings.cache.display()
+                );
+            }
+            let mut files = Vec::new();
+            list_files(&snapshot, &snapshot, &mut files)?;
+            files
+        } else {
+            let known = self.listing.lock().expect("listing lock").clone().filter(|(known_sha, _)| known_sha == sha);
+            match known {
+                Some((_, files)) => files,
+                None => self.info(sha)?.1,
+            }
+        };
+        let scope = self.source.path.as_deref();
+        let wanted: Vec<&String> = all_files
+            .iter()
+            .filter(|f| match scope {
+                Some(path) => f.as_str() == path || f.starts_with(&format!("{}/", path.trim_end_matches('/'))),
+                None => true,
+            })
+            .filter(|f| patterns.iter().any(|p| glob_match(p, f)))
+            .collect();
+        if wanted.is_empty() {
+            bail!(
+                "no file of {}@{sha}{} matches {patterns:?}",
+                self.source.repo,
+                scope.map(|p| format!(" under `{p}`")).unwrap_or_default()
+            );
+        }
+        let mut report = FetchReport::default();
+        let api = if self.settings.offline { None } else { Some(self.settings.api()?) };
+        for file in wanted {
+            if snapshot.join(file).exists() {
+                report.cached += 1;
+                continue;
+            }
+            let Some(api) = &api else {
+                bail!("offline, and `{file}` of {}@{sha} is not in the Hugging Face cache; run without --offline to fetch it", self.source.repo);
+            };
+            let repo = Repo::with_revision(self.source.repo.clone(), self.source.repo_type(), sha.to_string());
+            api.repo(repo).download(file).map_err(|e| self.explain(e, sha))?;
+            report.downloaded += 1;
+        }
+        Ok((scope.map_or(snapshot.clone(), |p| snapshot.join(p)), report))
+    }
+
+    fn explain(&self, error: ApiError, revision: &str) -> anyhow::Error {
+        let what = format!("{}@{revision} on {}", self.source.repo, self.settings.endpoint);
+        let error = match error {
+            ApiError::TooManyRetries(inner) => *inner,
+            other => other,
+        };
+        if let ApiError::RequestError(inner) = &error {
+            if let ureq::Error::Status(code, _) = inner.as_ref() {
+                let code = *code;
+                return match code {
+                    401 | 403 => anyhow!(
+                        "the Hub refused access to {what} (HTTP {code}): set HF_TOKEN to a token with access (or log in with `huggingface-cli login`)"
+                    ),
+                    404 => anyhow!("{what} was not found (HTTP 404): check the name and revision; a private repository also needs HF_TOKEN"),
+                    _ => anyhow!("the Hub answered HTTP {code} for {what}"),
+                };
+            }
+            return anyhow!("cannot reach {}: {inner}; use --offline to work from the Hugging Face cache", self.settings.endpoint);
+        }
+        anyhow!("fetching {what}: {error}")
+    }
+}
+
+/// Whether a revision is a full commit sha.
+pub fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            list_files(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            out.push(rel.to_string_lossy().replace('\\', "/"));
+        }
+    }
+    out.sort();
+    Ok(())
+}
+
+/// `fnmatch`-style matching as huggingface_hub's allow patterns use it: `*`
+/// matches any run of characters (slashes included), `?` one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse_as_the_hub_filesystem_writes_them() {
+        let m = HubSource::parse("hf://Qwen/Qwen2.5-0.5B-Instruct").unwrap().unwrap();
+        assert_eq!((m.kind, m.repo.as_str(), m.revision.as_str(), m.path), (RepoKind::Model, "Qwen/Qwen2.5-0.5B-Instruct", "main", None));
+        let d = HubSource::parse("hf://datasets/cais/mmlu@refs%2Fconvert%2Fparquet/all/test").unwrap().unwrap();
+        assert_eq!((d.kind, d.repo.as_str(), d.revision.as_str()), (RepoKind::Dataset, "cais/mmlu", "refs/convert/parquet"));
+        assert_eq!(d.path.as_deref(), Some("all/test"));
+        assert!(HubSource::parse("data/x.jsonl").is_none());
+        assert!(HubSource::parse("hf://onlyorg").unwrap().is_err());
+        assert!(HubSource::parse("hf://org/model/extra").unwrap().is_err());
+        assert_eq!(d.cache_folder(Path::new("/c")), PathBuf::from("/c/datasets--cais--mmlu"));
+    }
+
+    #[test]
+    fn globs_match_like_fnmatch() {
+        assert!(glob_match("*.safetensors", "model-00001-of-00002.safetensors"));
+        assert!(glob_match("tokenizer*", "tokenizer_config.json"));
+        assert!(glob_match("*.json", "sub/config.json"));
+        assert!(!glob_match("*.json", "model.safetensors"));
+        assert!(glob_match("a?c", "abc") && !glob_match("a?c", "ac"));
+    }
+}
