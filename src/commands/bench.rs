@@ -19,6 +19,8 @@ use super::Exit;
 pub enum BenchCommand {
     /// No-op rerun latency, hashing throughput and first-run time vs DVC.
     Engine(EngineArgs),
+    /// Prompt processing and greedy generation speed on CPU vs transformers.
+    Generate(super::bench_generate::GenerateArgs),
 }
 
 /// Arguments of `swift bench engine`.
@@ -60,7 +62,13 @@ const DVC_YAML: &str = r#"stages:
 "#;
 
 pub fn exec(command: BenchCommand) -> anyhow::Result<Exit> {
-    let BenchCommand::Engine(args) = command;
+    match command {
+        BenchCommand::Engine(args) => engine(args),
+        BenchCommand::Generate(args) => super::bench_generate::exec(args),
+    }
+}
+
+fn engine(args: EngineArgs) -> anyhow::Result<Exit> {
     fs::create_dir_all(args.dir.join(".git")).context("creating the work folder")?;
     let dir = args.dir.canonicalize()?;
     let total = (args.size_gb * 1e9) as u64;
@@ -131,7 +139,7 @@ fn bench_dvc(dvc: &Path, dir: &Path, reruns: usize) -> anyhow::Result<(f64, f64)
     Ok((first, noop))
 }
 
-fn timed(cmd: &mut Command) -> anyhow::Result<(f64, String)> {
+pub(super) fn timed(cmd: &mut Command) -> anyhow::Result<(f64, String)> {
     let start = Instant::now();
     let output = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
     let seconds = start.elapsed().as_secs_f64();
@@ -188,18 +196,18 @@ fn generate_inputs(dir: &Path, total: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(super) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
-fn cpu_model() -> String {
+pub(super) fn cpu_model() -> String {
     fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| text.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".to_string())
 }
 
-fn num_cores() -> usize {
+pub(super) fn num_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

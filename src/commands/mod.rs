@@ -4,6 +4,7 @@
 //! the cache, printing errors).
 
 mod bench;
+mod bench_generate;
 mod cache;
 mod dag;
 mod gc;
