@@ -128,11 +128,23 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
     }
     let lock_path = pipeline.manifest.lock_path();
     let old_lock = LockFile::read(&lock_path).map_err(anyhow::Error::from)?;
-    if options.locked && old_lock.is_none() {
-        return Err(RunError::Locked(vec![format!(
-            "there is no lock file at {}; run once without --locked to create it",
-            lock_path.display()
-        )]));
+    if options.locked {
+        // Checked before anything is resolved: --locked never asks the Hub about a
+        // stage the lock does not pin.
+        let Some(lock) = &old_lock else {
+            return Err(RunError::Locked(vec![format!(
+                "there is no lock file at {}; run once without --locked to create it",
+                lock_path.display()
+            )]));
+        };
+        let missing: Vec<String> = selected
+            .iter()
+            .filter(|&&i| !lock.stages.contains_key(&pipeline.nodes[i].name))
+            .map(|&i| format!("stage `{}` is not in the lock file", pipeline.nodes[i].name))
+            .collect();
+        if !missing.is_empty() {
+            return Err(RunError::Locked(missing));
+        }
     }
     let revisions = resolve_revisions(&pipeline, selected.iter().copied(), old_lock.as_ref(), options.offline, options.locked)?;
     let stats = StatCache::load(store.root().join("stat-v1.json"));

@@ -1,5 +1,10 @@
-//! swift's numeric kernels: NF4 and AWQ int4 quantization, fused matmuls, with a
-//! CPU reference implementation of each and CUDA versions behind the `cuda`
-//! feature. This crate is empty until the fine-tune and AWQ stages land; it is
-//! part of the workspace now so the layout is the one users and docs refer to.
+//! swift's numeric kernels, each with a portable CPU implementation (the
+//! reference the others are tested against):
+//!
+//! - [`gemv`]: matrix-vector products for single-token decoding.
+//!
+//! NF4 and AWQ int4 (with their CUDA versions behind a `cuda` feature) join as
+//! the fine-tune and quantize stages land.
 #![deny(missing_docs)]
+
+pub mod gemv;

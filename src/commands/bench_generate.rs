@@ -24,11 +24,11 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "bench-work/qwen2.5-0.5b-random")]
     dir: PathBuf,
     /// Prompt length in tokens.
-    #[arg(long, default_value_t = 128)]
-    prompt_tokens: usize,
-    /// Tokens to generate.
-    #[arg(long, default_value_t = 32)]
-    new_tokens: usize,
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
+    prompt_tokens: u16,
+    /// Tokens to generate (at least 2: one from the prefill, then decoding steps).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(2..))]
+    new_tokens: u16,
     /// A Python with transformers (e.g. .venv/bin/python) to measure beside swift.
     #[arg(long)]
     python: Option<PathBuf>,
@@ -49,7 +49,8 @@ pub fn exec(args: GenerateArgs) -> anyhow::Result<Exit> {
     let config = ModelConfig::load(&args.dir)?;
     let vocab = config.vocab_size as u32;
     // A fixed pseudo-random prompt, the same for both tools.
-    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 2_654_435_761u32.wrapping_add(i)) % vocab).collect();
+    let (prompt_tokens, new_tokens) = (usize::from(args.prompt_tokens), usize::from(args.new_tokens));
+    let prompt: Vec<u32> = (0..prompt_tokens as u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(i) % vocab).collect();
     let model = Decoder::load(&args.dir, config, DType::F32, &Device::Cpu, &DenseLoader)?;
 
     let mut cache = KvCache::default();
@@ -60,7 +61,7 @@ pub fn exec(args: GenerateArgs) -> anyhow::Result<Exit> {
     let mut token = argmax(&logits)?;
     let mut new_ids = vec![token];
     let start = Instant::now();
-    for step in 1..args.new_tokens {
+    for step in 1..new_tokens {
         let position = (prompt.len() + step - 1) as u32;
         let logits = model.forward(&[token], &[position], &[0], Some(&mut cache), true)?;
         token = argmax(&logits)?;
@@ -70,11 +71,11 @@ pub fn exec(args: GenerateArgs) -> anyhow::Result<Exit> {
 
     let threads = num_cores();
     println!("machine: {} ({threads} cores), model: Qwen2.5-0.5B shape, random bf16 weights, f32 compute", cpu_model());
-    println!("prompt {} tokens, {} new tokens, greedy\n", args.prompt_tokens, args.new_tokens);
+    println!("prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy\n");
     println!("| measure | swift | transformers | ratio |");
     println!("|---|---|---|---|");
-    let swift_prefill = args.prompt_tokens as f64 / prefill;
-    let swift_decode = (args.new_tokens - 1) as f64 / decode;
+    let swift_prefill = prompt_tokens as f64 / prefill;
+    let swift_decode = (new_tokens - 1) as f64 / decode;
     match &args.python {
         Some(python) => {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_generate_transformers.py");
@@ -82,12 +83,12 @@ pub fn exec(args: GenerateArgs) -> anyhow::Result<Exit> {
             cmd.arg(&script)
                 .arg(&args.dir)
                 .arg(serde_json::to_string(&prompt)?)
-                .arg(args.new_tokens.to_string())
+                .arg(new_tokens.to_string())
                 .arg(threads.to_string());
             let (_, stdout) = timed(&mut cmd)?;
             let peer: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?;
-            let peer_prefill = args.prompt_tokens as f64 / peer["prefill_seconds"].as_f64().context("prefill_seconds")?;
-            let peer_decode = (args.new_tokens - 1) as f64 / peer["decode_seconds"].as_f64().context("decode_seconds")?;
+            let peer_prefill = prompt_tokens as f64 / peer["prefill_seconds"].as_f64().context("prefill_seconds")?;
+            let peer_decode = (new_tokens - 1) as f64 / peer["decode_seconds"].as_f64().context("decode_seconds")?;
             println!("| prompt processing, tokens/s | {swift_prefill:.1} | {peer_prefill:.1} | {:.2}× |", swift_prefill / peer_prefill);
             println!("| greedy generation, tokens/s | {swift_decode:.2} | {peer_decode:.2} | {:.2}× |", swift_decode / peer_decode);
             let same = peer["new_ids"].as_array().map(|ids| ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect::<Vec<_>>());

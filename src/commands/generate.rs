@@ -75,16 +75,15 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     let config = ModelConfig::load(&folder)?;
     let tokenizer = TextTokenizer::load(&folder, &config)?;
     let model = Decoder::load(&folder, config, dtype, &device, &DenseLoader)?;
-    let prompt_text = if args.chat {
-        let template = tokenizer.chat_template().with_context(|| {
+    let prompt_ids = if args.chat {
+        let template = tokenizer.chat_template()?.with_context(|| {
             format!("{} has no chat template (tokenizer_config.json or chat_template.jinja); drop --chat", folder.display())
         })?;
         let messages = [Message { role: "user".into(), content: args.prompt.clone() }];
-        template.render(&messages, None::<&()>, true)?
+        tokenizer.encode_rendered(&template.render(&messages, None::<&()>, true)?)?
     } else {
-        args.prompt.clone()
+        tokenizer.encode(&args.prompt)?
     };
-    let prompt_ids = tokenizer.encode(&prompt_text)?;
     let options = GenerateOptions { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
     let mut printed = String::new();
     let mut so_far = Vec::new();
@@ -93,10 +92,11 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
             return;
         }
         so_far.push(id);
-        // Print the text as it grows (decoding whole prefixes keeps multi-byte characters intact).
+        // Print the text as it grows. Decoding whole prefixes keeps multi-byte
+        // characters intact; a prefix ending inside one (U+FFFD) waits.
         if let Ok(text) = tokenizer.decode(&so_far, true) {
-            if let Some(fresh) = text.strip_prefix(printed.as_str()) {
-                print!("{fresh}");
+            if !text.ends_with('\u{FFFD}') && text.starts_with(printed.as_str()) {
+                print!("{}", &text[printed.len()..]);
                 let _ = std::io::stdout().flush();
                 printed = text;
             }
@@ -106,7 +106,14 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     if args.json {
         println!("{}", serde_json::json!({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text}));
     } else {
-        println!("{}", text.strip_prefix(printed.as_str()).unwrap_or(""));
+        // Whatever was held back (or could not be printed as a continuation).
+        let shared = text.char_indices().map(|(i, c)| i + c.len_utf8()).take_while(|&end| printed.get(..end) == text.get(..end)).last().unwrap_or(0);
+        if shared < printed.len() {
+            println!();
+            println!("{text}");
+        } else {
+            println!("{}", &text[shared..]);
+        }
     }
     Ok(Exit::Success)
 }

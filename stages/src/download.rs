@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use swift_cache::tree::{TreeEntry, TreeListing};
 use swift_cache::{hash_path, StatCache};
 use swift_engine::kind::{
     CompileCtx, OutputDecl, OutputType, OutputValue, ResolveCtx, RunCtx, StageKind, StagePlan, StageResult,
@@ -37,8 +38,10 @@ struct Config {
     files: Option<Vec<String>>,
 }
 
-/// Files a model needs: weights, configs, tokenizer files, chat templates.
-const MODEL_FILES: &[&str] = &["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"];
+/// Files a model needs, at the repository root: the safetensors weights
+/// (`model*.safetensors`, so Mistral's `consolidated.safetensors` duplicate is
+/// left out), configs, tokenizer files and chat templates.
+const MODEL_FILES: &[&str] = &["model*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"];
 
 /// What enters the key besides the source's digest or commit.
 #[derive(Debug, Serialize)]
@@ -85,7 +88,7 @@ impl StageKind for Download {
             }
             let files = config.files.unwrap_or_else(|| match hub.kind {
                 RepoKind::Model => MODEL_FILES.iter().map(|s| s.to_string()).collect(),
-                RepoKind::Dataset => vec!["*".to_string()],
+                RepoKind::Dataset => vec!["**".to_string()],
             });
             if files.is_empty() {
                 return Err(ctx.error(&["files"], "`files` lists no pattern"));
@@ -118,9 +121,11 @@ impl DownloadPlan {
         let fetcher = slot.get_or_insert_with(|| HubFetcher::new(hub.clone(), HubSettings::from_env(ctx.offline)));
         let patterns = self.resolved.files.clone().unwrap_or_default();
         ctx.progress(0, 0, "fetching from the Hub");
-        let (folder, report) = fetcher.fetch(sha, &patterns)?;
+        let (folder, files, report) = fetcher.fetch(sha, &patterns)?;
         ctx.progress(0, 0, "ingesting");
-        let (hashed, _) = hash_path(&folder, &StatCache::in_memory(), true).with_context(|| format!("reading {}", folder.display()))?;
+        // Only the wanted files: the snapshot folder may hold others that other
+        // tools fetched, which must not change this stage's output.
+        let hashed = hash_files(&folder, &files)?;
         let name = folder.file_name().and_then(|n| n.to_str()).unwrap_or("data");
         let artifact = ctx.store.ingest_local(&folder, &hashed, name).with_context(|| format!("ingesting {}", folder.display()))?;
         let mut result = StageResult::default();
@@ -143,6 +148,25 @@ impl DownloadPlan {
         result.outputs.insert(self.resolved.what.to_string(), OutputValue::Stored(artifact));
         Ok(result)
     }
+}
+
+/// Hashes the chosen files under `folder` into a listing (or the folder itself
+/// when it is the one file, `files == [""]`).
+fn hash_files(folder: &Path, files: &[String]) -> anyhow::Result<swift_cache::Hashed> {
+    if files == [String::new()] {
+        let (hashed, _) = hash_path(folder, &StatCache::in_memory(), true).with_context(|| format!("reading {}", folder.display()))?;
+        return Ok(hashed);
+    }
+    let mut entries = Vec::with_capacity(files.len());
+    for file in files {
+        let path = folder.join(file);
+        let (hashed, _) = hash_path(&path, &StatCache::in_memory(), true).with_context(|| format!("reading {}", path.display()))?;
+        let swift_cache::Hashed::File { digest, size, executable } = hashed else {
+            anyhow::bail!("{} is a folder, expected a file", path.display());
+        };
+        entries.push(TreeEntry { path: file.clone(), size, executable, digest });
+    }
+    Ok(swift_cache::Hashed::Tree(TreeListing::new(entries)))
 }
 
 fn ingest(ctx: &RunCtx<'_>, path: &Path, hashed: &swift_cache::Hashed, name: &str) -> anyhow::Result<swift_cache::Artifact> {

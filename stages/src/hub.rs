@@ -187,7 +187,7 @@ impl HubFetcher {
         }
         let revision = &self.source.revision;
         if is_commit(revision) {
-            return Ok(revision.clone());
+            return Ok(revision.to_ascii_lowercase());
         }
         if self.settings.offline {
             let reference = self.source.cache_folder(&self.settings.cache).join("refs").join(revision);
@@ -205,6 +205,15 @@ impl HubFetcher {
         let info = self.info(revision)?;
         let sha = info.0.clone();
         *self.listing.lock().expect("listing lock") = Some(info);
+        // Record the branch or tag in the HF cache as huggingface_hub does, so
+        // that a later offline run resolves it without the network.
+        let reference = self.source.cache_folder(&self.settings.cache).join("refs").join(revision);
+        if std::fs::read_to_string(&reference).ok().as_deref().map(str::trim) != Some(sha.as_str()) {
+            if let Some(parent) = reference.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            swift_cache::atomic::write_atomic(&reference, sha.as_bytes())?;
+        }
         Ok(sha)
     }
 
@@ -214,9 +223,10 @@ impl HubFetcher {
         Ok((info.sha, info.siblings.into_iter().map(|s| s.rfilename).collect()))
     }
 
-    /// Makes sure every wanted file of commit `sha` is in the HF cache and
-    /// returns the snapshot folder (or the dataset path inside it).
-    pub fn fetch(&self, sha: &str, patterns: &[String]) -> anyhow::Result<(PathBuf, FetchReport)> {
+    /// Makes sure every wanted file of commit `sha` is in the HF cache. Returns
+    /// the snapshot folder (or the dataset path inside it) and the wanted files,
+    /// relative to that folder (empty path: the folder is the one wanted file).
+    pub fn fetch(&self, sha: &str, patterns: &[String]) -> anyhow::Result<(PathBuf, Vec<String>, FetchReport)> {
         let snapshot = self.source.cache_folder(&self.settings.cache).join("snapshots").join(sha);
         let all_files: Vec<String> = if self.settings.offline {
             if !snapshot.is_dir() {
@@ -236,14 +246,19 @@ impl HubFetcher {
                 None => self.info(sha)?.1,
             }
         };
-        let scope = self.source.path.as_deref();
-        let wanted: Vec<&String> = all_files
+        let scope = self.source.path.as_deref().map(|p| p.trim_end_matches('/'));
+        // Patterns apply to paths relative to the scope (the dataset path, if any).
+        let wanted: Vec<(&String, String)> = all_files
             .iter()
-            .filter(|f| match scope {
-                Some(path) => f.as_str() == path || f.starts_with(&format!("{}/", path.trim_end_matches('/'))),
-                None => true,
+            .filter_map(|f| match scope {
+                Some(path) if f.as_str() == path => Some((f, String::new())),
+                Some(path) => f.strip_prefix(&format!("{path}/")).map(|rel| (f, rel.to_string())),
+                None => Some((f, f.clone())),
             })
-            .filter(|f| patterns.iter().any(|p| glob_match(p, f)))
+            .filter(|(f, rel)| {
+                let name = if rel.is_empty() { f.rsplit('/').next().unwrap_or(f) } else { rel.as_str() };
+                patterns.iter().any(|p| glob_match(p, name))
+            })
             .collect();
         if wanted.is_empty() {
             bail!(
@@ -254,7 +269,8 @@ impl HubFetcher {
         }
         let mut report = FetchReport::default();
         let api = if self.settings.offline { None } else { Some(self.settings.api()?) };
-        for file in wanted {
+        for (file, _) in &wanted {
+            let file = file.as_str();
             if snapshot.join(file).exists() {
                 report.cached += 1;
                 continue;
@@ -266,7 +282,8 @@ impl HubFetcher {
             api.repo(repo).download(file).map_err(|e| self.explain(e, sha))?;
             report.downloaded += 1;
         }
-        Ok((scope.map_or(snapshot.clone(), |p| snapshot.join(p)), report))
+        let folder = scope.map_or(snapshot.clone(), |p| snapshot.join(p));
+        Ok((folder, wanted.into_iter().map(|(_, rel)| rel).collect(), report))
     }
 
     fn explain(&self, error: ApiError, revision: &str) -> anyhow::Error {
@@ -310,28 +327,26 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<
     Ok(())
 }
 
-/// `fnmatch`-style matching as huggingface_hub's allow patterns use it: `*`
-/// matches any run of characters (slashes included), `?` one character.
+/// Glob matching on `/`-separated paths: `*` matches within one path segment,
+/// `**` across segments, `?` one character other than `/`.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
+    fn go(p: &[char], t: &[char]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some(('*', rest)) if rest.first() == Some(&'*') => {
+                let rest = &rest[1..];
+                (0..=t.len()).any(|i| go(rest, &t[i..]))
+            }
+            Some(('*', rest)) => {
+                let segment = t.iter().position(|&c| c == '/').unwrap_or(t.len());
+                (0..=segment).any(|i| go(rest, &t[i..]))
+            }
+            Some(('?', rest)) => t.first().is_some_and(|&c| c != '/') && go(rest, &t[1..]),
+            Some((c, rest)) => t.first() == Some(c) && go(rest, &t[1..]),
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    go(&p, &t)
 }
 
 #[cfg(test)]
@@ -352,11 +367,13 @@ mod tests {
     }
 
     #[test]
-    fn globs_match_like_fnmatch() {
-        assert!(glob_match("*.safetensors", "model-00001-of-00002.safetensors"));
+    fn globs_keep_single_stars_within_a_segment() {
+        assert!(glob_match("model*.safetensors", "model-00001-of-00002.safetensors"));
+        assert!(!glob_match("model*.safetensors", "consolidated.safetensors"));
         assert!(glob_match("tokenizer*", "tokenizer_config.json"));
-        assert!(glob_match("*.json", "sub/config.json"));
+        assert!(!glob_match("*.json", "onnx/config.json"));
+        assert!(glob_match("**.json", "onnx/config.json") && glob_match("**", "a/b/c"));
         assert!(!glob_match("*.json", "model.safetensors"));
-        assert!(glob_match("a?c", "abc") && !glob_match("a?c", "ac"));
+        assert!(glob_match("a?c", "abc") && !glob_match("a?c", "ac") && !glob_match("a?c", "a/c"));
     }
 }

@@ -115,6 +115,7 @@ fn special_tokens_and_templates_come_from_the_model_folder() {
     let text = llama
         .chat_template()
         .unwrap()
+        .unwrap()
         .render(&serde_json::json!([{"role": "user", "content": "Hi"}]), None::<&()>, true)
         .unwrap();
     assert_eq!(text, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");

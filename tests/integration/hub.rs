@@ -179,6 +179,12 @@ fn hub_download_caches_and_follows_upstream_commits() {
     assert_eq!(generated.code, 0, "{generated}");
     assert_eq!(generated.json()["new_ids"].as_array().unwrap().len(), 3);
 
+    // swift recorded refs/main in the HF cache: offline runs resolve it.
+    let all_before = hub.requests("/");
+    let offline = p.run("pipelines/hub.toml", &["--offline"], 0);
+    assert_eq!(offline.status("base"), "cached", "{offline}");
+    assert_eq!(hub.requests("/"), all_before, "offline: no request");
+
     let api_before = hub.requests("/api/");
     let rerun = p.run("pipelines/hub.toml", &[], 0);
     assert_eq!(rerun.status("base"), "cached");

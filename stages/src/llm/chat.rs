@@ -52,9 +52,14 @@ impl ChatTemplate {
         let template = self.env.get_template("chat").map_err(|e| LlmError::Template(describe(&e)))?;
         let mut context = serde_json::Map::new();
         context.insert("messages".into(), serde_json::to_value(messages).map_err(|e| LlmError::Template(e.to_string()))?);
-        if let Some(tools) = tools {
-            context.insert("tools".into(), serde_json::to_value(tools).map_err(|e| LlmError::Template(e.to_string()))?);
-        }
+        // transformers passes tools=None and documents=None when there are none:
+        // templates test `tools is not none`.
+        let tools = match tools {
+            Some(tools) => serde_json::to_value(tools).map_err(|e| LlmError::Template(e.to_string()))?,
+            None => serde_json::Value::Null,
+        };
+        context.insert("tools".into(), tools);
+        context.insert("documents".into(), serde_json::Value::Null);
         context.insert("add_generation_prompt".into(), add_generation_prompt.into());
         context.insert("bos_token".into(), self.bos_token.clone().into());
         context.insert("eos_token".into(), self.eos_token.clone().into());
@@ -76,26 +81,101 @@ fn raise_exception(message: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`.
+/// Python's `json.dumps` as transformers' `tojson` calls it: `ensure_ascii`
+/// (default false), `indent`, `separators` and `sort_keys` keyword arguments.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
-    let _: Option<bool> = kwargs.get("ensure_ascii")?;
-    let _: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let (item, key) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators is a pair")),
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
+    let mut json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    if sort_keys == Some(true) {
+        sort_json(&mut json);
+    }
+    let style = JsonStyle { indent, item, key, ensure_ascii: ensure_ascii.unwrap_or(false) };
     let mut out = String::new();
-    write_python_json(&json, indent, 0, &mut out);
+    write_python_json(&json, &style, 0, &mut out);
     Ok(Value::from(out))
 }
 
-fn write_python_json(value: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+fn sort_json(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<(String, serde_json::Value)> = std::mem::take(map).into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            for (key, mut item) in entries {
+                sort_json(&mut item);
+                map.insert(key, item);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(sort_json),
+        _ => {}
+    }
+}
+
+/// How `json.dumps` lays text out.
+struct JsonStyle {
+    indent: Option<usize>,
+    item: String,
+    key: String,
+    ensure_ascii: bool,
+}
+
+impl Default for JsonStyle {
+    fn default() -> Self {
+        Self { indent: None, item: ", ".into(), key: ": ".into(), ensure_ascii: false }
+    }
+}
+
+fn write_python_string(text: &str, ensure_ascii: bool, out: &mut String) {
+    let escaped = serde_json::Value::String(text.to_string()).to_string();
+    if !ensure_ascii {
+        out.push_str(&escaped);
+        return;
+    }
+    for c in escaped.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+}
+
+/// Python writes exponents with a sign and at least two digits (`1e-05`, `1e+20`).
+fn python_float(text: &str) -> String {
+    match text.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => {
+            let (sign, digits) = match exponent.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exponent.trim_start_matches('+')),
+            };
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+        None if !text.contains('.') => format!("{text}.0"),
+        None => text.to_string(),
+    }
+}
+
+fn write_python_json(value: &serde_json::Value, style: &JsonStyle, depth: usize, out: &mut String) {
+    let indent = style.indent;
     let newline = |out: &mut String, depth: usize| {
         if let Some(width) = indent {
             out.push('\n');
             out.push_str(&" ".repeat(width * depth));
         }
     };
-    let separator = if indent.is_some() { "," } else { ", " };
+    let separator = style.item.as_str();
     match value {
         serde_json::Value::Array(items) if !items.is_empty() => {
             out.push('[');
@@ -104,7 +184,7 @@ fn write_python_json(value: &serde_json::Value, indent: Option<usize>, depth: us
                     out.push_str(separator);
                 }
                 newline(out, depth + 1);
-                write_python_json(item, indent, depth + 1, out);
+                write_python_json(item, style, depth + 1, out);
             }
             newline(out, depth);
             out.push(']');
@@ -116,19 +196,15 @@ fn write_python_json(value: &serde_json::Value, indent: Option<usize>, depth: us
                     out.push_str(separator);
                 }
                 newline(out, depth + 1);
-                out.push_str(&serde_json::Value::String(key.clone()).to_string());
-                out.push_str(": ");
-                write_python_json(item, indent, depth + 1, out);
+                write_python_string(key, style.ensure_ascii, out);
+                out.push_str(&style.key);
+                write_python_json(item, style, depth + 1, out);
             }
             newline(out, depth);
             out.push('}');
         }
-        serde_json::Value::Number(n) if n.is_f64() => {
-            let f = n.as_f64().unwrap_or_default();
-            // Python writes 1.0 where serde_json could write 1; keep a decimal point.
-            let text = n.to_string();
-            out.push_str(&if f.is_finite() && !text.contains(['.', 'e', 'E']) { format!("{text}.0") } else { text });
-        }
+        serde_json::Value::Number(n) if n.is_f64() => out.push_str(&python_float(&n.to_string())),
+        serde_json::Value::String(text) => write_python_string(text, style.ensure_ascii, out),
         other => out.push_str(&other.to_string()),
     }
 }
@@ -201,11 +277,26 @@ mod tests {
     fn tojson_writes_like_python() {
         let value = serde_json::json!({"a": [1, 2.0, "é\"<"], "b": {}, "c": null});
         let mut flat = String::new();
-        write_python_json(&value, None, 0, &mut flat);
+        write_python_json(&value, &JsonStyle::default(), 0, &mut flat);
         assert_eq!(flat, r#"{"a": [1, 2.0, "é\"<"], "b": {}, "c": null}"#);
         let mut indented = String::new();
-        write_python_json(&serde_json::json!({"a": [1], "b": "x"}), Some(4), 0, &mut indented);
+        let style = JsonStyle { indent: Some(4), item: ",".into(), ..Default::default() };
+        write_python_json(&serde_json::json!({"a": [1], "b": "x"}), &style, 0, &mut indented);
         assert_eq!(indented, "{\n    \"a\": [\n        1\n    ],\n    \"b\": \"x\"\n}");
+    }
+
+    #[test]
+    fn tojson_options_follow_python() {
+        assert_eq!(python_float("1e-5"), "1e-05");
+        assert_eq!(python_float("1e20"), "1e+20");
+        assert_eq!(python_float("2"), "2.0");
+        let mut ascii = String::new();
+        let style = JsonStyle { ensure_ascii: true, ..Default::default() };
+        write_python_json(&serde_json::json!({"k": "é😀"}), &style, 0, &mut ascii);
+        assert_eq!(ascii, r#"{"k": "\u00e9\ud83d\ude00"}"#);
+        let mut sorted = serde_json::json!({"b": 1, "a": {"d": 1, "c": 2}});
+        sort_json(&mut sorted);
+        assert_eq!(sorted.to_string(), r#"{"a":{"c":2,"d":1},"b":1}"#);
     }
 
     #[test]

@@ -115,6 +115,8 @@ struct RawConfig {
     tie_word_embeddings: bool,
     #[serde(default)]
     attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
     hidden_act: Option<String>,
     use_sliding_window: Option<bool>,
     sliding_window: Option<usize>,
@@ -161,8 +163,11 @@ impl ModelConfig {
                 return Err(bad(format!("hidden_act {act:?} is not supported (only silu)")));
             }
         }
-        if raw.num_attention_heads == 0 || raw.num_hidden_layers == 0 {
-            return Err(bad("num_attention_heads and num_hidden_layers must be positive".into()));
+        if [raw.num_attention_heads, raw.num_hidden_layers, raw.hidden_size, raw.intermediate_size, raw.vocab_size].contains(&0) {
+            return Err(bad("sizes, head and layer counts must be positive".into()));
+        }
+        if raw.mlp_bias {
+            return Err(bad("mlp_bias = true is not supported (MLP projections without biases only)".into()));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
@@ -176,8 +181,11 @@ impl ModelConfig {
             None if raw.hidden_size.is_multiple_of(raw.num_attention_heads) => raw.hidden_size / raw.num_attention_heads,
             None => return Err(bad("hidden_size is not a multiple of num_attention_heads and head_dim is absent".into())),
         };
-        if head_dim % 2 != 0 {
-            return Err(bad(format!("head_dim {head_dim} must be even for RoPE")));
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(bad(format!("head_dim {head_dim} must be even and positive for RoPE")));
+        }
+        if raw.num_attention_heads.checked_mul(head_dim).is_none() || raw.vocab_size.checked_mul(raw.hidden_size).is_none() {
+            return Err(bad("sizes overflow".into()));
         }
         let nested = raw.rope_parameters.as_ref();
         let rope_theta = raw
@@ -208,19 +216,28 @@ impl ModelConfig {
                 }
             }
         };
+        // transformers' Qwen2 windows the layers from `max_window_layers` (default
+        // 28) on, when `use_sliding_window` is set.
         let sliding_window = match family {
-            Family::Qwen2 => match (raw.use_sliding_window.unwrap_or(false), raw.sliding_window) {
-                (false, _) => None,
-                (true, Some(window)) if raw.max_window_layers.unwrap_or(0) == 0 => Some(window),
-                (true, _) => {
-                    return Err(bad(
-                        "use_sliding_window with max_window_layers > 0 (window on some layers only) is not supported".into(),
-                    ))
+            Family::Qwen2 => {
+                let first_windowed = raw.max_window_layers.unwrap_or(28);
+                match (raw.use_sliding_window.unwrap_or(false), raw.sliding_window) {
+                    (false, _) | (true, None) => None,
+                    (true, Some(_)) if first_windowed >= raw.num_hidden_layers => None,
+                    (true, Some(window)) if first_windowed == 0 => Some(window),
+                    (true, Some(_)) => {
+                        return Err(bad(format!(
+                            "use_sliding_window on layers {first_windowed} and up only (max_window_layers) is not supported"
+                        )))
+                    }
                 }
-            },
+            }
             Family::Mistral => raw.sliding_window,
             Family::Llama => None,
         };
+        if sliding_window == Some(0) {
+            return Err(bad("sliding_window must be positive".into()));
+        }
         Ok(Self {
             family,
             vocab_size: raw.vocab_size,
@@ -283,6 +300,12 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.to_string().contains("max_window_layers"), "{e}");
+        let all = parse(&format!(r#"{{"model_type": "qwen2", {BASE}, "use_sliding_window": true, "sliding_window": 8, "max_window_layers": 0}}"#)).unwrap();
+        assert_eq!(all.sliding_window, Some(8));
+        let none = parse(&format!(r#"{{"model_type": "qwen2", {BASE}, "use_sliding_window": true, "sliding_window": 8}}"#)).unwrap();
+        assert_eq!(none.sliding_window, None, "max_window_layers defaults to 28, beyond these 2 layers");
+        let e = parse(&format!(r#"{{"model_type": "llama", {BASE}, "mlp_bias": true}}"#)).unwrap_err();
+        assert!(e.to_string().contains("mlp_bias"), "{e}");
         let m = parse(&format!(r#"{{"model_type": "mistral", {BASE}, "sliding_window": 4096}}"#)).unwrap();
         assert_eq!(m.sliding_window, Some(4096));
     }

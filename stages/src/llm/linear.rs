@@ -5,7 +5,7 @@
 //! dense weights here; NF4 and AWQ int4 weights, and LoRA adapters wrapped around
 //! any of them, are further implementations of the same two traits.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Storage, Tensor};
 
 use super::weights::Weights;
 use super::LlmError;
@@ -47,9 +47,40 @@ impl Dense {
     }
 }
 
+impl Dense {
+    /// One f32 row on the CPU (single-token decoding): a matrix-vector product,
+    /// bandwidth-bound, through swift's own kernel; `None` for anything else.
+    fn forward_single_row(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let weight = self.inner.weight();
+        let rows_in = x.elem_count() / self.in_features.max(1);
+        if rows_in != 1 || !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !weight.is_contiguous() {
+            return Ok(None);
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; self.out_features];
+        {
+            let (storage, layout) = weight.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+            let start = layout.start_offset();
+            let w = &cpu.as_slice::<f32>()?[start..start + self.out_features * self.in_features];
+            swift_kernels::gemv::gemv_f32(w, &xs, self.in_features, &mut out);
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("x has a feature dimension") = self.out_features;
+        let y = Tensor::from_vec(out, dims, x.device())?;
+        match self.inner.bias() {
+            Some(bias) => Ok(Some(y.broadcast_add(bias)?)),
+            None => Ok(Some(y)),
+        }
+    }
+}
+
 impl Projection for Dense {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(x)
+        match self.forward_single_row(x)? {
+            Some(y) => Ok(y),
+            None => self.inner.forward(x),
+        }
     }
     fn in_features(&self) -> usize {
         self.in_features

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Llama3RopeScaling, ModelConfig};
-use super::linear::{LinearLoader, Projection};
+use super::linear::{Dense, LinearLoader, Projection};
 use super::weights::Weights;
 use super::LlmError;
 
@@ -62,7 +62,7 @@ pub struct Decoder {
     embed_tokens: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Option<Box<dyn Projection>>,
+    lm_head: Box<dyn Projection>,
     inv_freq: Vec<f32>,
     device: Device,
     dtype: DType,
@@ -78,7 +78,7 @@ impl Decoder {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let embed_tokens = weights.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(c.num_layers);
+        let mut layers = Vec::new();
         for n in 0..c.num_layers {
             let p = format!("model.layers.{n}");
             layers.push(Layer {
@@ -98,10 +98,10 @@ impl Decoder {
             });
         }
         let norm = weights.get("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            None
+        let lm_head: Box<dyn Projection> = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            Box::new(Dense::new(embed_tokens.clone(), None)?)
         } else {
-            Some(linear.load(&weights, "lm_head", h, c.vocab_size, false)?)
+            linear.load(&weights, "lm_head", h, c.vocab_size, false)?
         };
         let inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
         Ok(Self { config, embed_tokens, layers, norm, lm_head, inv_freq, device: device.clone(), dtype })
@@ -152,12 +152,12 @@ impl Decoder {
         }
         for (n, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
-            let normed = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, self.config.rms_norm_eps as f32)?;
+            let normed = self.rms_norm(&x, &layer.input_layernorm)?;
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[n]);
             let attended = self.attention(&layer.self_attn, &normed, &cos, &sin, &mask, slot)?;
             x = (residual + attended)?;
             let residual = x.clone();
-            let normed = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, self.config.rms_norm_eps as f32)?;
+            let normed = self.rms_norm(&x, &layer.post_attention_layernorm)?;
             let mlp = &layer.mlp;
             let gated = (mlp.gate_proj.forward(&normed)?.silu()? * mlp.up_proj.forward(&normed)?)?;
             x = (residual + mlp.down_proj.forward(&gated)?)?;
@@ -166,11 +166,8 @@ impl Decoder {
             cache.segments.extend_from_slice(segments);
         }
         let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&x)?,
-            None => x.broadcast_matmul(&self.embed_tokens.t()?)?,
-        };
+        let x = self.rms_norm(&x, &self.norm)?;
+        let logits = self.lm_head.forward(&x)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
     }
 
@@ -212,6 +209,19 @@ impl Decoder {
         let out = probs.matmul(&v.contiguous()?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, c.num_heads * c.head_dim))?;
         Ok(attn.o_proj.forward(&out)?)
+    }
+
+    /// RMSNorm as transformers computes it: normalise in f32, cast back to the
+    /// compute dtype, then scale by the weight.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        if self.dtype == DType::F32 {
+            return candle_nn::ops::rms_norm(x, weight, eps as f32);
+        }
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?.to_dtype(self.dtype)?;
+        normed.broadcast_mul(weight)
     }
 
     /// Additive mask `[t, past + t]`: 0 where a query may attend a key, -inf elsewhere.

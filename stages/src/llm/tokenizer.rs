@@ -16,7 +16,9 @@ pub struct TextTokenizer {
     bos_token: Option<String>,
     eos_token: Option<String>,
     eos_ids: Vec<u32>,
-    chat_template: Option<ChatTemplate>,
+    /// The compiled template, or why it does not compile (reported on use, so a
+    /// broken template never stops plain generation).
+    chat_template: Option<Result<ChatTemplate, String>>,
     chat_template_source: Option<String>,
 }
 
@@ -54,10 +56,10 @@ impl TextTokenizer {
         let eos_token = token_text(tokenizer_config.get("eos_token"));
 
         let template_file = folder.join("chat_template.jinja");
-        let source = if template_file.exists() {
-            Some(std::fs::read_to_string(&template_file).map_err(|e| LlmError::io(&template_file, e))?)
+        let (source, source_path) = if template_file.exists() {
+            (Some(std::fs::read_to_string(&template_file).map_err(|e| LlmError::io(&template_file, e))?), template_file)
         } else {
-            match tokenizer_config.get("chat_template") {
+            let source = match tokenizer_config.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 // A list of named templates: use the default one.
                 Some(serde_json::Value::Array(named)) => named
@@ -67,15 +69,13 @@ impl TextTokenizer {
                     .and_then(|t| t.as_str())
                     .map(str::to_string),
                 _ => None,
-            }
+            };
+            (source, config_path.clone())
         };
-        let chat_template = match &source {
-            Some(source) => Some(
-                ChatTemplate::new(source, bos_token.as_deref().unwrap_or(""), eos_token.as_deref().unwrap_or(""))
-                    .map_err(|e| LlmError::Tokenizer { path: config_path.clone(), message: e.to_string() })?,
-            ),
-            None => None,
-        };
+        let chat_template = source.as_ref().map(|source| {
+            ChatTemplate::new(source, bos_token.as_deref().unwrap_or(""), eos_token.as_deref().unwrap_or(""))
+                .map_err(|e| format!("{}: {e}", source_path.display()))
+        });
 
         let generation = read_json(&folder.join("generation_config.json"))?;
         let from_generation = generation
@@ -91,10 +91,21 @@ impl TextTokenizer {
         Ok(Self { inner, bos_token, eos_token, eos_ids, chat_template, chat_template_source: source })
     }
 
-    /// Token ids of `text`; special tokens are added only as the tokenizer's own
-    /// post-processor adds them.
+    /// Token ids of plain text, with the special tokens the tokenizer's own
+    /// post-processor adds (a BOS for Llama-style tokenizers), as transformers'
+    /// `tokenizer(text)` does.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, LlmError> {
-        let encoding = self.inner.encode(text, true).map_err(|e| LlmError::Template(format!("tokenizing: {e}")))?;
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of text rendered by a chat template, which already holds its
+    /// special tokens: nothing is added, as in transformers' `apply_chat_template`.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, LlmError> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>, LlmError> {
+        let encoding = self.inner.encode(text, add_special).map_err(|e| LlmError::Template(format!("tokenizing: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -123,9 +134,14 @@ impl TextTokenizer {
         self.eos_token.as_deref()
     }
 
-    /// The model's chat template, if it has one.
-    pub fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.chat_template.as_ref()
+    /// The model's chat template: `Ok(None)` if it has none, an error if its
+    /// template does not compile.
+    pub fn chat_template(&self) -> Result<Option<&ChatTemplate>, LlmError> {
+        match &self.chat_template {
+            None => Ok(None),
+            Some(Ok(template)) => Ok(Some(template)),
+            Some(Err(message)) => Err(LlmError::Template(message.clone())),
+        }
     }
 
     /// The chat template's source text (it enters the keys of stages that use it).
