@@ -14,7 +14,7 @@ use swift_stages::llm::linear::DenseLoader;
 use swift_stages::llm::model::{argmax, KvCache};
 use swift_stages::llm::{Decoder, ModelConfig};
 
-use super::bench::{cpu_model, num_cores, timed};
+use super::bench::{cpu_model, median, num_cores, timed};
 use super::Exit;
 
 /// Arguments of `swift bench generate`.
@@ -32,6 +32,9 @@ pub struct GenerateArgs {
     /// A Python with transformers (e.g. .venv/bin/python) to measure beside swift.
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Repetitions of prefill + generation; medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    repeats: u16,
 }
 
 const CONFIG: &str = r#"{
@@ -53,25 +56,29 @@ pub fn exec(args: GenerateArgs) -> anyhow::Result<Exit> {
     let prompt: Vec<u32> = (0..prompt_tokens as u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(i) % vocab).collect();
     let model = Decoder::load(&args.dir, config, DType::F32, &Device::Cpu, &DenseLoader)?;
 
-    let mut cache = KvCache::default();
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let start = Instant::now();
-    let logits = model.forward(&prompt, &positions, &vec![0; prompt.len()], Some(&mut cache), true)?;
-    let prefill = start.elapsed().as_secs_f64();
-    let mut token = argmax(&logits)?;
-    let mut new_ids = vec![token];
-    let start = Instant::now();
-    for step in 1..new_tokens {
-        let position = (prompt.len() + step - 1) as u32;
-        let logits = model.forward(&[token], &[position], &[0], Some(&mut cache), true)?;
-        token = argmax(&logits)?;
-        new_ids.push(token);
+    let (mut prefills, mut decodes, mut new_ids) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let mut cache = KvCache::default();
+        let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+        let start = Instant::now();
+        let logits = model.forward(&prompt, &positions, &vec![0; prompt.len()], Some(&mut cache), true)?;
+        prefills.push(start.elapsed().as_secs_f64());
+        let mut token = argmax(&logits)?;
+        new_ids = vec![token];
+        let start = Instant::now();
+        for step in 1..new_tokens {
+            let position = (prompt.len() + step - 1) as u32;
+            let logits = model.forward(&[token], &[position], &[0], Some(&mut cache), true)?;
+            token = argmax(&logits)?;
+            new_ids.push(token);
+        }
+        decodes.push(start.elapsed().as_secs_f64());
     }
-    let decode = start.elapsed().as_secs_f64();
+    let (prefill, decode) = (median(prefills), median(decodes));
 
     let threads = num_cores();
     println!("machine: {} ({threads} cores), model: Qwen2.5-0.5B shape, random bf16 weights, f32 compute", cpu_model());
-    println!("prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy\n");
+    println!("prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy; medians of {} repetitions\n", args.repeats);
     println!("| measure | swift | transformers | ratio |");
     println!("|---|---|---|---|");
     let swift_prefill = prompt_tokens as f64 / prefill;
@@ -84,11 +91,17 @@ pub fn exec(args: GenerateArgs) -> anyhow::Result<Exit> {
                 .arg(&args.dir)
                 .arg(serde_json::to_string(&prompt)?)
                 .arg(new_tokens.to_string())
-                .arg(threads.to_string());
+                .arg(threads.to_string())
+                .arg(args.repeats.to_string());
             let (_, stdout) = timed(&mut cmd)?;
             let peer: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?;
-            let peer_prefill = prompt_tokens as f64 / peer["prefill_seconds"].as_f64().context("prefill_seconds")?;
-            let peer_decode = (new_tokens - 1) as f64 / peer["decode_seconds"].as_f64().context("decode_seconds")?;
+            let seconds = |key: &str| -> anyhow::Result<f64> {
+                let values: Vec<f64> = peer[key].as_array().context("transformers' timings")?.iter().filter_map(|v| v.as_f64()).collect();
+                anyhow::ensure!(!values.is_empty(), "no {key} from transformers");
+                Ok(median(values))
+            };
+            let peer_prefill = prompt_tokens as f64 / seconds("prefill_seconds")?;
+            let peer_decode = (new_tokens - 1) as f64 / seconds("decode_seconds")?;
             println!("| prompt processing, tokens/s | {swift_prefill:.1} | {peer_prefill:.1} | {:.2}× |", swift_prefill / peer_prefill);
             println!("| greedy generation, tokens/s | {swift_decode:.2} | {peer_decode:.2} | {:.2}× |", swift_decode / peer_decode);
             let same = peer["new_ids"].as_array().map(|ids| ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect::<Vec<_>>());
