@@ -63,6 +63,8 @@ fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// The same sum without `mul_add`, which is a slow library call on processors
+/// without FMA.
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let split = a.len() - a.len() % 16;

@@ -127,7 +127,7 @@ impl DownloadPlan {
         // tools fetched, which must not change this stage's output.
         let hashed = hash_files(&folder, &files)?;
         let name = folder.file_name().and_then(|n| n.to_str()).unwrap_or("data");
-        let artifact = ctx.store.ingest_local(&folder, &hashed, name).with_context(|| format!("ingesting {}", folder.display()))?;
+        let artifact = ingest(ctx, &folder, &hashed, name)?;
         let mut result = StageResult::default();
         result.metrics.insert("bytes".to_string(), artifact.size().into());
         result.metrics.insert("files_downloaded".to_string(), report.downloaded.into());
