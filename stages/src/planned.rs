@@ -25,7 +25,7 @@ impl StageKind for Planned {
     fn compile(&self, ctx: &mut CompileCtx<'_>, _params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         Err(ctx
             .error(&["kind"], format!("stage kind `{}` is not available in this build of swift yet", self.name))
-            .with_help("this build runs `download` stages; see docs/manifest.md for what each kind will do"))
+            .with_help("this build runs `download` and `preprocess` stages; see docs/manifest.md for what each kind will do"))
     }
 }
 
@@ -33,7 +33,6 @@ const fn out(name: &'static str, ty: OutputType) -> OutputDecl {
     OutputDecl { name, ty }
 }
 
-const PREPROCESS: &[OutputDecl] = &[out("tokens", OutputType::Tokens), out("stats", OutputType::Report)];
 const FINETUNE: &[OutputDecl] = &[
     out("adapter", OutputType::Adapter),
     out("log", OutputType::Report),
@@ -46,7 +45,7 @@ const EXPORT: &[OutputDecl] = &[out("export", OutputType::Export)];
 
 /// The kinds still to come, with the outputs ARCHITECTURE.md gives them.
 pub fn kinds() -> Vec<Planned> {
-    [("preprocess", PREPROCESS), ("finetune", FINETUNE), ("quantize", QUANTIZE), ("eval", EVAL), ("export", EXPORT)]
+    [("finetune", FINETUNE), ("quantize", QUANTIZE), ("eval", EVAL), ("export", EXPORT)]
         .into_iter()
         .map(|(name, outputs)| Planned { name, outputs })
         .collect()

@@ -22,3 +22,5 @@ mod demo;
 mod hub;
 /// `swift generate` on the fixture models.
 mod generate;
+/// The preprocess stage: formats, templates and masks, packing, shards.
+mod preprocess;
