@@ -183,6 +183,12 @@ impl<'a> CompileCtx<'a> {
         self.manifest.locator().parse(&self.path(&[]), toml::Value::Table(params.clone()))
     }
 
+    /// Whether the manifest has a stage called `name` (for keys that take a
+    /// stage or a local path).
+    pub fn is_stage(&self, name: &str) -> bool {
+        self.manifest.stages.contains_key(name)
+    }
+
     /// An error located at one of the stage's keys.
     pub fn error(&self, field: &[&str], message: impl Into<String>) -> ManifestError {
         self.manifest.locator().error(&self.path(field), false, message)

@@ -21,6 +21,8 @@ pub enum BenchCommand {
     Engine(EngineArgs),
     /// Prompt processing and greedy generation speed on CPU vs transformers.
     Generate(super::bench_generate::GenerateArgs),
+    /// Preprocess throughput vs datasets.map with a fast tokenizer.
+    Preprocess(super::bench_preprocess::PreprocessArgs),
 }
 
 /// Arguments of `swift bench engine`.
@@ -65,6 +67,7 @@ pub fn exec(command: BenchCommand) -> anyhow::Result<Exit> {
     match command {
         BenchCommand::Engine(args) => engine(args),
         BenchCommand::Generate(args) => super::bench_generate::exec(args),
+        BenchCommand::Preprocess(args) => super::bench_preprocess::exec(args),
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_generate;
+mod bench_preprocess;
 mod cache;
 mod dag;
 mod gc;

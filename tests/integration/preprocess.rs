@@ -153,6 +153,18 @@ fn bad_rows_fail_with_file_line_and_field_or_are_skipped_and_counted() {
 }
 
 #[test]
+fn local_paths_work_as_data_and_validation_sets() {
+    let p = project("model = \"qwen\"\ndata = [\"data/messages.jsonl\"]\nval_data = [\"data/swift.jsonl\"]\npacking = false\nshuffle = false\n");
+    let run = p.run("pipelines/p.toml", &[], 0);
+    let (tokens, split) = train_split(&run, "prep");
+    assert_eq!(rows(&split), reference("qwen2-tiny"));
+    let val = Split::open(&tokens, "val").unwrap();
+    assert_eq!(rows(&val), reference("qwen2-tiny"), "the same conversations in ms-swift's layout");
+    p.write("data/messages.jsonl", "{\"query\": \"q\", \"response\": \"r\"}\n");
+    assert_eq!(p.run("pipelines/p.toml", &[], 0).status("prep"), "ran", "a local input's edit reruns the stage");
+}
+
+#[test]
 fn a_model_without_a_template_needs_the_chatml_fallback() {
     let p = project("model = \"qwen\"\ndata = [\"chat\"]\n");
     let config = p.read("models/qwen/tokenizer_config.json");

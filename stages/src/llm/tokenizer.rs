@@ -104,6 +104,13 @@ impl TextTokenizer {
         self.encode_with(text, false)
     }
 
+    /// Like [`TextTokenizer::encode_rendered`], also returning each token's end
+    /// as a byte offset into `text`.
+    pub fn encode_rendered_with_ends(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>), LlmError> {
+        let encoding = self.inner.encode(text, false).map_err(|e| LlmError::Template(format!("tokenizing: {e}")))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().iter().map(|&(_, end)| end).collect()))
+    }
+
     fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>, LlmError> {
         let encoding = self.inner.encode(text, add_special).map_err(|e| LlmError::Template(format!("tokenizing: {e}")))?;
         Ok(encoding.get_ids().to_vec())

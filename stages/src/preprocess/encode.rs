@@ -5,7 +5,10 @@
 //! generation prompt (where the turn starts) and through that turn (where it
 //! ends), and taking the difference in token counts — what transformers'
 //! `apply_chat_template` gives for each prefix, and the same for any template,
-//! with or without generation markers.
+//! with or without generation markers. When a prefix's text starts the full
+//! text and ends exactly where one of the full text's tokens ends (the usual
+//! case: turns meet at special tokens or whitespace), its token count is read
+//! off the full tokenization instead of tokenizing the prefix again.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,14 +48,27 @@ impl<'a> Encoder<'a> {
         Self { tokenizer, template, train_on }
     }
 
-    fn tokens(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>, String> {
-        let text = self.template.render(&messages, None::<&()>, add_generation_prompt).map_err(|e| e.to_string())?;
-        self.tokenizer.encode_rendered(&text).map_err(|e| e.to_string())
+    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+        self.template.render(&messages, None::<&()>, add_generation_prompt).map_err(|e| e.to_string())
+    }
+
+    /// How many tokens the rendering of `messages` has, using the full text's
+    /// tokenization when the prefix lines up with it.
+    fn prefix_tokens(&self, messages: &[Message], add_generation_prompt: bool, full: &str, ends: &[usize]) -> Result<usize, String> {
+        let prefix = self.render(messages, add_generation_prompt)?;
+        if full.starts_with(&prefix) {
+            let count = ends.partition_point(|&end| end <= prefix.len());
+            if count > 0 && ends[count - 1] == prefix.len() && ends.get(count).is_none_or(|&next| next > prefix.len()) {
+                return Ok(count);
+            }
+        }
+        Ok(self.tokenizer.encode_rendered(&prefix).map_err(|e| e.to_string())?.len())
     }
 
     /// Tokenizes a conversation and marks its assistant turns.
     pub fn encode(&self, messages: &[Message]) -> Result<Sample, String> {
-        let ids = self.tokens(messages, false)?;
+        let full = self.render(messages, false)?;
+        let (ids, ends) = self.tokenizer.encode_rendered_with_ends(&full).map_err(|e| e.to_string())?;
         let mut labels = vec![0u8; ids.len()];
         let assistant: Vec<usize> = messages.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
         let trained: &[usize] = match self.train_on {
@@ -60,8 +76,8 @@ impl<'a> Encoder<'a> {
             TrainOn::LastAssistant => assistant.last().map(std::slice::from_ref).unwrap_or(&[]),
         };
         for &turn in trained {
-            let start = if turn == 0 { 0 } else { self.tokens(&messages[..turn], true)?.len() };
-            let end = self.tokens(&messages[..=turn], false)?.len().min(ids.len());
+            let start = if turn == 0 { 0 } else { self.prefix_tokens(&messages[..turn], true, &full, &ends)? };
+            let end = self.prefix_tokens(&messages[..=turn], false, &full, &ends)?.min(ids.len());
             for label in labels.iter_mut().take(end).skip(start) {
                 *label = 1;
             }

@@ -2,8 +2,8 @@
 //! shards, cached on their own so a big dataset is tokenized once.
 //!
 //! - Inputs: `model` (a stage yielding a model: its tokenizer and chat
-//!   template), `data` (stages yielding datasets: JSONL, JSON, CSV files or
-//!   folders of them), optional `val_data`.
+//!   template), `data` (stages yielding datasets, or local paths: JSONL, JSON,
+//!   CSV files or folders of them), optional `val_data`.
 //! - Outputs: `tokens` (a folder of shards, see [`shards`]) and `stats`
 //!   (`stats.json`: samples, tokens, truncated, dropped, skipped rows by reason,
 //!   padding, a length histogram).
@@ -21,6 +21,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use rand::seq::SliceRandom;
+use rayon::prelude::*;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use swift_engine::kind::{CompileCtx, OutputDecl, OutputType, OutputValue, RunCtx, StageKind, StagePlan, StageResult};
@@ -148,11 +149,16 @@ impl StageKind for Preprocess {
             }
         }
         ctx.stage_input("model", &["model"], &config.model, OutputType::Model);
-        for (i, data) in config.data.iter().enumerate() {
-            ctx.stage_input(&format!("data.{i}"), &["data", &i.to_string()], data, OutputType::Dataset);
-        }
-        for (i, data) in config.val_data.iter().enumerate() {
-            ctx.stage_input(&format!("val_data.{i}"), &["val_data", &i.to_string()], data, OutputType::Dataset);
+        for (key, list) in [("data", &config.data), ("val_data", &config.val_data)] {
+            for (i, data) in list.iter().enumerate() {
+                let (input, index) = (format!("{key}.{i}"), i.to_string());
+                // A stage's name, else a local file or folder.
+                if ctx.is_stage(data) || !data.contains(['/', '.']) {
+                    ctx.stage_input(&input, &[key, &index], data, OutputType::Dataset);
+                } else {
+                    ctx.local_input(&input, &[key, &index], data)?;
+                }
+            }
         }
         Ok(Box::new(PreprocessPlan { resolved: Resolved { config, seed: ctx.seed() } }))
     }
@@ -240,9 +246,12 @@ impl PreprocessPlan {
 
     fn encode_all(&self, encoder: &Encoder<'_>, conversations: Vec<Conversation>, stats: &mut Stats) -> anyhow::Result<Vec<Sample>> {
         let config = self.config();
+        // Rendering and tokenizing in parallel; errors and truncation are then
+        // handled in order, so results do not depend on the thread count.
+        let encoded: Vec<Result<Sample, String>> = conversations.par_iter().map(|c| encoder.encode(&c.messages)).collect();
         let mut samples = Vec::with_capacity(conversations.len());
-        for conversation in conversations {
-            let mut sample = match encoder.encode(&conversation.messages) {
+        for (conversation, encoded) in conversations.into_iter().zip(encoded) {
+            let mut sample = match encoded {
                 Ok(sample) => sample,
                 Err(message) => {
                     let (file, line) = conversation.origin.rsplit_once(':').unwrap_or((&conversation.origin, "0"));

@@ -1,7 +1,7 @@
 //! Best-fit packing: samples go, longest first, into the row whose free space
 //! they fill most tightly, so rows of `capacity` tokens waste few.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 /// Groups sample indices into rows of at most `capacity` tokens. Every length
 /// must be at most `capacity`. Deterministic: ties go to the earlier sample and
@@ -10,33 +10,24 @@ pub fn best_fit(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
     let mut rows: Vec<Vec<usize>> = Vec::new();
-    // free space → rows with that much free space (earliest first)
-    let mut free: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    // (free space, row): the tightest fit is the first entry at or above a length.
+    let mut free: BTreeSet<(usize, usize)> = BTreeSet::new();
     for sample in order {
         let len = lengths[sample];
         assert!(len <= capacity, "sample longer than a row");
-        let fit = free.range(len..).next().map(|(&space, _)| space);
-        let row = match fit {
-            Some(space) => {
-                let bucket = free.get_mut(&space).expect("bucket exists");
-                let row = bucket.remove(0);
-                if bucket.is_empty() {
-                    free.remove(&space);
-                }
+        let (row, left) = match free.range((len, 0)..).next().copied() {
+            Some((space, row)) => {
+                free.remove(&(space, row));
                 rows[row].push(sample);
-                let left = space - len;
-                (row, left)
+                (row, space - len)
             }
             None => {
                 rows.push(vec![sample]);
                 (rows.len() - 1, capacity - len)
             }
         };
-        let (row, left) = row;
         if left > 0 {
-            let bucket = free.entry(left).or_default();
-            let at = bucket.partition_point(|&r| r < row);
-            bucket.insert(at, row);
+            free.insert((left, row));
         }
     }
     rows
