@@ -7,5 +7,5 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet 'dvc==3.67.1'
 # PyPI's torch is the large CUDA build: install once per developer machine, never in CI.
-.venv/bin/pip install --quiet 'torch==2.15.0' 'transformers==5.24.0' safetensors
+.venv/bin/pip install --quiet 'torch==2.15.0' 'transformers==5.24.0' safetensors datasets
 echo "reference venv ready at .venv/: dvc $(.venv/bin/dvc --version | tail -1), transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)')"

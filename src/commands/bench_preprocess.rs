@@ -60,7 +60,7 @@ fn write_corpus(path: &Path, count: u32) -> anyhow::Result<()> {
     // Half the words from a legal word list, half made of three random
     // syllables (64,000 possible), so a large BPE has something to learn.
     let word = |next: &mut dyn FnMut() -> u64| -> String {
-        if next() % 2 == 0 {
+        if next().is_multiple_of(2) {
             WORDS[(next() % WORDS.len() as u64) as usize].to_string()
         } else {
             (0..3).map(|_| SYLLABLES[(next() % SYLLABLES.len() as u64) as usize]).collect()

@@ -9,6 +9,12 @@ fn demo_pipeline_runs_locked_then_cached() {
     for file in ["pipelines/demo.toml", "pipelines/demo.lock", "data/demo/law_qa.jsonl"] {
         p.write(file, &std::fs::read_to_string(repo.join(file)).unwrap());
     }
+    let model = "tests/fixtures/models/qwen2-tiny";
+    std::fs::create_dir_all(p.path(model)).unwrap();
+    for entry in std::fs::read_dir(repo.join(model)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), p.path(model).join(entry.file_name())).unwrap();
+    }
     let first = p.run("pipelines/demo.toml", &["--locked"], 0);
     assert!(first.statuses().iter().all(|(_, s)| s == "ran"), "{first}");
     let second = p.run("pipelines/demo.toml", &[], 0);
