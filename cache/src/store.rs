@@ -359,6 +359,11 @@ impl Store {
         Ok(file)
     }
 
+    /// This cache's stat cache (`stat-v1.json`).
+    pub fn stat_cache(&self) -> crate::StatCache {
+        crate::StatCache::load(self.root.join("stat-v1.json"))
+    }
+
     /// The scratch area of a stage key (survives crashes, for resumable stages).
     pub fn scratch_dir(&self, key: &StageKey) -> PathBuf {
         self.root.join("scratch").join(key.to_hex())

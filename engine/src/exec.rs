@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indexmap::IndexMap;
 use swift_cache::store::remove_tree;
-use swift_cache::{ActionEntry, Artifact, LockFile, LockedStage, Provenance, RunRecord, RunStageRecord, StageKey, StatCache, Store};
+use swift_cache::{ActionEntry, Artifact, LockFile, LockedStage, Provenance, RunRecord, RunStageRecord, StageKey, Store};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::kind::{Cancelled, OutputValue, Resource, RunCtx};
@@ -147,13 +147,13 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
         }
     }
     let revisions = resolve_revisions(&pipeline, selected.iter().copied(), old_lock.as_ref(), options.offline, options.locked)?;
-    let stats = StatCache::load(store.root().join("stat-v1.json"));
+    let stats = store.stat_cache();
     let (locals, hash_stats) = hash_locals(&pipeline, selected.iter().copied(), &stats, options.rehash)?;
     if hash_stats.bytes_hashed > 0 {
         reporter.note(&format!("hashed {} of inputs", human_bytes(hash_stats.bytes_hashed)));
     }
-    if options.locked {
-        check_locked(&pipeline, old_lock.as_ref(), &selected, &locals).map_err(RunError::Locked)?;
+    if let (true, Some(lock)) = (options.locked, &old_lock) {
+        check_locked(&pipeline, lock, &selected, &locals).map_err(RunError::Locked)?;
     }
 
     let journal = Journal::new(&store, &pipeline, started_unix_ms);
@@ -525,20 +525,15 @@ impl StageTask {
 
 fn check_locked(
     pipeline: &Pipeline,
-    lock: Option<&LockFile>,
+    lock: &LockFile,
     selected: &BTreeSet<usize>,
     locals: &Locals,
 ) -> Result<(), Vec<String>> {
-    let Some(lock) = lock else {
-        return Err(vec![format!("there is no lock file at {}", pipeline.manifest.lock_path().display())]);
-    };
     let mut problems = Vec::new();
     for &i in selected {
         let node = &pipeline.nodes[i];
-        let Some(locked) = lock.stages.get(&node.name) else {
-            problems.push(format!("stage `{}` is not in the lock file", node.name));
-            continue;
-        };
+        // Stages missing from the lock were reported before anything was resolved.
+        let Some(locked) = lock.stages.get(&node.name) else { continue };
         if locked.kind != node.kind {
             problems.push(format!("stage `{}` is a {} stage, the lock has {}", node.name, node.kind, locked.kind));
         } else if locked.params != params_of(pipeline, i) {

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
-use swift_cache::StatCache;
 use swift_engine::kind::OutputType;
 use swift_engine::status::assess;
 use swift_stages::llm::chat::Message;
@@ -146,7 +145,7 @@ fn resolve_model(cache: Option<&Path>, offline: bool, spec: &str) -> anyhow::Res
     };
     let store = open_store(cache, &pipeline.manifest.root)?;
     let _guard = store.run_guard()?;
-    let stats = StatCache::load(store.root().join("stat-v1.json"));
+    let stats = store.stat_cache();
     let assessment = assess(&pipeline, &store, &stats, false, offline)?.swap_remove(index);
     match assessment.cached {
         Some((_, paths)) => Ok(Ok(paths[output.name].clone())),

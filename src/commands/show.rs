@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use swift_cache::StatCache;
 use swift_engine::status::assess;
 
 use super::{compile_or_exit, open_store, Exit, ManifestArgs};
@@ -33,7 +32,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     };
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
     let _guard = store.run_guard()?;
-    let stats = StatCache::load(store.root().join("stat-v1.json"));
+    let stats = store.stat_cache();
     let assessment = assess(&pipeline, &store, &stats, false, offline)?.swap_remove(index);
     let node = &pipeline.nodes[index];
     let (outputs, metrics, provenance) = match &assessment.cached {

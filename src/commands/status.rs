@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use swift_cache::StatCache;
 use swift_engine::status::assess;
 
 use super::{compile_or_exit, open_store, table, Exit, ManifestArgs};
@@ -27,7 +26,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     };
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
     let _guard = store.run_guard()?;
-    let stats = StatCache::load(store.root().join("stat-v1.json"));
+    let stats = store.stat_cache();
     let assessments = assess(&pipeline, &store, &stats, args.rehash, offline)?;
     let _ = stats.save();
     if args.json {

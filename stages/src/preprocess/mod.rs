@@ -169,6 +169,7 @@ struct PreprocessPlan {
 }
 
 /// A conversation with where it came from.
+#[derive(Clone)]
 struct Conversation {
     messages: Vec<Message>,
     origin: String,
@@ -306,12 +307,6 @@ where
     }
     out.extend(extra_set.into_iter().map(|i| rows[i].clone()));
     out
-}
-
-impl Clone for Conversation {
-    fn clone(&self) -> Self {
-        Self { messages: self.messages.clone(), origin: self.origin.clone() }
-    }
 }
 
 fn histogram(lengths: impl Iterator<Item = usize>, max_length: usize) -> BTreeMap<String, usize> {
