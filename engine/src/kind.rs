@@ -189,6 +189,18 @@ impl<'a> CompileCtx<'a> {
         self.manifest.stages.contains_key(name)
     }
 
+    /// The kind of the stage called `name`, if the manifest has one (lets a
+    /// kind follow a chain of stages, e.g. a fine-tune of a fine-tune).
+    pub fn stage_kind(&self, name: &str) -> Option<&str> {
+        self.manifest.stages.get(name).map(|s| s.kind.as_str())
+    }
+
+    /// The raw parameters of the stage called `name` (its own kind checks them
+    /// when it compiles).
+    pub fn stage_params(&self, name: &str) -> Option<&toml::Table> {
+        self.manifest.stages.get(name).map(|s| &s.params)
+    }
+
     /// An error located at one of the stage's keys.
     pub fn error(&self, field: &[&str], message: impl Into<String>) -> ManifestError {
         self.manifest.locator().error(&self.path(field), false, message)

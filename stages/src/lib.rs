@@ -5,12 +5,16 @@
 //! - shared model code: [`llm`] (Qwen2/Llama/Mistral checkpoints, tokenizer,
 //!   chat templates, the decoder, generation);
 //! - data: [`preprocess`] (datasets → chat-templated, masked, packed shards);
-//! - still to come ([`planned`]): `finetune` (train), `quantize`, `eval`, `export`.
+//! - training: [`finetune`] (LoRA, DoRA, QLoRA; chains of fine-tunes through
+//!   [`model_source`]);
+//! - still to come ([`planned`]): `quantize`, `eval`, `export`.
 #![deny(missing_docs)]
 
 pub mod download;
+pub mod finetune;
 pub mod hub;
 pub mod llm;
+pub mod model_source;
 pub mod planned;
 pub mod preprocess;
 
@@ -19,7 +23,7 @@ use swift_engine::Registry;
 
 /// Every stage kind of this build, in one table.
 pub fn registry() -> Registry {
-    let mut kinds: Vec<Box<dyn StageKind>> = vec![Box::new(download::Download), Box::new(preprocess::Preprocess)];
+    let mut kinds: Vec<Box<dyn StageKind>> = vec![Box::new(download::Download), Box::new(preprocess::Preprocess), Box::new(finetune::Finetune)];
     kinds.extend(planned::kinds().into_iter().map(|k| Box::new(k) as Box<dyn StageKind>));
     Registry::new(kinds)
 }

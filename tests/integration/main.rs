@@ -24,3 +24,5 @@ mod hub;
 mod generate;
 /// The preprocess stage: formats, templates and masks, packing, shards.
 mod preprocess;
+/// The finetune stage: LoRA/QLoRA learning, resume, threads, chains, bad settings.
+mod finetune;

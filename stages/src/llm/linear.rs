@@ -18,6 +18,13 @@ pub trait Projection: Send + Sync {
     fn in_features(&self) -> usize;
     /// Output size.
     fn out_features(&self) -> usize;
+    /// The weight as a dense f32 `[out, in]` matrix (dequantized if stored
+    /// quantized), for DoRA's weight norm and for tests.
+    fn weight_f32(&self) -> candle_core::Result<Tensor>;
+    /// The bias, if any.
+    fn bias(&self) -> Option<&Tensor>;
+    /// Bytes the stored weight (and bias) occupy.
+    fn weight_bytes(&self) -> usize;
 }
 
 /// Builds the decoder's projections from a checkpoint.
@@ -87,6 +94,16 @@ impl Projection for Dense {
     }
     fn out_features(&self) -> usize {
         self.out_features
+    }
+    fn weight_f32(&self) -> candle_core::Result<Tensor> {
+        self.inner.weight().to_dtype(DType::F32)
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+    fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        bytes(self.inner.weight()) + self.inner.bias().map_or(0, bytes)
     }
 }
 

@@ -6,17 +6,24 @@
 //!   against the config;
 //! - [`linear`]: the one abstraction every projection goes through, so NF4 and
 //!   AWQ weights and LoRA adapters slot in without touching the decoder;
+//!   [`nf4`] (bitsandbytes NF4 weights), [`lora`] (LoRA/DoRA adapters),
+//!   [`adapter`] (PEFT adapter folders) and [`adapted`] (a loader that merges
+//!   an adapter chain and adds new adapters);
 //! - [`model`]: the decoder (RMSNorm, RoPE, GQA attention with causal, packed
 //!   and sliding-window masks, SwiGLU, KV cache);
 //! - [`tokenizer`] and [`chat`]: `tokenizer.json`, special tokens and chat
 //!   templates rendered as transformers renders them;
 //! - [`generate`]: greedy and sampled generation.
 
+pub mod adapted;
+pub mod adapter;
 pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod linear;
+pub mod lora;
 pub mod model;
+pub mod nf4;
 pub mod tokenizer;
 pub mod weights;
 

@@ -8,9 +8,12 @@
 //! window if the model has one, and positions restart per packed sample.
 //! A [`KvCache`] carries keys and values across calls for generation.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, TensorId, Var, D};
 
 use super::config::{Llama3RopeScaling, ModelConfig};
 use super::linear::{Dense, LinearLoader, Projection};
@@ -129,6 +132,78 @@ impl Decoder {
         last_only: bool,
     ) -> Result<Tensor, LlmError> {
         let t = tokens.len();
+        self.check_row(tokens, positions, segments)?;
+        let past_segments: &[u32] = cache.as_ref().map_or(&[], |c| &c.segments);
+        let mask = self.mask(past_segments, segments)?;
+        let (cos, sin) = self.rope_tables(positions)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.layers.resize_with(self.layers.len(), || None);
+        }
+        for n in 0..self.layers.len() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[n]);
+            x = self.layer(n, &x, &Context { cos: &cos, sin: &sin, mask: &mask }, slot, Pass::Inference)?;
+        }
+        if let Some(cache) = cache {
+            cache.segments.extend_from_slice(segments);
+        }
+        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let x = self.rms_norm(&x, &self.norm, Pass::Inference)?;
+        let logits = self.lm_head.forward(&x)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// The final hidden states `[tokens, hidden]` (after the last RMSNorm) of
+    /// one packed row, computed so that gradients flow to trainable adapters.
+    /// With `checkpoint`, each decoder layer keeps only its input: its
+    /// activations are recomputed during the backward pass, and the adapters'
+    /// gradients from those recomputations are collected in `checkpoint`.
+    pub fn train_hidden(
+        self: &Arc<Self>,
+        tokens: &[u32],
+        positions: &[u32],
+        segments: &[u32],
+        checkpoint: Option<&Arc<CheckpointGrads>>,
+    ) -> Result<Tensor, LlmError> {
+        self.check_row(tokens, positions, segments)?;
+        let mask = self.mask(&[], segments)?;
+        let (cos, sin) = self.rope_tables(positions)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
+        let pass = Pass::Train;
+        match checkpoint {
+            None => {
+                for n in 0..self.layers.len() {
+                    x = self.layer(n, &x, &Context { cos: &cos, sin: &sin, mask: &mask }, None, pass)?;
+                }
+            }
+            Some(grads) => {
+                // The first layer's input must be tracked so its op is replayed.
+                x = Var::from_tensor(&x)?.as_tensor().clone();
+                for n in 0..self.layers.len() {
+                    x = x.apply_op1(LayerCheckpoint {
+                        decoder: self.clone(),
+                        layer: n,
+                        cos: cos.clone(),
+                        sin: sin.clone(),
+                        mask: mask.clone(),
+                        grads: grads.clone(),
+                    })?;
+                }
+            }
+        }
+        let x = self.rms_norm(&x, &self.norm, pass)?;
+        Ok(x.squeeze(0)?)
+    }
+
+    /// The output projection (tied to the embedding or `lm_head`).
+    pub fn lm_head(&self) -> &dyn Projection {
+        self.lm_head.as_ref()
+    }
+
+    fn check_row(&self, tokens: &[u32], positions: &[u32], segments: &[u32]) -> Result<(), LlmError> {
+        let t = tokens.len();
         if t == 0 || positions.len() != t || segments.len() != t {
             return Err(LlmError::Candle(candle_core::Error::Msg(format!(
                 "forward needs one position and segment per token ({t} tokens, {} positions, {} segments)",
@@ -142,51 +217,47 @@ impl Decoder {
                 self.config.vocab_size
             ))));
         }
-        let past_segments: &[u32] = cache.as_ref().map_or(&[], |c| &c.segments);
-        let mask = self.mask(past_segments, segments)?;
-        let (cos, sin) = self.rope_tables(positions)?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
-        if let Some(cache) = cache.as_deref_mut() {
-            cache.layers.resize_with(self.layers.len(), || None);
-        }
-        for (n, layer) in self.layers.iter().enumerate() {
-            let residual = x.clone();
-            let normed = self.rms_norm(&x, &layer.input_layernorm)?;
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[n]);
-            let attended = self.attention(&layer.self_attn, &normed, &cos, &sin, &mask, slot)?;
-            x = (residual + attended)?;
-            let residual = x.clone();
-            let normed = self.rms_norm(&x, &layer.post_attention_layernorm)?;
-            let mlp = &layer.mlp;
-            let gated = (mlp.gate_proj.forward(&normed)?.silu()? * mlp.up_proj.forward(&normed)?)?;
-            x = (residual + mlp.down_proj.forward(&gated)?)?;
-        }
-        if let Some(cache) = cache {
-            cache.segments.extend_from_slice(segments);
-        }
-        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
-        let x = self.rms_norm(&x, &self.norm)?;
-        let logits = self.lm_head.forward(&x)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(())
+    }
+
+    /// One decoder layer: attention and MLP blocks with their residuals.
+    fn layer(
+        &self,
+        n: usize,
+        x: &Tensor,
+        ctx: &Context<'_>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        pass: Pass,
+    ) -> Result<Tensor, LlmError> {
+        let layer = &self.layers[n];
+        let normed = self.rms_norm(x, &layer.input_layernorm, pass)?;
+        let attended = self.attention(&layer.self_attn, &normed, ctx, cache, pass)?;
+        let x = (x + attended)?;
+        let normed = self.rms_norm(&x, &layer.post_attention_layernorm, pass)?;
+        let mlp = &layer.mlp;
+        let gated = (mlp.gate_proj.forward(&normed)?.silu()? * mlp.up_proj.forward(&normed)?)?;
+        Ok((x + mlp.down_proj.forward(&gated)?)?)
     }
 
     fn attention(
         &self,
         attn: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        ctx: &Context<'_>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        pass: Pass,
     ) -> Result<Tensor, LlmError> {
         let c = &self.config;
+        let rope = |x: &Tensor| match pass {
+            Pass::Inference => candle_nn::rotary_emb::rope(x, ctx.cos, ctx.sin),
+            Pass::Train => candle_nn::rotary_emb::rope_slow(x, ctx.cos, ctx.sin),
+        };
         let (b, t, _) = x.dims3()?;
         let heads = |p: &dyn Projection, n: usize| -> candle_core::Result<Tensor> {
             p.forward(x)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = candle_nn::rotary_emb::rope(&heads(attn.q_proj.as_ref(), c.num_heads)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&heads(attn.k_proj.as_ref(), c.num_kv_heads)?, cos, sin)?;
+        let q = rope(&heads(attn.q_proj.as_ref(), c.num_heads)?)?;
+        let k = rope(&heads(attn.k_proj.as_ref(), c.num_kv_heads)?)?;
         let v = heads(attn.v_proj.as_ref(), c.num_kv_heads)?;
         let (k, v) = match cache {
             Some(slot) => {
@@ -204,8 +275,12 @@ impl Decoder {
         let v = repeat_kv(&v, repeat)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let scores = scores.broadcast_add(ctx.mask)?;
+        let probs = match pass {
+            Pass::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
+            Pass::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        }
+        .to_dtype(self.dtype)?;
         let out = probs.matmul(&v.contiguous()?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, c.num_heads * c.head_dim))?;
         Ok(attn.o_proj.forward(&out)?)
@@ -213,9 +288,9 @@ impl Decoder {
 
     /// RMSNorm as transformers computes it: normalise in f32, cast back to the
     /// compute dtype, then scale by the weight.
-    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
         let eps = self.config.rms_norm_eps;
-        if self.dtype == DType::F32 {
+        if self.dtype == DType::F32 && pass == Pass::Inference {
             return candle_nn::ops::rms_norm(x, weight, eps as f32);
         }
         let x32 = x.to_dtype(DType::F32)?;
@@ -258,6 +333,101 @@ impl Decoder {
         let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
         Ok((cos, sin))
+    }
+}
+
+/// How a forward pass computes: inference uses candle's fused kernels, which
+/// have no backward pass; training uses differentiable compositions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Inference,
+    Train,
+}
+
+/// What every layer of one forward pass shares.
+struct Context<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: &'a Tensor,
+}
+
+/// Gradients of trainable variables found while replaying checkpointed layers
+/// in the backward pass (the main graph never sees those variables).
+pub struct CheckpointGrads {
+    vars: HashSet<TensorId>,
+    grads: Mutex<HashMap<TensorId, Tensor>>,
+}
+
+impl CheckpointGrads {
+    /// Collects gradients for these variables.
+    pub fn new(vars: &[&Var]) -> Self {
+        Self { vars: vars.iter().map(|v| v.as_tensor().id()).collect(), grads: Mutex::default() }
+    }
+
+    /// The gradients collected since the last call, summed per variable.
+    pub fn take(&self) -> HashMap<TensorId, Tensor> {
+        std::mem::take(&mut *self.grads.lock().expect("checkpoint gradients lock"))
+    }
+}
+
+/// A decoder layer whose activations are recomputed in backward: forward runs
+/// the layer and keeps only the output; backward replays it with gradients on.
+struct LayerCheckpoint {
+    decoder: Arc<Decoder>,
+    layer: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    grads: Arc<CheckpointGrads>,
+}
+
+impl LayerCheckpoint {
+    fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let ctx = Context { cos: &self.cos, sin: &self.sin, mask: &self.mask };
+        self.decoder.layer(self.layer, x, &ctx, None, Pass::Train).map_err(|e| match e {
+            LlmError::Candle(e) => e,
+            other => candle_core::Error::Msg(other.to_string()),
+        })
+    }
+}
+
+impl CustomOp1 for LayerCheckpoint {
+    fn name(&self) -> &'static str {
+        "decoder-layer-checkpoint"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = Tensor::from_storage(Storage::Cpu(storage.clone()), layout.shape().clone(), BackpropOp::none(), false);
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("decoder-layer-checkpoint: expected a contiguous input");
+        }
+        // Run without recording: detached adapters would be cleaner, but the
+        // graph built here is dropped with `y` as soon as its data is copied.
+        let y = self.run(&x)?.contiguous()?;
+        let (y_storage, y_layout) = y.storage_and_layout();
+        let Storage::Cpu(cpu) = &*y_storage else { candle_core::bail!("decoder-layer-checkpoint: result left the CPU") };
+        if y_layout.start_offset() != 0 {
+            candle_core::bail!("decoder-layer-checkpoint: unexpected output offset");
+        }
+        Ok((cpu.clone(), y_layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let x = Var::from_tensor(&arg.detach())?;
+        let y = self.run(x.as_tensor())?;
+        let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+        let mut collected = self.grads.grads.lock().expect("checkpoint gradients lock");
+        for id in grads.get_ids() {
+            if self.grads.vars.contains(id) {
+                let grad = grads.get_id(*id).expect("listed id").clone();
+                let sum = match collected.remove(id) {
+                    Some(previous) => (previous + grad)?,
+                    None => grad,
+                };
+                collected.insert(*id, sum);
+            }
+        }
+        Ok(grads.get(x.as_tensor()).cloned())
     }
 }
 

@@ -81,6 +81,16 @@ impl Weights {
         &self.device
     }
 
+    /// The dtype a tensor is stored in (the checkpoint's dtype).
+    pub fn stored_dtype(&self, name: &str) -> Result<DType, LlmError> {
+        let Some(&file) = self.index.get(name) else {
+            return Err(LlmError::Weights { path: self.folder.clone(), message: format!("tensor `{name}` is missing") });
+        };
+        let (path, st) = &self.files[file];
+        let view = st.get(name).map_err(|e| LlmError::Weights { path: path.clone(), message: format!("tensor `{name}`: {e}") })?;
+        DType::try_from(view.dtype()).map_err(|e| LlmError::Weights { path: path.clone(), message: format!("tensor `{name}`: {e}") })
+    }
+
     /// Loads a tensor after checking its shape, converted to the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, LlmError> {
         self.get_as(name, shape, self.dtype)

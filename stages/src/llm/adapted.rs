@@ -1,0 +1,129 @@
+//! A [`LinearLoader`] for adapted models: each projection's checkpoint weight,
+//! with a chain of earlier adapters merged into it (tensor by tensor, in the
+//! checkpoint's dtype), stored dense or as NF4, and optionally wrapped in a
+//! fresh trainable adapter.
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+use super::adapter::PeftAdapter;
+use super::linear::{Dense, LinearLoader, Projection};
+use super::lora::{DropoutState, LoraLinear, LoraParams, SplitMix64};
+use super::nf4::Nf4Linear;
+use super::weights::Weights;
+use super::LlmError;
+
+/// How the frozen base weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseFormat {
+    /// In the compute dtype.
+    Dense,
+    /// NF4 with this block size, with or without double quantization
+    /// (`lm_head` stays dense, as bitsandbytes leaves it).
+    Nf4 {
+        /// Elements per absmax block (64 in QLoRA).
+        blocksize: usize,
+        /// Quantize the absmax values too.
+        double_quant: bool,
+    },
+}
+
+/// The adapter to create on each selected projection.
+#[derive(Clone, Debug)]
+pub struct NewAdapter {
+    /// Rank.
+    pub rank: usize,
+    /// `α/r` or `α/√r`.
+    pub scaling: f64,
+    /// DoRA.
+    pub dora: bool,
+    /// Dropout probability on the adapter's input.
+    pub dropout: f32,
+    /// Seed for A's initialisation.
+    pub seed: u64,
+}
+
+/// Builds projections: merged chain → dense or NF4 base → optional new adapter.
+pub struct AdaptedLoader<'a> {
+    merged: &'a [PeftAdapter],
+    base: BaseFormat,
+    adapt: Option<(&'a dyn Fn(&str) -> bool, NewAdapter)>,
+    state: Arc<DropoutState>,
+    created: RefCell<Vec<(String, Arc<LoraParams>)>>,
+    frozen_bytes: Cell<usize>,
+}
+
+impl<'a> AdaptedLoader<'a> {
+    /// A loader merging `merged` (in order) into the checkpoint weights and
+    /// storing the result as `base`.
+    pub fn new(merged: &'a [PeftAdapter], base: BaseFormat) -> Self {
+        Self {
+            merged,
+            base,
+            adapt: None,
+            state: Arc::default(),
+            created: RefCell::default(),
+            frozen_bytes: Cell::new(0),
+        }
+    }
+
+    /// Also wraps every projection for which `select(module_path)` holds in a
+    /// new adapter.
+    pub fn with_new_adapters(mut self, select: &'a dyn Fn(&str) -> bool, adapter: NewAdapter) -> Self {
+        self.adapt = Some((select, adapter));
+        self
+    }
+
+    /// The dropout switch shared by the new adapters.
+    pub fn dropout_state(&self) -> Arc<DropoutState> {
+        self.state.clone()
+    }
+
+    /// The new adapters, by module path, in the order the decoder loaded them.
+    pub fn take_adapters(&self) -> Vec<(String, Arc<LoraParams>)> {
+        self.created.take()
+    }
+
+    /// Bytes of frozen projection weights loaded so far.
+    pub fn frozen_bytes(&self) -> usize {
+        self.frozen_bytes.get()
+    }
+}
+
+impl LinearLoader for AdaptedLoader<'_> {
+    fn load(&self, weights: &Weights, prefix: &str, in_features: usize, out_features: usize, bias: bool)
+        -> Result<Box<dyn Projection>, LlmError> {
+        let name = format!("{prefix}.weight");
+        let stored = weights.stored_dtype(&name)?;
+        let mut weight = weights.get_as(&name, &[out_features, in_features], stored)?;
+        for adapter in self.merged {
+            if let Some(module) = adapter.module(prefix) {
+                if module.a.dims() != [module.a.dim(0)?, in_features] || module.b.dim(0)? != out_features {
+                    return Err(LlmError::Weights {
+                        path: adapter.folder.clone(),
+                        message: format!("adapter for `{prefix}` does not fit its [{out_features}, {in_features}] weight"),
+                    });
+                }
+                weight = module.merge_into(&weight)?;
+            }
+        }
+        let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[out_features])?) } else { None };
+        let base: Box<dyn Projection> = match self.base {
+            BaseFormat::Nf4 { blocksize, double_quant } if prefix != "lm_head" => {
+                Box::new(Nf4Linear::quantize(&weight, bias, blocksize, double_quant)?)
+            }
+            _ => Box::new(Dense::new(weight.to_dtype(weights.dtype())?, bias)?),
+        };
+        drop(weight);
+        self.frozen_bytes.set(self.frozen_bytes.get() + base.weight_bytes());
+        let Some((select, adapter)) = &self.adapt else { return Ok(base) };
+        if !select(prefix) {
+            return Ok(base);
+        }
+        let mut rng = SplitMix64::keyed(adapter.seed, prefix, 0);
+        let params = Arc::new(LoraParams::init(base.as_ref(), adapter.rank, adapter.scaling, adapter.dora, &mut rng)?);
+        self.created.borrow_mut().push((prefix.to_string(), params.clone()));
+        let stream = SplitMix64::keyed(adapter.seed, prefix, 1).next_u64();
+        Ok(Box::new(LoraLinear::new(base, params, adapter.dropout, self.state.clone(), stream)))
+    }
+}

@@ -1,0 +1,159 @@
+//! NF4 projections: a frozen weight stored as bitsandbytes NF4 (4-bit codes,
+//! absmax per block, optionally double-quantized), the QLoRA base.
+//!
+//! The weight enters autograd through a custom op on the activation: forward
+//! dequantizes the weight, multiplies and drops the full-precision copy;
+//! backward dequantizes it **again** to compute the activation's gradient. So no
+//! f32/bf16 copy of a frozen matrix stays alive between forward and backward —
+//! the memory QLoRA exists to save.
+
+use std::sync::Arc;
+
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use swift_kernels::nf4::Nf4Tensor;
+
+use super::linear::Projection;
+
+/// A projection whose weight is NF4.
+pub struct Nf4Linear {
+    weight: Arc<Nf4Tensor>,
+    bias: Option<Tensor>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl Nf4Linear {
+    /// Quantizes a `[out, in]` weight (any float dtype; quantized from its f32
+    /// values as bitsandbytes does) with block size `blocksize`.
+    pub fn quantize(weight: &Tensor, bias: Option<Tensor>, blocksize: usize, double_quant: bool)
+        -> candle_core::Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let quantized = swift_kernels::nf4::quantize(&values, &[out_features, in_features], blocksize, double_quant)
+            .map_err(|e| candle_core::Error::Msg(format!("NF4 quantization: {e}")))?;
+        Ok(Self { weight: Arc::new(quantized), bias, in_features, out_features })
+    }
+
+    /// The quantized weight.
+    pub fn quantized(&self) -> &Nf4Tensor {
+        &self.weight
+    }
+
+    fn dequantized(&self, dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(self.weight.dequantize(), (self.out_features, self.in_features), device)?.to_dtype(dtype)
+    }
+}
+
+impl Projection for Nf4Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.contiguous()?.apply_op1(Nf4Matmul {
+            weight: self.weight.clone(),
+            in_features: self.in_features,
+            out_features: self.out_features,
+        })?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+    fn weight_f32(&self) -> candle_core::Result<Tensor> {
+        self.dequantized(DType::F32, &candle_core::Device::Cpu)
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    fn weight_bytes(&self) -> usize {
+        self.weight.storage_bytes()
+    }
+}
+
+/// `y = x Wᵀ` with `W` dequantized on the fly, in forward and in backward.
+struct Nf4Matmul {
+    weight: Arc<Nf4Tensor>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl Nf4Matmul {
+    fn weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        let w = Tensor::from_vec(self.weight.dequantize(), (self.out_features, self.in_features), &candle_core::Device::Cpu)?;
+        w.to_dtype(dtype)
+    }
+}
+
+impl CustomOp1 for Nf4Matmul {
+    fn name(&self) -> &'static str {
+        "nf4-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = layout.dims();
+        if !layout.is_contiguous() || dims.last() != Some(&self.in_features) {
+            candle_core::bail!("nf4-matmul: expected a contiguous [.., {}] input, got {dims:?}", self.in_features);
+        }
+        let rows = layout.shape().elem_count() / self.in_features;
+        let x = Tensor::from_storage(Storage::Cpu(storage.clone()), storage_shape(storage), BackpropOp::none(), false)
+            .narrow(0, layout.start_offset(), rows * self.in_features)?
+            .reshape((rows, self.in_features))?;
+        let y = x.matmul(&self.weight(x.dtype())?.t()?)?;
+        let (y_storage, _) = y.storage_and_layout();
+        let Storage::Cpu(y_cpu) = &*y_storage else { candle_core::bail!("nf4-matmul: result left the CPU") };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = self.out_features;
+        Ok((y_cpu.clone(), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dL/dx = dL/dy · W, with W dequantized again (and dropped right after).
+        let w = self.weight(grad_res.dtype())?.to_device(grad_res.device())?;
+        let rows = grad_res.elem_count() / self.out_features;
+        let grad = grad_res.reshape((rows, self.out_features))?.matmul(&w)?;
+        Ok(Some(grad.reshape(arg.shape())?))
+    }
+}
+
+/// A CPU storage's elements as a flat shape.
+fn storage_shape(storage: &CpuStorage) -> Shape {
+    let n = match storage {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        CpuStorage::F64(v) => v.len(),
+        _ => 0,
+    };
+    Shape::from(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn forward_and_input_gradient_match_the_dequantized_dense_weight() {
+        let device = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.05, (24, 128), &device).unwrap();
+        let bias = Tensor::randn(0f32, 0.1, 24, &device).unwrap();
+        let nf4 = Nf4Linear::quantize(&w, Some(bias.clone()), 64, true).unwrap();
+        let dense_w = nf4.weight_f32().unwrap();
+        let x = Var::new(Tensor::randn(0f32, 1.0, (2, 3, 128), &device).unwrap().to_vec3::<f32>().unwrap(), &device)
+            .unwrap();
+        let y = nf4.forward(x.as_tensor()).unwrap();
+        let reference = x.as_tensor().broadcast_matmul(&dense_w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+        let diff = (&y - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "forward differs by {diff}");
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let reference_grads = reference.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap();
+        let r = reference_grads.get(x.as_tensor()).unwrap();
+        let diff = (g - r).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "input gradient differs by {diff}");
+    }
+}

@@ -1,0 +1,87 @@
+//! What a stage's `model = "…"` key names: a stage yielding a model, a local
+//! model folder, or a fine-tune stage — which stands for its base model with
+//! every adapter of its chain merged in, in order (ARCHITECTURE.md: "used as
+//! model: its base + every adapter of the chain, merged in memory").
+//!
+//! While compiling, [`ModelSource::declare`] follows `model` keys through
+//! fine-tune stages to the original base and declares it as input `model` and
+//! each adapter as `adapter.0`, `adapter.1`, … (base-most first), so the key
+//! covers the whole chain. While running, [`ModelSource::open`] gives the base
+//! folder and the adapters to merge.
+
+use std::path::PathBuf;
+
+use swift_engine::kind::{CompileCtx, OutputType, RunCtx};
+use swift_engine::ManifestError;
+
+use crate::llm::adapter::PeftAdapter;
+
+/// The kind whose stages stand for "base + adapter chain".
+const FINETUNE: &str = "finetune";
+
+/// A declared model reference.
+#[derive(Clone, Debug)]
+pub struct ModelSource {
+    /// The fine-tune stages of the chain, base-most first.
+    pub chain: Vec<String>,
+    /// How users name the original base model (a Hub repo id or a path), for
+    /// `base_model_name_or_path`.
+    pub base_name: String,
+}
+
+/// A model reference resolved for a running stage.
+pub struct OpenedModel {
+    /// The original base model folder.
+    pub folder: PathBuf,
+    /// The adapters to merge into it, in order.
+    pub adapters: Vec<PeftAdapter>,
+}
+
+impl ModelSource {
+    /// Declares the inputs a `model` value at `field` needs.
+    pub fn declare(ctx: &mut CompileCtx<'_>, field: &str, value: &str) -> Result<Self, ManifestError> {
+        let mut chain: Vec<String> = Vec::new();
+        let mut current = value.to_string();
+        while ctx.stage_kind(&current) == Some(FINETUNE) {
+            if chain.contains(&current) {
+                chain.push(current);
+                return Err(ctx.error(&[field], format!("the fine-tune chain loops: {}", chain.join(" → "))));
+            }
+            let next = ctx.stage_params(&current).and_then(|p| p.get("model")).and_then(|m| m.as_str()).map(str::to_string);
+            chain.push(current.clone());
+            match next {
+                Some(next) => current = next,
+                // That stage's own compile names the missing key.
+                None => return Err(ctx.error(&[field], format!("stage `{current}` has no `model`"))),
+            }
+        }
+        chain.reverse();
+        let base_name = if ctx.is_stage(&current) || !current.contains(['/', '.']) {
+            ctx.stage_input("model", &[field], &current, OutputType::Model);
+            Self::hub_name(ctx, &current).unwrap_or_else(|| current.clone())
+        } else {
+            ctx.local_input("model", &[field], &current)?;
+            current.clone()
+        };
+        for (i, stage) in chain.iter().enumerate() {
+            ctx.stage_input(&format!("adapter.{i}"), &[field], stage, OutputType::Adapter);
+        }
+        Ok(Self { chain, base_name })
+    }
+
+    /// For a download stage of a Hub model, the repo id users know it by.
+    fn hub_name(ctx: &CompileCtx<'_>, stage: &str) -> Option<String> {
+        let source = ctx.stage_params(stage)?.get("model")?.as_str()?;
+        let repo = source.strip_prefix("hf://")?;
+        Some(repo.split('@').next().unwrap_or(repo).trim_end_matches('/').to_string())
+    }
+
+    /// The base folder and the chain's adapters, read from the stage's inputs.
+    pub fn open(&self, ctx: &RunCtx<'_>) -> anyhow::Result<OpenedModel> {
+        let folder = ctx.input("model")?.path.clone();
+        let adapters = (0..self.chain.len())
+            .map(|i| Ok(PeftAdapter::open(&ctx.input(&format!("adapter.{i}"))?.path)?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(OpenedModel { folder, adapters })
+    }
+}
