@@ -2,9 +2,12 @@
 //! reference the others are tested against):
 //!
 //! - [`gemv`]: matrix-vector products for single-token decoding.
+//! - [`nf4`]: QLoRA's NF4 4-bit weights (with double-quantized scales), bit-exact
+//!   with bitsandbytes.
 //!
-//! NF4 and AWQ int4 (with their CUDA versions behind a `cuda` feature) join as
+//! AWQ int4, and CUDA versions of the kernels behind a `cuda` feature, join as
 //! the fine-tune and quantize stages land.
 #![deny(missing_docs)]
 
 pub mod gemv;
+pub mod nf4;

@@ -58,7 +58,7 @@ impl ModelSource {
         chain.reverse();
         let base_name = if ctx.is_stage(&current) || !current.contains(['/', '.']) {
             ctx.stage_input("model", &[field], &current, OutputType::Model);
-            Self::hub_name(ctx, &current).unwrap_or_else(|| current.clone())
+            Self::download_name(ctx, &current).unwrap_or_else(|| current.clone())
         } else {
             ctx.local_input("model", &[field], &current)?;
             current.clone()
@@ -69,11 +69,14 @@ impl ModelSource {
         Ok(Self { chain, base_name })
     }
 
-    /// For a download stage of a Hub model, the repo id users know it by.
-    fn hub_name(ctx: &CompileCtx<'_>, stage: &str) -> Option<String> {
+    /// For a download stage, the name users know its model by: the Hub repo
+    /// id, or the local folder as the manifest gives it.
+    fn download_name(ctx: &CompileCtx<'_>, stage: &str) -> Option<String> {
         let source = ctx.stage_params(stage)?.get("model")?.as_str()?;
-        let repo = source.strip_prefix("hf://")?;
-        Some(repo.split('@').next().unwrap_or(repo).trim_end_matches('/').to_string())
+        Some(match source.strip_prefix("hf://") {
+            Some(repo) => repo.split('@').next().unwrap_or(repo).trim_end_matches('/').to_string(),
+            None => source.to_string(),
+        })
     }
 
     /// The base folder and the chain's adapters, read from the stage's inputs.
