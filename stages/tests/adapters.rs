@@ -258,3 +258,22 @@ fn activation_checkpointing_gives_the_same_gradients() {
         assert!(max_abs_diff(expected, got) < 1e-6);
     }
 }
+
+#[test]
+fn adapters_swift_trained_load_in_peft_with_swifts_logits() {
+    // tests/fixtures/check_swift_adapters.py loaded these swift-written adapters
+    // with PeftModel.from_pretrained and recorded its logits.
+    let (_, json) = peft_reference();
+    let ids = input_ids(&json);
+    let dir = fixtures().join("peft");
+    let reference = candle_core::safetensors::load(dir.join("swift_reference.safetensors"), &Device::Cpu).unwrap();
+    for name in ["swift_lora", "swift_qdora"] {
+        let adapter = open(name);
+        let unmerged = logits(&load(&[], Some(&adapter), BaseFormat::Dense), &ids);
+        let d = max_abs_diff(&unmerged, &reference[&format!("{name}.peft")]);
+        assert!(d < 1e-4, "{name}: swift's adapted model differs from PEFT's by {d}");
+        let merged = logits(&load(std::slice::from_ref(&adapter), None, BaseFormat::Dense), &ids);
+        let d = max_abs_diff(&merged, &reference[&format!("{name}.merged")]);
+        assert!(d < 1e-4, "{name}: swift's merged model differs from PEFT's by {d}");
+    }
+}
