@@ -4,10 +4,12 @@
 //! - [`gemv`]: matrix-vector products for single-token decoding.
 //! - [`nf4`]: QLoRA's NF4 4-bit weights (with double-quantized scales), bit-exact
 //!   with bitsandbytes.
+//! - [`loss`]: fused cross-entropy (loss and gradient) over rows of logits.
 //!
 //! AWQ int4, and CUDA versions of the kernels behind a `cuda` feature, join as
-//! the fine-tune and quantize stages land.
+//! the quantize stage and the GPU work land.
 #![deny(missing_docs)]
 
 pub mod gemv;
+pub mod loss;
 pub mod nf4;

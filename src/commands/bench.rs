@@ -23,6 +23,8 @@ pub enum BenchCommand {
     Generate(super::bench_generate::GenerateArgs),
     /// Preprocess throughput vs datasets.map with a fast tokenizer.
     Preprocess(super::bench_preprocess::PreprocessArgs),
+    /// LoRA/QLoRA training tokens/s and memory on CPU vs PyTorch + PEFT.
+    Finetune(super::bench_finetune::FinetuneArgs),
 }
 
 /// Arguments of `swift bench engine`.
@@ -68,6 +70,7 @@ pub fn exec(command: BenchCommand) -> anyhow::Result<Exit> {
         BenchCommand::Engine(args) => engine(args),
         BenchCommand::Generate(args) => super::bench_generate::exec(args),
         BenchCommand::Preprocess(args) => super::bench_preprocess::exec(args),
+        BenchCommand::Finetune(args) => super::bench_finetune::exec(args),
     }
 }
 

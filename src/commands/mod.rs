@@ -4,6 +4,7 @@
 //! the cache, printing errors).
 
 mod bench;
+mod bench_finetune;
 mod bench_generate;
 mod bench_preprocess;
 mod cache;

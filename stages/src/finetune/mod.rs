@@ -326,6 +326,9 @@ impl StagePlan for FinetunePlan {
         let decoder = Arc::new(Decoder::load(&opened.folder, model_config, dtype, &device, &loader)?);
         let adapters = loader.take_adapters();
         let frozen_bytes = loader.frozen_bytes();
+        // Loading maps the checkpoint; training's own peak is measured apart.
+        let load_peak = memory::peak_rss_bytes();
+        memory::reset_peak();
 
         let rows_per_step = c.batch_size * c.grad_accum;
         let (total_steps, stream_rows) = match c.max_steps {
@@ -407,6 +410,9 @@ impl StagePlan for FinetunePlan {
         put("trainable_parameters", trainer.trainable_parameters().into());
         put("adapted_modules", adapters.len().into());
         put("frozen_weight_bytes", frozen_bytes.into());
+        if let Some(peak) = load_peak {
+            put("load_peak_rss_bytes", peak.into());
+        }
         if let Some(peak) = memory::peak_rss_bytes() {
             put("peak_rss_bytes", peak.into());
         }

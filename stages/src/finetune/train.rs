@@ -16,6 +16,7 @@ use super::data::{Example, RowOrder};
 use super::optim::{clip, AdamW, AdamWConfig, Schedule};
 use crate::llm::lora::{DropoutState, LoraParams, SplitMix64};
 use crate::llm::model::CheckpointGrads;
+use crate::llm::ops::cross_entropy;
 use crate::llm::Decoder;
 use crate::preprocess::shards::Split;
 
@@ -228,8 +229,8 @@ impl Trainer {
         Ok(Outcome { log, final_train_loss, final_val, tokens, resumed_from })
     }
 
-    /// The summed cross-entropy of one row's labelled tokens and how many of
-    /// them the model's argmax gets right.
+    /// The summed cross-entropy of one row's labelled tokens and (when not
+    /// training) how many of them the model's argmax gets right.
     fn row_loss(&self, example: &Example, train: bool) -> anyhow::Result<(Tensor, usize)> {
         let device = Device::Cpu;
         let hidden = if train {
@@ -239,11 +240,13 @@ impl Trainer {
         };
         let at = Tensor::new(example.predict_at.as_slice(), &device)?;
         let logits = self.decoder.lm_head().forward(&hidden.index_select(&at, 0)?)?.to_dtype(DType::F32)?;
-        let targets = Tensor::new(example.targets.as_slice(), &device)?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let loss = log_probs.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()?;
-        let predicted = logits.detach().argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let correct = predicted.iter().zip(&example.targets).filter(|(p, t)| p == t).count();
+        let loss = cross_entropy(&logits, &example.targets)?.sum_all()?;
+        let correct = if train {
+            0
+        } else {
+            let predicted = logits.detach().argmax(D::Minus1)?.to_vec1::<u32>()?;
+            predicted.iter().zip(&example.targets).filter(|(p, t)| p == t).count()
+        };
         Ok((loss, correct))
     }
 

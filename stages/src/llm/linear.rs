@@ -84,6 +84,14 @@ impl Dense {
 
 impl Projection for Dense {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.track_op() {
+            // Training: the weight is frozen, so backward needs only dL/dx.
+            let y = super::ops::frozen_matmul(x, self.inner.weight())?;
+            return match self.inner.bias() {
+                Some(bias) => y.broadcast_add(bias),
+                None => Ok(y),
+            };
+        }
         match self.forward_single_row(x)? {
             Some(y) => Ok(y),
             None => self.inner.forward(x),

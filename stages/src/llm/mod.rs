@@ -8,7 +8,8 @@
 //!   AWQ weights and LoRA adapters slot in without touching the decoder;
 //!   [`nf4`] (bitsandbytes NF4 weights), [`lora`] (LoRA/DoRA adapters),
 //!   [`adapter`] (PEFT adapter folders) and [`adapted`] (a loader that merges
-//!   an adapter chain and adds new adapters);
+//!   an adapter chain and adds new adapters); [`ops`] (custom autograd ops
+//!   for training: frozen-weight matmul, fused cross-entropy);
 //! - [`model`]: the decoder (RMSNorm, RoPE, GQA attention with causal, packed
 //!   and sliding-window masks, SwiGLU, KV cache);
 //! - [`tokenizer`] and [`chat`]: `tokenizer.json`, special tokens and chat
@@ -24,6 +25,7 @@ pub mod linear;
 pub mod lora;
 pub mod model;
 pub mod nf4;
+pub mod ops;
 pub mod tokenizer;
 pub mod weights;
 

@@ -12,11 +12,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, TensorId, Var, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId, Var, D};
 
 use super::config::{Llama3RopeScaling, ModelConfig};
 use super::linear::{Dense, LinearLoader, Projection};
+use super::ops::{cpu_tensor, into_cpu};
 use super::weights::Weights;
 use super::LlmError;
 
@@ -397,19 +397,10 @@ impl CustomOp1 for LayerCheckpoint {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_storage(Storage::Cpu(storage.clone()), layout.shape().clone(), BackpropOp::none(), false);
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("decoder-layer-checkpoint: expected a contiguous input");
-        }
-        // Run without recording: detached adapters would be cleaner, but the
-        // graph built here is dropped with `y` as soon as its data is copied.
-        let y = self.run(&x)?.contiguous()?;
-        let (y_storage, y_layout) = y.storage_and_layout();
-        let Storage::Cpu(cpu) = &*y_storage else { candle_core::bail!("decoder-layer-checkpoint: result left the CPU") };
-        if y_layout.start_offset() != 0 {
-            candle_core::bail!("decoder-layer-checkpoint: unexpected output offset");
-        }
-        Ok((cpu.clone(), y_layout.shape().clone()))
+        let x = cpu_tensor(storage, layout, self.name())?;
+        // The graph built while running is dropped with the output as soon as
+        // its data is copied out: only the output is kept.
+        into_cpu(&self.run(&x)?, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {

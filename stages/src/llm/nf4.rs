@@ -9,11 +9,11 @@
 
 use std::sync::Arc;
 
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use swift_kernels::nf4::Nf4Tensor;
 
 use super::linear::Projection;
+use super::ops::{cpu_tensor, into_cpu};
 
 /// A projection whose weight is NF4.
 pub struct Nf4Linear {
@@ -95,19 +95,11 @@ impl CustomOp1 for Nf4Matmul {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = layout.dims();
-        if !layout.is_contiguous() || dims.last() != Some(&self.in_features) {
-            candle_core::bail!("nf4-matmul: expected a contiguous [.., {}] input, got {dims:?}", self.in_features);
+        if dims.last() != Some(&self.in_features) {
+            candle_core::bail!("nf4-matmul: expected a [.., {}] input, got {dims:?}", self.in_features);
         }
-        let rows = layout.shape().elem_count() / self.in_features;
-        let x = Tensor::from_storage(Storage::Cpu(storage.clone()), storage_shape(storage), BackpropOp::none(), false)
-            .narrow(0, layout.start_offset(), rows * self.in_features)?
-            .reshape((rows, self.in_features))?;
-        let y = x.matmul(&self.weight(x.dtype())?.t()?)?;
-        let (y_storage, _) = y.storage_and_layout();
-        let Storage::Cpu(y_cpu) = &*y_storage else { candle_core::bail!("nf4-matmul: result left the CPU") };
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked above") = self.out_features;
-        Ok((y_cpu.clone(), Shape::from(out_dims)))
+        let x = cpu_tensor(storage, layout, self.name())?;
+        into_cpu(&x.broadcast_matmul(&self.weight(x.dtype())?.t()?)?, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -117,18 +109,6 @@ impl CustomOp1 for Nf4Matmul {
         let grad = grad_res.reshape((rows, self.out_features))?.matmul(&w)?;
         Ok(Some(grad.reshape(arg.shape())?))
     }
-}
-
-/// A CPU storage's elements as a flat shape.
-fn storage_shape(storage: &CpuStorage) -> Shape {
-    let n = match storage {
-        CpuStorage::F32(v) => v.len(),
-        CpuStorage::BF16(v) => v.len(),
-        CpuStorage::F16(v) => v.len(),
-        CpuStorage::F64(v) => v.len(),
-        _ => 0,
-    };
-    Shape::from(n)
 }
 
 #[cfg(test)]

@@ -1,0 +1,150 @@
+//! Custom autograd ops for training on candle:
+//!
+//! - [`frozen_matmul`]: `x Wᵀ` for a frozen `W` whose backward computes only
+//!   the input's gradient (candle's matmul would also compute and keep a full
+//!   gradient for every frozen weight);
+//! - [`cross_entropy`]: per-row cross-entropy of logits with a fused backward
+//!   (kernels' [`swift_kernels::loss`]).
+
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+
+/// A contiguous CPU input of a custom op as a tensor (copied out of storage).
+pub(crate) fn cpu_tensor(storage: &CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<Tensor> {
+    if !layout.is_contiguous() {
+        candle_core::bail!("{op}: expected a contiguous input");
+    }
+    let len = match storage {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        CpuStorage::F64(v) => v.len(),
+        _ => candle_core::bail!("{op}: unsupported dtype"),
+    };
+    Tensor::from_storage(Storage::Cpu(storage.clone()), len, BackpropOp::none(), false)
+        .narrow(0, layout.start_offset(), layout.shape().elem_count())?
+        .reshape(layout.shape())
+}
+
+/// A tensor's CPU storage, for returning from `cpu_fwd`.
+pub(crate) fn into_cpu(t: &Tensor, op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("{op}: result left the CPU") };
+    if layout.start_offset() == 0 && cpu_len(cpu) == layout.shape().elem_count() {
+        return Ok((cpu.clone(), layout.shape().clone()));
+    }
+    drop(storage);
+    let copy = t.copy()?;
+    let (storage, layout) = copy.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("{op}: result left the CPU") };
+    Ok((cpu.clone(), layout.shape().clone()))
+}
+
+fn cpu_len(storage: &CpuStorage) -> usize {
+    match storage {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        CpuStorage::F64(v) => v.len(),
+        CpuStorage::U32(v) => v.len(),
+        _ => usize::MAX,
+    }
+}
+
+/// `x Wᵀ` with `W` `[out, in]` frozen: backward returns `dL/dx = dL/dy · W` only.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || !x.track_op() {
+        return x.broadcast_matmul(&weight.t()?);
+    }
+    x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.clone() })
+}
+
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_tensor(storage, layout, self.name())?;
+        into_cpu(&x.broadcast_matmul(&self.weight.t()?)?, self.name())
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (out, _) = self.weight.dims2()?;
+        let rows = grad_res.elem_count() / out;
+        let grad = grad_res.reshape((rows, out))?.matmul(&self.weight.to_dtype(grad_res.dtype())?)?;
+        Ok(Some(grad.reshape(arg.shape())?))
+    }
+}
+
+/// Per-row cross-entropy `[rows]` of f32 logits `[rows, vocab]` against
+/// `targets`, differentiable with respect to the logits.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if rows != targets.len() || targets.iter().any(|&t| t as usize >= vocab) {
+        candle_core::bail!("cross_entropy: {} targets for {rows} rows of {vocab} logits", targets.len());
+    }
+    logits.to_dtype(DType::F32)?.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })
+}
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = layout.shape().dims2()?;
+        let data = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * vocab];
+        let mut loss = vec![0f32; rows];
+        swift_kernels::loss::cross_entropy_rows(data, vocab, &self.targets, &mut loss);
+        Ok((CpuStorage::F32(loss), Shape::from(rows)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (rows, vocab) = arg.dims2()?;
+        let grad_out = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let mut grad = vec![0f32; rows * vocab];
+        {
+            let arg = arg.contiguous()?;
+            let (storage, layout) = arg.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("cross-entropy: logits left the CPU") };
+            let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * vocab];
+            swift_kernels::loss::cross_entropy_grad(data, vocab, &self.targets, &grad_out, &mut grad);
+        }
+        Ok(Some(Tensor::from_vec(grad, (rows, vocab), arg.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    #[test]
+    fn fused_ops_match_candles_composed_ones() {
+        let device = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 7), &device).unwrap();
+        let x = Var::new(Tensor::randn(0f32, 1.0, (3, 7), &device).unwrap().to_vec2::<f32>().unwrap(), &device).unwrap();
+        let targets = [4u32, 0, 2];
+        let ours = cross_entropy(&frozen_matmul(x.as_tensor(), &w).unwrap(), &targets).unwrap().sum_all().unwrap();
+        let logits = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let t = Tensor::new(&targets, &device).unwrap().unsqueeze(1).unwrap();
+        let reference = log_probs.gather(&t, 1).unwrap().sum_all().unwrap().neg().unwrap();
+        let (a, b) = (ours.to_scalar::<f32>().unwrap(), reference.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let ga = ours.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let gb = reference.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let diff = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "gradients differ by {diff}");
+    }
+}
