@@ -6,40 +6,35 @@
 
 use rayon::prelude::*;
 
-/// `loss[r] = logsumexp(logits[r]) − logits[r][targets[r]]` for every row of a
-/// row-major `[rows, vocab]` matrix.
-pub fn cross_entropy_rows(logits: &[f32], vocab: usize, targets: &[u32], loss: &mut [f32]) {
-    assert_eq!(logits.len(), targets.len() * vocab, "logits must be [rows, vocab]");
-    assert_eq!(loss.len(), targets.len());
-    loss.par_iter_mut().zip(logits.par_chunks(vocab)).zip(targets.par_iter()).for_each(|((l, row), &t)| {
-        *l = log_sum_exp(row) - row[t as usize];
-    });
-}
+use crate::rows::{log_sum_exp, scaled_softmax};
 
-/// The gradient of `Σ_r grad_out[r] · loss[r]` with respect to the logits:
-/// `grad_out[r] · (softmax(logits[r]) − onehot(targets[r]))`.
-pub fn cross_entropy_grad(logits: &[f32], vocab: usize, targets: &[u32], grad_out: &[f32], grad: &mut [f32]) {
+/// `loss[r] = logsumexp(logits[r]) − logits[r][targets[r]]` for every row of a
+/// row-major `[rows, vocab]` matrix; `lse[r]` keeps the log-sum-exp for the
+/// backward pass.
+pub fn cross_entropy_rows(logits: &[f32], vocab: usize, targets: &[u32], loss: &mut [f32], lse: &mut [f32]) {
     assert_eq!(logits.len(), targets.len() * vocab, "logits must be [rows, vocab]");
-    assert_eq!(grad.len(), logits.len());
-    grad.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).zip(targets.par_iter().zip(grad_out.par_iter())).for_each(
-        |((g, row), (&t, &scale))| {
-            let lse = log_sum_exp(row);
-            for (gi, &x) in g.iter_mut().zip(row) {
-                *gi = scale * (x - lse).exp();
-            }
-            g[t as usize] -= scale;
+    assert!(loss.len() == targets.len() && lse.len() == targets.len());
+    loss.par_iter_mut().zip(lse.par_iter_mut()).zip(logits.par_chunks(vocab)).zip(targets.par_iter()).for_each(
+        |(((l, s), row), &t)| {
+            *s = log_sum_exp(row);
+            *l = *s - row[t as usize];
         },
     );
 }
 
-/// `log Σ exp(row)`, stable (max subtracted), accumulated in f64.
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return max;
-    }
-    let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
-    max + sum.ln() as f32
+/// The gradient of `Σ_r grad_out[r] · loss[r]` with respect to the logits:
+/// `grad_out[r] · (softmax(logits[r]) − onehot(targets[r]))`, given the
+/// forward pass's log-sum-exp per row.
+pub fn cross_entropy_grad(logits: &[f32], vocab: usize, targets: &[u32], lse: &[f32], grad_out: &[f32], grad: &mut [f32]) {
+    assert_eq!(logits.len(), targets.len() * vocab, "logits must be [rows, vocab]");
+    assert_eq!(grad.len(), logits.len());
+    grad.par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter().zip(lse.par_iter().zip(grad_out.par_iter())))
+        .for_each(|((g, row), (&t, (&lse, &scale)))| {
+            scaled_softmax(row, lse, scale, g);
+            g[t as usize] -= scale;
+        });
 }
 
 #[cfg(test)]
@@ -50,12 +45,12 @@ mod tests {
     fn loss_and_gradient_match_the_definition() {
         let logits = [1.0f32, 2.0, 3.0, -1.0, 0.0, 1.0];
         let targets = [2u32, 0];
-        let mut loss = [0.0; 2];
-        cross_entropy_rows(&logits, 3, &targets, &mut loss);
+        let (mut loss, mut lse) = ([0.0; 2], [0.0; 2]);
+        cross_entropy_rows(&logits, 3, &targets, &mut loss, &mut lse);
         let lse0 = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
         assert!((loss[0] as f64 - (lse0 - 3.0)).abs() < 1e-6);
         let mut grad = [0.0; 6];
-        cross_entropy_grad(&logits, 3, &targets, &[1.0, 0.5], &mut grad);
+        cross_entropy_grad(&logits, 3, &targets, &lse, &[1.0, 0.5], &mut grad);
         assert!((grad[2] as f64 - ((3.0 - lse0).exp() - 1.0)).abs() < 1e-6);
         assert!(grad[..3].iter().sum::<f32>().abs() < 1e-6);
         assert!((grad[3..].iter().sum::<f32>()).abs() < 1e-6);
@@ -64,8 +59,8 @@ mod tests {
         let at = |d: f32| {
             let mut l = logits;
             l[4] += d;
-            let mut out = [0.0; 2];
-            cross_entropy_rows(&l, 3, &targets, &mut out);
+            let (mut out, mut lse) = ([0.0; 2], [0.0; 2]);
+            cross_entropy_rows(&l, 3, &targets, &mut out, &mut lse);
             out[1] * 0.5
         };
         assert!(((at(h) - at(-h)) / (2.0 * h) - grad[4]).abs() < 1e-3);

@@ -278,7 +278,7 @@ impl Decoder {
         let scores = scores.broadcast_add(ctx.mask)?;
         let probs = match pass {
             Pass::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-            Pass::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Pass::Train => super::ops::softmax_last_dim(&scores)?,
         }
         .to_dtype(self.dtype)?;
         let out = probs.matmul(&v.contiguous()?)?;
@@ -290,8 +290,11 @@ impl Decoder {
     /// compute dtype, then scale by the weight.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
         let eps = self.config.rms_norm_eps;
-        if self.dtype == DType::F32 && pass == Pass::Inference {
-            return candle_nn::ops::rms_norm(x, weight, eps as f32);
+        if self.dtype == DType::F32 {
+            return match pass {
+                Pass::Inference => candle_nn::ops::rms_norm(x, weight, eps as f32),
+                Pass::Train => super::ops::rms_norm(x, weight, eps as f32),
+            };
         }
         let x32 = x.to_dtype(DType::F32)?;
         let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;

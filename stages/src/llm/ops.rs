@@ -4,7 +4,9 @@
 //!   the input's gradient (candle's matmul would also compute and keep a full
 //!   gradient for every frozen weight);
 //! - [`cross_entropy`]: per-row cross-entropy of logits with a fused backward
-//!   (kernels' [`swift_kernels::loss`]).
+//!   (kernels' [`swift_kernels::loss`]);
+//! - [`softmax_last_dim`] and [`rms_norm`]: row-wise f32 ops with fused
+//!   backwards (kernels' [`swift_kernels::rows`]).
 
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
@@ -89,11 +91,13 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Te
     if rows != targets.len() || targets.iter().any(|&t| t as usize >= vocab) {
         candle_core::bail!("cross_entropy: {} targets for {rows} rows of {vocab} logits", targets.len());
     }
-    logits.to_dtype(DType::F32)?.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })
+    logits.to_dtype(DType::F32)?.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec(), lse: Default::default() })
 }
 
 struct CrossEntropy {
     targets: Vec<u32>,
+    /// Log-sum-exp per row, from the forward pass for the backward pass.
+    lse: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -104,8 +108,9 @@ impl CustomOp1 for CrossEntropy {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, vocab) = layout.shape().dims2()?;
         let data = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * vocab];
-        let mut loss = vec![0f32; rows];
-        swift_kernels::loss::cross_entropy_rows(data, vocab, &self.targets, &mut loss);
+        let (mut loss, mut lse) = (vec![0f32; rows], vec![0f32; rows]);
+        swift_kernels::loss::cross_entropy_rows(data, vocab, &self.targets, &mut loss, &mut lse);
+        let _ = self.lse.set(lse);
         Ok((CpuStorage::F32(loss), Shape::from(rows)))
     }
 
@@ -118,9 +123,84 @@ impl CustomOp1 for CrossEntropy {
             let (storage, layout) = arg.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("cross-entropy: logits left the CPU") };
             let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * vocab];
-            swift_kernels::loss::cross_entropy_grad(data, vocab, &self.targets, &grad_out, &mut grad);
+            let lse = self.lse.get().ok_or_else(|| candle_core::Error::Msg("cross-entropy: backward before forward".into()))?;
+            swift_kernels::loss::cross_entropy_grad(data, vocab, &self.targets, lse, &grad_out, &mut grad);
         }
         Ok(Some(Tensor::from_vec(grad, (rows, vocab), arg.device())?))
+    }
+}
+
+/// Softmax over the last dimension of an f32 tensor, with a fused backward.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return candle_nn::ops::softmax(x, candle_core::D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = *layout.dims().last().unwrap_or(&1);
+        let count = layout.shape().elem_count();
+        let x = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + count];
+        let mut y = vec![0f32; count];
+        swift_kernels::rows::softmax_rows(x, n, &mut y);
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = *res.dims().last().unwrap_or(&1);
+        let y = res.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; y.len()];
+        swift_kernels::rows::softmax_rows_grad(&y, &g, n, &mut dx);
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// RMSNorm (`w ⊙ x/√(mean(x²)+ε)`) of f32 rows with a frozen weight, with a
+/// fused backward for `x`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        candle_core::bail!("ops::rms_norm runs on f32 CPU tensors");
+    }
+    let weight = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    x.contiguous()?.apply_op1(RmsNorm { weight, eps })
+}
+
+struct RmsNorm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let count = layout.shape().elem_count();
+        if layout.dims().last() != Some(&self.weight.len()) {
+            candle_core::bail!("rms-norm: rows of {:?} do not match a weight of {}", layout.dims(), self.weight.len());
+        }
+        let x = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + count];
+        let mut y = vec![0f32; count];
+        swift_kernels::rows::rms_norm_rows(x, &self.weight, self.eps, &mut y);
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let x = arg.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; x.len()];
+        swift_kernels::rows::rms_norm_rows_grad(&x, &self.weight, &g, self.eps, &mut dx);
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
 
@@ -146,5 +226,28 @@ mod tests {
         let gb = reference.backward().unwrap().get(x.as_tensor()).unwrap().clone();
         let diff = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "gradients differ by {diff}");
+    }
+
+    #[test]
+    fn fused_softmax_and_rms_norm_match_candles_composed_ones() {
+        let device = Device::Cpu;
+        let x = Var::new(Tensor::randn(0f32, 2.0, (2, 3, 9), &device).unwrap().to_vec3::<f32>().unwrap(), &device).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 9, &device).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (2, 3, 9), &device).unwrap();
+        let check = |ours: Tensor, reference: Tensor| {
+            let d = (&ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "forward differs by {d}");
+            let ga = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            let gb = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            let d = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "gradient differs by {d}");
+        };
+        check(softmax_last_dim(x.as_tensor()).unwrap(), candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap());
+        let t = x.as_tensor();
+        let composed = t.broadcast_div(&(t.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&w)
+            .unwrap();
+        check(rms_norm(t, &w, 1e-6).unwrap(), composed);
     }
 }

@@ -1,0 +1,243 @@
+//! Row-wise f32 kernels for training, forward and backward: softmax (attention
+//! probabilities), RMSNorm, and the `exp` they and the fused cross-entropy
+//! share. Rows run in parallel; within a row every sum has a fixed order
+//! (eight explicit lanes), so results do not depend on the thread count, and
+//! an AVX2/FMA path is picked at run time where the CPU has it.
+
+use rayon::prelude::*;
+
+const LANES: usize = 8;
+
+/// `e^x` to about 2 ulp for `x` in f32's range, exactly 0 below −87 (so a
+/// −∞ mask gives 0), written so that it vectorizes.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let clamped = x.clamp(-87.0, 88.0);
+    let n = (clamped * LOG2E + 0.5).floor();
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { p * scale }
+}
+
+/// Σ a·b in eight fixed lanes.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += x * y;
+    }
+    acc.iter().sum()
+}
+
+/// Defines `$name`, which runs `$generic` compiled for AVX2/FMA when the CPU
+/// has them (so the loops vectorize 8-wide), else the portable build.
+macro_rules! dispatch {
+    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),*)) => {
+        dispatch!($name, $generic, ($($arg: $ty),*) -> ());
+    };
+    ($name:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `fast` is compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn log_sum_exp_generic(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for chunk in row.chunks(LANES) {
+        for (l, &v) in chunk.iter().enumerate() {
+            lanes[l] = lanes[l].max(v);
+        }
+    }
+    let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let mut acc = [0f32; LANES];
+    for chunk in row.chunks(LANES) {
+        for (l, &v) in chunk.iter().enumerate() {
+            acc[l] += exp(v - max);
+        }
+    }
+    max + acc.iter().sum::<f32>().ln()
+}
+dispatch!(log_sum_exp, log_sum_exp_generic, (row: &[f32]) -> f32);
+
+#[inline(always)]
+fn scaled_softmax_generic(row: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = scale * exp(x - lse);
+    }
+}
+dispatch!(scaled_softmax, scaled_softmax_generic, (row: &[f32], lse: f32, scale: f32, out: &mut [f32]));
+
+#[inline(always)]
+fn softmax_row_generic(x: &[f32], y: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for chunk in x.chunks(LANES) {
+        for (l, &v) in chunk.iter().enumerate() {
+            lanes[l] = lanes[l].max(v);
+        }
+    }
+    let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        y.fill(0.0);
+        return;
+    }
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = exp(v - max);
+    }
+    let mut acc = [0f32; LANES];
+    for chunk in y.chunks(LANES) {
+        for (l, &v) in chunk.iter().enumerate() {
+            acc[l] += v;
+        }
+    }
+    let inv = 1.0 / acc.iter().sum::<f32>();
+    y.iter_mut().for_each(|o| *o *= inv);
+}
+dispatch!(softmax_row, softmax_row_generic, (x: &[f32], y: &mut [f32]));
+
+/// Softmax of each row of `n` values (`x` and `y` row-major, same length).
+pub fn softmax_rows(x: &[f32], n: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| softmax_row(xr, yr));
+}
+
+#[inline(always)]
+fn softmax_grad_row_generic(y: &[f32], g: &[f32], dx: &mut [f32]) {
+    let s = dot(g, y);
+    for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(g) {
+        *d = yi * (gi - s);
+    }
+}
+dispatch!(softmax_grad_row, softmax_grad_row_generic, (y: &[f32], g: &[f32], dx: &mut [f32]));
+
+/// The gradient of softmax: `dx = y ⊙ (g − ⟨g, y⟩)` per row, from the output `y`.
+pub fn softmax_rows_grad(y: &[f32], g: &[f32], n: usize, dx: &mut [f32]) {
+    assert!(y.len() == g.len() && g.len() == dx.len());
+    dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(d, (yr, gr))| softmax_grad_row(yr, gr, d));
+}
+
+#[inline(always)]
+fn rms_row_generic(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let r = 1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt();
+    for ((o, &xi), &wi) in y.iter_mut().zip(x).zip(w) {
+        *o = wi * (xi * r);
+    }
+}
+dispatch!(rms_row, rms_row_generic, (x: &[f32], w: &[f32], eps: f32, y: &mut [f32]));
+
+/// RMSNorm of each row as transformers computes it: `w ⊙ (x / √(mean(x²) + ε))`.
+pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let n = w.len();
+    assert_eq!(x.len(), y.len());
+    y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(yr, xr)| rms_row(xr, w, eps, yr));
+}
+
+#[inline(always)]
+fn rms_grad_row_generic(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) {
+    let n = x.len() as f32;
+    let r = 1.0 / (dot(x, x) / n + eps).sqrt();
+    let mut acc = [0f32; LANES];
+    for (i, ((&xi, &wi), &gi)) in x.iter().zip(w).zip(g).enumerate() {
+        acc[i % LANES] += gi * wi * xi;
+    }
+    let coeff = acc.iter().sum::<f32>() * r * r * r / n;
+    for (((d, &xi), &wi), &gi) in dx.iter_mut().zip(x).zip(w).zip(g) {
+        *d = r * wi * gi - coeff * xi;
+    }
+}
+dispatch!(rms_grad_row, rms_grad_row_generic, (x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]));
+
+/// The gradient of [`rms_norm_rows`] with respect to `x` (the weight is frozen):
+/// `dx = r·(w⊙g) − x·r³·⟨g⊙w, x⟩/n`, `r = 1/√(mean(x²) + ε)`.
+pub fn rms_norm_rows_grad(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) {
+    let n = w.len();
+    assert!(x.len() == g.len() && g.len() == dx.len());
+    dx.par_chunks_mut(n)
+        .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+        .for_each(|(d, (xr, gr))| rms_grad_row(xr, w, gr, eps, d));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_and_zero_under_the_mask() {
+        for i in -8700..8800 {
+            let x = i as f32 / 100.0;
+            let (ours, libm) = (exp(x), x.exp());
+            assert!(((ours - libm) / libm).abs() < 4e-7, "exp({x}) = {ours}, libm {libm}");
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn softmax_and_its_gradient() {
+        let x = [1.0f32, 2.0, f32::NEG_INFINITY, 0.5, -1.0, 3.0, 0.0, 0.0, 1.0, 2.0];
+        let mut y = [0.0; 10];
+        softmax_rows(&x, 10, &mut y);
+        let z: f32 = [1.0f32, 2.0, 0.5, -1.0, 3.0, 0.0, 0.0, 1.0, 2.0].iter().map(|v| v.exp()).sum();
+        assert!((y[1] - 2f32.exp() / z).abs() < 1e-6 && y[2] == 0.0);
+        let g = [0.3f32, -1.0, 0.0, 2.0, 0.1, 0.0, 1.0, -0.5, 0.2, 0.7];
+        let mut dx = [0.0; 10];
+        softmax_rows_grad(&y, &g, 10, &mut dx);
+        let h = 1e-2;
+        let mut xp = x;
+        xp[3] += h;
+        let mut xm = x;
+        xm[3] -= h;
+        let (mut yp, mut ym) = ([0.0; 10], [0.0; 10]);
+        softmax_rows(&xp, 10, &mut yp);
+        softmax_rows(&xm, 10, &mut ym);
+        let numeric: f32 = (0..10).map(|i| g[i] * (yp[i] - ym[i]) / (2.0 * h)).sum();
+        assert!((numeric - dx[3]).abs() < 1e-3, "{numeric} vs {}", dx[3]);
+    }
+
+    #[test]
+    fn rms_norm_and_its_gradient() {
+        let x: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0).collect();
+        let w: Vec<f32> = (0..12).map(|i| 0.5 + i as f32 / 10.0).collect();
+        let g: Vec<f32> = (0..24).map(|i| ((i * 5) % 7) as f32 / 3.0 - 1.0).collect();
+        let loss = |x: &[f32]| -> f32 {
+            let mut y = vec![0.0; 24];
+            rms_norm_rows(x, &w, 1e-6, &mut y);
+            y.iter().zip(&g).map(|(a, b)| a * b).sum()
+        };
+        let mut dx = vec![0.0; 24];
+        rms_norm_rows_grad(&x, &w, &g, 1e-6, &mut dx);
+        for i in [0, 5, 13, 23] {
+            let h = 1e-2;
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += h;
+            xm[i] -= h;
+            let numeric = (loss(&xp) - loss(&xm)) / (2.0 * h);
+            assert!((numeric - dx[i]).abs() < 2e-3, "x[{i}]: {numeric} vs {}", dx[i]);
+        }
+    }
+}
