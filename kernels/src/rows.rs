@@ -65,24 +65,59 @@ macro_rules! dispatch {
 }
 
 #[inline(always)]
-fn log_sum_exp_generic(row: &[f32]) -> f32 {
+fn max_of(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
-    for chunk in row.chunks(LANES) {
-        for (l, &v) in chunk.iter().enumerate() {
-            lanes[l] = lanes[l].max(v);
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..LANES {
+            lanes[l] = lanes[l].max(chunk[l]);
         }
     }
-    let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for (l, &v) in rest.iter().enumerate() {
+        lanes[l] = lanes[l].max(v);
+    }
+    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[inline(always)]
+fn lane_sum(values: &[f32], acc: &mut [f32; LANES]) {
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..LANES {
+            acc[l] += chunk[l];
+        }
+    }
+    for (l, &v) in rest.iter().enumerate() {
+        acc[l] += v;
+    }
+}
+
+/// Σ exp(row − shift): exponentials in blocks through a stack buffer (a plain
+/// map loop, which vectorizes), then summed in eight fixed lanes.
+#[inline(always)]
+fn sum_exp_shifted(row: &[f32], shift: f32) -> f32 {
+    const BLOCK: usize = 256;
+    let mut buffer = [0f32; BLOCK];
+    let mut acc = [0f32; LANES];
+    for block in row.chunks(BLOCK) {
+        let out = &mut buffer[..block.len()];
+        for (o, &v) in out.iter_mut().zip(block) {
+            *o = exp(v - shift);
+        }
+        lane_sum(out, &mut acc);
+    }
+    acc.iter().sum()
+}
+
+#[inline(always)]
+fn log_sum_exp_generic(row: &[f32]) -> f32 {
+    let max = max_of(row);
     if !max.is_finite() {
         return max;
     }
-    let mut acc = [0f32; LANES];
-    for chunk in row.chunks(LANES) {
-        for (l, &v) in chunk.iter().enumerate() {
-            acc[l] += exp(v - max);
-        }
-    }
-    max + acc.iter().sum::<f32>().ln()
+    max + sum_exp_shifted(row, max).ln()
 }
 dispatch!(log_sum_exp, log_sum_exp_generic, (row: &[f32]) -> f32);
 
@@ -96,13 +131,7 @@ dispatch!(scaled_softmax, scaled_softmax_generic, (row: &[f32], lse: f32, scale:
 
 #[inline(always)]
 fn softmax_row_generic(x: &[f32], y: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    for chunk in x.chunks(LANES) {
-        for (l, &v) in chunk.iter().enumerate() {
-            lanes[l] = lanes[l].max(v);
-        }
-    }
-    let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(x);
     if max == f32::NEG_INFINITY {
         y.fill(0.0);
         return;
@@ -111,11 +140,7 @@ fn softmax_row_generic(x: &[f32], y: &mut [f32]) {
         *o = exp(v - max);
     }
     let mut acc = [0f32; LANES];
-    for chunk in y.chunks(LANES) {
-        for (l, &v) in chunk.iter().enumerate() {
-            acc[l] += v;
-        }
-    }
+    lane_sum(y, &mut acc);
     let inv = 1.0 / acc.iter().sum::<f32>();
     y.iter_mut().for_each(|o| *o *= inv);
 }
