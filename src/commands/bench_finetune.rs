@@ -2,9 +2,9 @@
 //! beside PyTorch + PEFT doing the same steps on the same model folder and the
 //! same token rows (`--python`), in the same run. Two model shapes: a small
 //! one (4 layers, hidden 256, rows of 256 tokens) for tokens/s, and with
-//! `--large` a Qwen2.5-0.5B-shaped one (bf16 checkpoint, short rows, a few
-//! steps) where weight memory dominates. Weights are random: speed and memory
-//! do not depend on them.
+//! `--large` a Qwen2.5-0.5B-shaped one (bf16 checkpoint, three steps) where
+//! weight memory dominates. Weights are random: speed and memory do not depend
+//! on them.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -63,8 +63,8 @@ const LARGE: Shape = Shape {
     kv_heads: 2,
     vocab: 151936,
     dtype: DType::BF16,
-    seq: 64,
-    steps: 4,
+    seq: 256,
+    steps: 3,
 };
 
 /// Writes config, random weights and the fixture tokenizer, once.

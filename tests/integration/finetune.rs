@@ -242,3 +242,20 @@ fn an_empty_dataset_is_a_clear_error() {
     let run = p.run("pipelines/tune.toml", &[], 1);
     assert!(run.stderr.contains("no usable training sample"), "{run}");
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_that_the_rerun_resumes_from() {
+    let p = project(RESUMABLE);
+    p.run("pipelines/tune.toml", &["--until", "prep"], 0);
+    let child = p.spawn(&["run", "pipelines/tune.toml"]);
+    p.wait_for("a checkpoint at step 5", |p| checkpoint_step(p.root()).is_some_and(|s| s >= 5));
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", String::from_utf8_lossy(&output.stderr));
+    let saved = checkpoint_step(p.root()).unwrap();
+    assert!(saved >= 5 && saved < 48, "Ctrl-C left the checkpoint of step {saved}");
+    let resumed = p.run("pipelines/tune.toml", &[], 0);
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(output_path(&resumed, "tune", "metrics")).unwrap()).unwrap();
+    assert_eq!(metrics["resumed_from_step"].as_u64(), Some(saved as u64), "{metrics}");
+}

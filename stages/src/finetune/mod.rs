@@ -302,7 +302,8 @@ impl StagePlan for FinetunePlan {
         let train = Split::open(tokens_dir, "train").with_context(|| format!("{}: reading the train split", field("data")))?;
         let label_tokens: usize = (0..train.rows()).map(|r| train.row(r).labels.iter().filter(|&&l| l == 1).count()).sum();
         if train.rows() == 0 || label_tokens == 0 {
-            bail!("{}: the dataset is empty: the train split has {} rows and {label_tokens} tokens to train on",
+            let hint = if train.rows() > 0 { " (did the preprocess `max_length` cut every assistant turn off?)" } else { "" };
+            bail!("{}: the dataset is empty: the train split has {} rows and {label_tokens} tokens to train on{hint}",
                 field("data"), train.rows());
         }
         let val = Split::open(tokens_dir, "val").ok().filter(|v| v.rows() > 0);
