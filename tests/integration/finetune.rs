@@ -119,7 +119,8 @@ fn checkpoint_step(root: &Path) -> Option<usize> {
             let path = entry.path();
             if path.ends_with("checkpoints/latest") {
                 let name = std::fs::read_to_string(&path).ok()?;
-                return name.trim().strip_prefix("step-")?.parse().ok();
+                // `step-NNNNNNNN-<nonce>`
+                return name.trim().strip_prefix("step-")?.split('-').next()?.parse().ok();
             }
             if path.is_dir() {
                 stack.push(path);
@@ -229,9 +230,10 @@ fn bad_settings_are_clear_errors() {
     rejects("method = \"lora\"\nlora = { rank = 100 }\nmax_steps = 1\n", 1, &[
         "stages.tune.lora.rank: rank 100 is larger than `k_proj` ([64, 128]) allows: at most 64",
     ]);
-    rejects("method = \"lora\"\nlr = 1e38\nmax_grad_norm = 0.0\nmax_steps = 30\nsave_every = 2\n", 1, &[
-        "training diverged at step",
-        "the last good checkpoint",
+    // Step 1 has lr 0 (warmup), step 2 a huge one: step 3 diverges.
+    rejects("method = \"lora\"\nlr = 1e38\nwarmup_steps = 1000\nmax_grad_norm = 0.0\nmax_steps = 30\nsave_every = 1\n", 1, &[
+        "training diverged at step 3: the loss is NaN",
+        "the last good checkpoint (step 2) is kept",
     ]);
 }
 
@@ -243,19 +245,50 @@ fn an_empty_dataset_is_a_clear_error() {
     assert!(run.stderr.contains("no usable training sample"), "{run}");
 }
 
+/// Whether a stage has started running (its scratch folder has an `out/`).
+fn stage_running(root: &Path) -> bool {
+    std::fs::read_dir(root.join(".swift/scratch")).is_ok_and(|entries| entries.flatten().any(|e| e.path().join("out").is_dir()))
+}
+
 #[test]
-fn ctrl_c_saves_a_checkpoint_that_the_rerun_resumes_from() {
-    let p = project(RESUMABLE);
+fn ctrl_c_saves_a_checkpoint_that_the_rerun_resumes_from_to_the_same_bits() {
+    // No periodic checkpoints: whatever the rerun resumes from, Ctrl-C saved.
+    let stage = RESUMABLE.replace("save_every = 5", "save_every = 0");
+    let reference = project(&stage);
+    let uninterrupted = reference.run("pipelines/tune.toml", &[], 0);
+
+    let p = project(&stage);
     p.run("pipelines/tune.toml", &["--until", "prep"], 0);
     let child = p.spawn(&["run", "pipelines/tune.toml"]);
-    p.wait_for("a checkpoint at step 5", |p| checkpoint_step(p.root()).is_some_and(|s| s >= 5));
+    p.wait_for("the finetune stage to start", |p| stage_running(p.root()));
+    std::thread::sleep(std::time::Duration::from_millis(800));
     std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(130), "{}", String::from_utf8_lossy(&output.stderr));
-    let saved = checkpoint_step(p.root()).unwrap();
-    assert!(saved >= 5 && saved < 48, "Ctrl-C left the checkpoint of step {saved}");
+    let saved = checkpoint_step(p.root()).expect("Ctrl-C saves a checkpoint");
+    assert!(saved < 48, "Ctrl-C left the checkpoint of step {saved}");
     let resumed = p.run("pipelines/tune.toml", &[], 0);
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(output_path(&resumed, "tune", "metrics")).unwrap()).unwrap();
     assert_eq!(metrics["resumed_from_step"].as_u64(), Some(saved as u64), "{metrics}");
+    assert_eq!(adapter_bytes(&resumed, "tune"), adapter_bytes(&uninterrupted, "tune"));
+}
+
+#[test]
+fn epochs_cover_every_row_with_a_partial_last_step() {
+    let p = project(
+        "[stages.tune]\nkind = \"finetune\"\nmethod = \"lora\"\nmodel = \"base\"\ndata = \"prep\"\n\
+         lora = { rank = 2, alpha = 4 }\nepochs = 2\ngrad_accum = 3\nsave_every = 0\n",
+    );
+    let run = p.run("pipelines/tune.toml", &[], 0);
+    let header: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(PathBuf::from(outputs(&run, "prep")["tokens"].as_str().unwrap()).join("header.json")).unwrap(),
+    )
+    .unwrap();
+    let rows = header["splits"]["train"]["rows"].as_u64().unwrap();
+    let log = log_lines(&output_path(&run, "tune", "log"));
+    let steps: Vec<&serde_json::Value> = log.iter().filter(|l| l["loss"].is_number()).collect();
+    assert_eq!(steps.len() as u64, (2 * rows).div_ceil(3), "2 epochs of {rows} rows, 3 rows a step");
+    let tokens: u64 = steps.iter().map(|l| l["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(tokens, 2 * header["splits"]["train"]["tokens"].as_u64().unwrap(), "every row twice, none more");
 }

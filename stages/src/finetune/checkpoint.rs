@@ -3,9 +3,12 @@
 //! data order and dropout masks are functions of the seed and the step, so
 //! this is all a resumed run needs to end bit-identical to an uninterrupted one.
 //!
-//! Layout: `checkpoints/step-NNNNNNNN/{tensors.safetensors,state.json}`, made
-//! complete and fsynced before `checkpoints/latest` (written atomically) names
-//! it; older step folders are removed after.
+//! Layout: `checkpoints/step-NNNNNNNN-<nonce>/{tensors.safetensors,state.json}`,
+//! a fresh folder each time, made complete and fsynced before
+//! `checkpoints/latest` (written atomically) names it; older folders are
+//! removed after. A crash at any point leaves `latest` naming a complete
+//! checkpoint. (The engine removes the whole scratch folder once the stage's
+//! outputs are stored.)
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,11 +55,9 @@ fn dir(scratch: &Path) -> PathBuf {
 /// Saves a checkpoint and makes it the latest.
 pub fn save(scratch: &Path, checkpoint: &Checkpoint) -> anyhow::Result<()> {
     let root = dir(scratch);
-    let name = format!("step-{:08}", checkpoint.step);
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let name = format!("step-{:08}-{nonce:x}", checkpoint.step);
     let folder = root.join(&name);
-    if folder.exists() {
-        std::fs::remove_dir_all(&folder).with_context(|| format!("removing {}", folder.display()))?;
-    }
     std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (kind, buffers) in [("param", &checkpoint.params), ("m", &checkpoint.m), ("v", &checkpoint.v)] {
@@ -96,12 +97,16 @@ pub fn load_latest(scratch: &Path) -> anyhow::Result<Option<Checkpoint>> {
         Err(e) => return Err(e).context("reading the latest checkpoint's name"),
     };
     let folder = root.join(latest.trim());
-    let state: State = serde_json::from_slice(&std::fs::read(folder.join("state.json"))?)
+    let state_path = folder.join("state.json");
+    let bytes = std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
+    let state: State = serde_json::from_slice(&bytes)
         .with_context(|| format!("{}: unreadable checkpoint state", folder.display()))?;
     if state.format != FORMAT {
         bail!("{}: unknown checkpoint format `{}`", folder.display(), state.format);
     }
-    let tensors = candle_core::safetensors::load(folder.join("tensors.safetensors"), &Device::Cpu)?;
+    let tensors_path = folder.join("tensors.safetensors");
+    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+        .with_context(|| format!("reading {}", tensors_path.display()))?;
     let take = |kind: &str| -> anyhow::Result<Vec<Vec<f32>>> {
         (0..state.names.len())
             .map(|i| {
@@ -119,15 +124,6 @@ pub fn load_latest(scratch: &Path) -> anyhow::Result<Option<Checkpoint>> {
         log: state.log,
         names: state.names,
     }))
-}
-
-/// Removes every checkpoint (the stage finished).
-pub fn clear(scratch: &Path) -> anyhow::Result<()> {
-    let root = dir(scratch);
-    if root.exists() {
-        std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -150,10 +146,11 @@ mod tests {
         save(scratch.path(), &c).unwrap();
         c.step = 4;
         save(scratch.path(), &c).unwrap();
+        // Saving the same step again (Ctrl-C right after a periodic save) never
+        // removes the checkpoint `latest` names before the new one is complete.
+        save(scratch.path(), &c).unwrap();
         assert_eq!(load_latest(scratch.path()).unwrap().unwrap(), c);
-        let steps: Vec<_> = std::fs::read_dir(dir(scratch.path())).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(steps.len(), 2, "{steps:?}"); // latest + step-00000004
-        clear(scratch.path()).unwrap();
-        assert!(load_latest(scratch.path()).unwrap().is_none());
+        let entries: Vec<_> = std::fs::read_dir(dir(scratch.path())).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(entries.len(), 2, "{entries:?}"); // latest + one step folder
     }
 }

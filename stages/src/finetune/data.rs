@@ -48,22 +48,18 @@ impl Example {
 pub struct RowOrder {
     rows: usize,
     seed: u64,
-    shuffle: bool,
     cached: Option<(usize, Vec<usize>)>,
 }
 
 impl RowOrder {
     /// The order over `rows` rows.
-    pub fn new(rows: usize, seed: u64, shuffle: bool) -> Self {
-        Self { rows, seed, shuffle, cached: None }
+    pub fn new(rows: usize, seed: u64) -> Self {
+        Self { rows, seed, cached: None }
     }
 
     /// The row at stream position `k` (epoch `k / rows`).
     pub fn row_at(&mut self, k: usize) -> usize {
         let epoch = k / self.rows;
-        if !self.shuffle {
-            return k % self.rows;
-        }
         if self.cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let mut rng = SplitMix64::keyed(self.seed, "epoch", epoch as u64);
             let mut order: Vec<usize> = (0..self.rows).collect();
@@ -83,14 +79,14 @@ mod tests {
 
     #[test]
     fn epochs_are_permutations_and_reproducible() {
-        let mut a = RowOrder::new(10, 7, true);
+        let mut a = RowOrder::new(10, 7);
         let first: Vec<usize> = (0..10).map(|k| a.row_at(k)).collect();
         let mut sorted = first.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
         let second: Vec<usize> = (10..20).map(|k| a.row_at(k)).collect();
         assert_ne!(first, second);
-        let mut b = RowOrder::new(10, 7, true);
+        let mut b = RowOrder::new(10, 7);
         assert_eq!(b.row_at(13), second[3]);
     }
 }

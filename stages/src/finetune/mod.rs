@@ -37,7 +37,7 @@ use swift_engine::ManifestError;
 
 use self::optim::{AdamWConfig, Schedule};
 use self::targets::{Layers, Selection, Targets};
-use self::train::{Hooks, Settings, Stopped, Trainer};
+use self::train::{Hooks, Settings, Trainer};
 use crate::llm::adapted::{AdaptedLoader, BaseFormat, NewAdapter};
 use crate::llm::adapter::{self, AdapterSpec};
 use crate::llm::{Decoder, ModelConfig};
@@ -264,8 +264,13 @@ fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
     if c.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
         return Err(ctx.error(&["betas"], "betas must be in [0, 1), e.g. [0.9, 0.999]"));
     }
-    if c.weight_decay < 0.0 || c.max_grad_norm < 0.0 || c.eps <= 0.0 {
-        return Err(ctx.error(&["weight_decay"], "weight_decay and max_grad_norm must be ≥ 0, eps > 0"));
+    for (field, value, positive) in
+        [("weight_decay", c.weight_decay, false), ("max_grad_norm", c.max_grad_norm, false), ("eps", c.eps, true)]
+    {
+        if !value.is_finite() || value < 0.0 || (positive && value == 0.0) {
+            let bound = if positive { "a positive number" } else { "a number ≥ 0" };
+            return Err(ctx.error(&[field], format!("{field} must be {bound}")));
+        }
     }
     Ok(())
 }
@@ -298,7 +303,7 @@ impl StagePlan for FinetunePlan {
         check_rank(&model_config, &selection, c.lora.rank).map_err(|e| anyhow!("{}: {e}", field("lora.rank")))?;
 
         let tokens_dir = &ctx.input("data")?.path;
-        check_tokenizer(tokens_dir, &opened.folder)?;
+        check_tokenizer(tokens_dir, &opened.folder).with_context(|| field("data"))?;
         let train = Split::open(tokens_dir, "train").with_context(|| format!("{}: reading the train split", field("data")))?;
         let label_tokens: usize = (0..train.rows()).map(|r| train.row(r).labels.iter().filter(|&&l| l == 1).count()).sum();
         if train.rows() == 0 || label_tokens == 0 {
@@ -315,7 +320,7 @@ impl StagePlan for FinetunePlan {
         } else {
             BaseFormat::Dense
         };
-        let scaling = if c.lora.rslora { c.lora.alpha / (c.lora.rank as f64).sqrt() } else { c.lora.alpha / c.lora.rank as f64 };
+        let scaling = crate::llm::lora::scaling(c.lora.alpha, c.lora.rank, c.lora.rslora);
         let select = |path: &str| selection.selects(path);
         let loader = AdaptedLoader::new(&opened.adapters, base).with_new_adapters(&select, NewAdapter {
             rank: c.lora.rank,
@@ -325,6 +330,13 @@ impl StagePlan for FinetunePlan {
             seed: self.resolved.seed,
         });
         let decoder = Arc::new(Decoder::load(&opened.folder, model_config, dtype, &device, &loader)?);
+        if let Some((folder, modules)) = loader.unapplied_modules().into_iter().next() {
+            bail!("{}: the adapter in {} has modules this model does not have ({}): is it an adapter for another model?",
+                field("model"), folder.display(), modules.join(", "));
+        }
+        if ctx.cancelled() {
+            return Err(Cancelled.into());
+        }
         let adapters = loader.take_adapters();
         let frozen_bytes = loader.frozen_bytes();
         // Loading maps the checkpoint; training's own peak is measured apart.
@@ -362,11 +374,7 @@ impl StagePlan for FinetunePlan {
         let trainer = Trainer::new(decoder, &adapters, loader.dropout_state(), settings);
         let progress = |done: u64, total: u64, message: &str| ctx.progress(done, total, message);
         let cancelled = || ctx.cancelled();
-        let outcome = match trainer.run(&train, val.as_ref(), &ctx.scratch_dir, &Hooks { progress: &progress, cancelled: &cancelled }) {
-            Ok(outcome) => outcome,
-            Err(e) if e.downcast_ref::<Stopped>().is_some() => return Err(Cancelled.into()),
-            Err(e) => return Err(e),
-        };
+        let outcome = trainer.run(&train, val.as_ref(), &ctx.scratch_dir, &Hooks { progress: &progress, cancelled: &cancelled })?;
 
         let adapter_dir = ctx.out_dir.join("adapter");
         let spec = AdapterSpec {
@@ -422,7 +430,6 @@ impl StagePlan for FinetunePlan {
         }
         let metrics_path = ctx.out_dir.join("metrics.json");
         std::fs::write(&metrics_path, serde_json::to_string_pretty(&metrics)? + "\n")?;
-        checkpoint::clear(&ctx.scratch_dir)?;
 
         let mut result = StageResult::default();
         result.outputs.insert("adapter".into(), OutputValue::Path(adapter_dir));
@@ -463,8 +470,8 @@ fn check_tokenizer(tokens_dir: &Path, model: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("{}: not a token shard header", header_path.display()))?;
     let tokenizer = std::fs::read(model.join("tokenizer.json")).with_context(|| format!("{}: no tokenizer.json", model.display()))?;
     if blake3::hash(&tokenizer).to_hex().as_str() != header.tokenizer_digest {
-        bail!("the tokens were made with a different tokenizer than this model's ({}): preprocess with the same `model`",
-            model.display());
+        bail!("the tokens were made with a different tokenizer than this model's ({}): give the preprocess stage \
+            the same `model` (or its base)", model.display());
     }
     Ok(())
 }

@@ -115,7 +115,10 @@ impl Layers {
                 let spec = spec.trim();
                 let count = |rest: &str| -> Result<usize, String> {
                     let n: usize = rest.trim().parse().map_err(|_| format!("`{spec}`: expected a number after the word"))?;
-                    if n == 0 || n > num_layers {
+                    if n == 0 {
+                        return Err(format!("`{spec}`: the count must be at least 1"));
+                    }
+                    if n > num_layers {
                         return Err(format!("`{spec}`: the model has {num_layers} layers"));
                     }
                     Ok(n)
@@ -191,6 +194,7 @@ mod tests {
         assert_eq!(r("0-11").unwrap(), None);
         assert!(r("12").unwrap_err().contains("layer 12 is out of range: the model has 12 layers (0 to 11)"));
         assert!(r("last 20").unwrap_err().contains("the model has 12 layers"));
+        assert!(Layers::Spec("last 0".into()).check().unwrap_err().contains("at least 1"));
         assert!(r("middle").unwrap_err().contains("use \"all\""));
         assert!(r("5-2").unwrap_err().contains("backwards"));
     }

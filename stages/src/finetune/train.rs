@@ -14,6 +14,7 @@ use serde_json::json;
 use super::checkpoint::{self, Checkpoint};
 use super::data::{Example, RowOrder};
 use super::optim::{clip, AdamW, AdamWConfig, Schedule};
+use swift_engine::kind::Cancelled;
 use crate::llm::lora::{DropoutState, LoraParams, SplitMix64};
 use crate::llm::model::CheckpointGrads;
 use crate::llm::ops::cross_entropy;
@@ -74,14 +75,6 @@ pub struct Outcome {
     pub resumed_from: Option<usize>,
 }
 
-/// Why the loop stopped early.
-#[derive(Debug, thiserror::Error)]
-pub enum Stopped {
-    /// Ctrl-C: a checkpoint was written.
-    #[error("interrupted")]
-    Cancelled,
-}
-
 /// The model, its trainable adapters and the optimizer.
 pub struct Trainer {
     decoder: Arc<Decoder>,
@@ -122,7 +115,9 @@ impl Trainer {
         let mut optimizer = AdamW::new(s.adamw, &sizes);
         let mut log: Vec<serde_json::Value> = Vec::new();
         let mut first_step = 0;
-        let resumed = checkpoint::load_latest(scratch)?;
+        let resumed = checkpoint::load_latest(scratch).with_context(|| {
+            format!("resuming from the checkpoint in {}: remove that folder to train from the start", scratch.display())
+        })?;
         let resumed_from = resumed.as_ref().map(|c| c.step);
         if let Some(c) = resumed {
             if c.names != self.names || c.params.iter().map(Vec::len).ne(sizes.iter().copied()) {
@@ -138,18 +133,20 @@ impl Trainer {
             first_step = c.step;
         }
         if let (Some(val), 0) = (val, first_step) {
-            let (val_loss, accuracy) = self.validate(val)?;
+            let Some((val_loss, accuracy)) = self.validate(val, hooks)? else {
+                return Err(Cancelled.into());
+            };
             log.push(json!({"step": 0, "val_loss": val_loss, "val_accuracy": accuracy}));
         }
-        let mut order = RowOrder::new(train.rows(), s.seed, true);
+        let mut order = RowOrder::new(train.rows(), s.seed);
         let rows_per_step = s.batch_size * s.grad_accum;
         let mut tokens: u64 = log.iter().filter_map(|l| l.get("tokens").and_then(|t| t.as_u64())).sum();
-        let mut last_good = first_step;
+        let mut last_saved = resumed_from;
         let mut final_train_loss = f64::NAN;
         for step in first_step..s.total_steps {
             if (hooks.cancelled)() {
                 self.save(scratch, step, &optimizer, &log)?;
-                return Err(Stopped::Cancelled.into());
+                return Err(Cancelled.into());
             }
             let step_started = Instant::now();
             let first_row = step * rows_per_step;
@@ -161,6 +158,12 @@ impl Trainer {
             let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
             let mut loss_sum = 0.0;
             for (micro, example) in examples.iter().enumerate() {
+                if (hooks.cancelled)() {
+                    // Mid-step: nothing of this step is applied yet.
+                    self.dropout.eval();
+                    self.save(scratch, step, &optimizer, &log)?;
+                    return Err(Cancelled.into());
+                }
                 if example.targets.is_empty() {
                     continue;
                 }
@@ -181,10 +184,14 @@ impl Trainer {
             let grad_norm = clip(&mut grads, s.max_grad_norm);
             let lr = s.lr * s.schedule.factor(step, s.total_steps, s.warmup);
             if !loss.is_finite() || !grad_norm.is_finite() {
+                let kept = match last_saved {
+                    Some(saved) => format!("the last good checkpoint (step {saved}) is kept in the cache"),
+                    None => "no checkpoint was saved before it".to_string(),
+                };
                 bail!(
                     "training diverged at step {}: the loss is {loss} and the gradient norm {grad_norm} (learning rate {lr:.3e}). \
-                     Stopped without saving this step; the last good checkpoint (step {last_good}) is kept in the cache. \
-                     Lower `lr`, add warmup (`warmup_steps`) or clip harder (`max_grad_norm`).",
+                     Stopped without applying this step; {kept}. Lower `lr`, add warmup (`warmup_steps`) or clip \
+                     harder (`max_grad_norm`): changed settings train from the start.",
                     step + 1
                 );
             }
@@ -210,13 +217,16 @@ impl Trainer {
             let last = done == s.total_steps;
             if let Some(val) = val {
                 if last || (s.eval_every > 0 && done % s.eval_every == 0) {
-                    let (val_loss, accuracy) = self.validate(val)?;
+                    let Some((val_loss, accuracy)) = self.validate(val, hooks)? else {
+                        self.save(scratch, done, &optimizer, &log)?;
+                        return Err(Cancelled.into());
+                    };
                     log.push(json!({"step": done, "val_loss": val_loss, "val_accuracy": accuracy}));
                 }
             }
             if !last && s.save_every > 0 && done % s.save_every == 0 {
                 self.save(scratch, done, &optimizer, &log)?;
-                last_good = done;
+                last_saved = Some(done);
             }
         }
         let final_val = log
@@ -250,24 +260,35 @@ impl Trainer {
         Ok((loss, correct))
     }
 
-    /// Mean loss and token accuracy over the validation split (no dropout).
-    pub fn validate(&self, val: &Split) -> anyhow::Result<(f64, f64)> {
+    /// Mean loss and token accuracy over the validation split (no dropout, no
+    /// autograd graph); `None` if interrupted.
+    pub fn validate(&self, val: &Split, hooks: &Hooks<'_>) -> anyhow::Result<Option<(f64, f64)>> {
         self.dropout.eval();
+        self.dropout.set_no_grad(true);
+        let result = self.validate_rows(val, hooks);
+        self.dropout.set_no_grad(false);
+        result
+    }
+
+    fn validate_rows(&self, val: &Split, hooks: &Hooks<'_>) -> anyhow::Result<Option<(f64, f64)>> {
         let (mut loss, mut correct, mut count) = (0.0, 0usize, 0usize);
         for r in 0..val.rows() {
+            if (hooks.cancelled)() {
+                return Ok(None);
+            }
             let example = Example::from_row(&val.row(r));
             if example.targets.is_empty() {
                 continue;
             }
             let (row_loss, row_correct) = self.row_loss(&example, false)?;
-            loss += row_loss.detach().to_scalar::<f32>()? as f64;
+            loss += row_loss.to_scalar::<f32>()? as f64;
             correct += row_correct;
             count += example.targets.len();
         }
         if count == 0 {
-            return Ok((f64::NAN, f64::NAN));
+            return Ok(Some((f64::NAN, f64::NAN)));
         }
-        Ok((loss / count as f64, correct as f64 / count as f64))
+        Ok(Some((loss / count as f64, correct as f64 / count as f64)))
     }
 
     fn save(&self, scratch: &Path, step: usize, optimizer: &AdamW, log: &[serde_json::Value]) -> anyhow::Result<()> {

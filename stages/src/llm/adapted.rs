@@ -4,6 +4,8 @@
 //! fresh trainable adapter.
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::adapter::PeftAdapter;
@@ -50,6 +52,7 @@ pub struct AdaptedLoader<'a> {
     adapt: Option<(&'a dyn Fn(&str) -> bool, NewAdapter)>,
     state: Arc<DropoutState>,
     created: RefCell<Vec<(String, Arc<LoraParams>)>>,
+    merged_modules: RefCell<BTreeSet<(usize, String)>>,
     frozen_bytes: Cell<usize>,
 }
 
@@ -63,6 +66,7 @@ impl<'a> AdaptedLoader<'a> {
             adapt: None,
             state: Arc::default(),
             created: RefCell::default(),
+            merged_modules: RefCell::default(),
             frozen_bytes: Cell::new(0),
         }
     }
@@ -84,6 +88,21 @@ impl<'a> AdaptedLoader<'a> {
         self.created.take()
     }
 
+    /// Per merged adapter with modules no projection of the model used (an
+    /// adapter for another model), its folder and those modules.
+    pub fn unapplied_modules(&self) -> Vec<(PathBuf, Vec<String>)> {
+        let merged = self.merged_modules.borrow();
+        self.merged
+            .iter()
+            .enumerate()
+            .filter_map(|(i, adapter)| {
+                let unused: Vec<String> =
+                    adapter.modules.keys().filter(|m| !merged.contains(&(i, m.to_string()))).cloned().collect();
+                (!unused.is_empty()).then(|| (adapter.folder.clone(), unused))
+            })
+            .collect()
+    }
+
     /// Bytes of frozen projection weights loaded so far.
     pub fn frozen_bytes(&self) -> usize {
         self.frozen_bytes.get()
@@ -96,8 +115,9 @@ impl LinearLoader for AdaptedLoader<'_> {
         let name = format!("{prefix}.weight");
         let stored = weights.stored_dtype(&name)?;
         let mut weight = weights.get_as(&name, &[out_features, in_features], stored)?;
-        for adapter in self.merged {
+        for (i, adapter) in self.merged.iter().enumerate() {
             if let Some(module) = adapter.module(prefix) {
+                self.merged_modules.borrow_mut().insert((i, prefix.to_string()));
                 if module.a.dims() != [module.a.dim(0)?, in_features] || module.b.dim(0)? != out_features {
                     return Err(LlmError::Weights {
                         path: adapter.folder.clone(),

@@ -67,11 +67,7 @@ fn default_bias() -> String {
 impl AdapterConfig {
     /// The LoRA scaling `α/r`, or `α/√r` with rsLoRA.
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
-        } else {
-            self.lora_alpha / self.r as f64
-        }
+        super::lora::scaling(self.lora_alpha, self.r, self.use_rslora)
     }
 }
 

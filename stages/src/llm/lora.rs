@@ -53,17 +53,27 @@ impl LoraParams {
     }
 }
 
+/// The LoRA scaling: `α/r`, or `α/√r` with rsLoRA.
+pub fn scaling(alpha: f64, rank: usize, rslora: bool) -> f64 {
+    if rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
 /// Row-wise L2 norms of a `[out, in]` matrix, `[out]`.
 pub fn row_norms(w: &Tensor) -> candle_core::Result<Tensor> {
     w.sqr()?.sum(1)?.sqrt()
 }
 
-/// Whether adapters are training (dropout on) and the current micro-batch's
-/// dropout seed; shared by every adapter of a model.
+/// Shared by every adapter of a model: whether dropout is on (and the current
+/// micro-batch's dropout seed), and whether gradients are wanted.
 #[derive(Default)]
 pub struct DropoutState {
     training: AtomicBool,
     seed: AtomicU64,
+    no_grad: AtomicBool,
 }
 
 impl DropoutState {
@@ -76,6 +86,12 @@ impl DropoutState {
     /// Turns dropout off (validation, inference).
     pub fn eval(&self) {
         self.training.store(false, Ordering::Relaxed);
+    }
+
+    /// With `true`, adapters compute with detached tensors, so a forward pass
+    /// builds no autograd graph (validation); `false` restores gradients.
+    pub fn set_no_grad(&self, no_grad: bool) {
+        self.no_grad.store(no_grad, Ordering::Relaxed);
     }
 }
 
@@ -117,16 +133,19 @@ impl Projection for LoraLinear {
         let dropped = self.dropout(&x32)?;
         let lora_in = dropped.as_ref().unwrap_or(&x32);
         let p = &*self.params;
-        let lora = (lora_in.matmul(&p.a.as_tensor().t()?)?.matmul(&p.b.as_tensor().t()?)? * p.scaling)?;
+        let no_grad = self.state.no_grad.load(Ordering::Relaxed);
+        let tracked = |v: &Var| if no_grad { v.as_tensor().detach() } else { v.as_tensor().clone() };
+        let (a, b) = (tracked(&p.a), tracked(&p.b));
+        let lora = (lora_in.matmul(&a.t()?)?.matmul(&b.t()?)? * p.scaling)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("x has a feature dimension") = self.out_features();
-        let Some(magnitude) = &p.magnitude else {
+        let Some(magnitude) = p.magnitude.as_ref().map(tracked) else {
             let dtype = base_out.dtype();
             return base_out + lora.reshape(out_dims)?.to_dtype(dtype)?;
         };
-        let delta = (p.b.as_tensor().detach().matmul(&p.a.as_tensor().detach())? * p.scaling)?;
+        let delta = (b.detach().matmul(&a.detach())? * p.scaling)?;
         let norm = row_norms(&(self.base.weight_f32()? + delta)?)?.detach();
-        let scale = magnitude.as_tensor().div(&norm)?;
+        let scale = magnitude.div(&norm)?;
         // W·x without the bias, on the same (dropped-out) input the adapter saw.
         let base_plain = match &dropped {
             Some(d) => self.base.forward(&d.reshape(dims)?.to_dtype(x.dtype())?)?,

@@ -35,11 +35,6 @@ impl Nf4Linear {
         Ok(Self { weight: Arc::new(quantized), bias, in_features, out_features })
     }
 
-    /// The quantized weight.
-    pub fn quantized(&self) -> &Nf4Tensor {
-        &self.weight
-    }
-
     fn dequantized(&self, dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
         Tensor::from_vec(self.weight.dequantize(), (self.out_features, self.in_features), device)?.to_dtype(dtype)
     }
