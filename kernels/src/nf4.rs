@@ -380,10 +380,10 @@ fn multi_row_sum<const L: usize>(load: impl Fn(usize, usize) -> [f32; L], size: 
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..4 {
-                let lower = acc[j - 1][k];
-                add_lanes(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0.0; L];
+            let (below, above) = acc.split_at_mut(j);
+            for (lower, upper) in below[j - 1].iter_mut().zip(above[0].iter_mut()) {
+                add_lanes(upper, lower);
+                *lower = [0.0; L];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -396,10 +396,10 @@ fn multi_row_sum<const L: usize>(load: impl Fn(usize, usize) -> [f32; L], size: 
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..4 {
-            let upper = acc[j][k];
-            add_lanes(&mut acc[0][k], &upper);
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest.iter() {
+        for (total, upper) in first[0].iter_mut().zip(level) {
+            add_lanes(total, upper);
         }
     }
     acc[0]

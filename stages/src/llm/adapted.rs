@@ -45,11 +45,14 @@ pub struct NewAdapter {
     pub seed: u64,
 }
 
+/// Picks the projections (by module path) that get a new adapter.
+pub type Selector<'a> = &'a dyn Fn(&str) -> bool;
+
 /// Builds projections: merged chain → dense or NF4 base → optional new adapter.
 pub struct AdaptedLoader<'a> {
     merged: &'a [PeftAdapter],
     base: BaseFormat,
-    adapt: Option<(&'a dyn Fn(&str) -> bool, NewAdapter)>,
+    adapt: Option<(Selector<'a>, NewAdapter)>,
     state: Arc<DropoutState>,
     created: RefCell<Vec<(String, Arc<LoraParams>)>>,
     merged_modules: RefCell<BTreeSet<(usize, String)>>,
@@ -73,7 +76,7 @@ impl<'a> AdaptedLoader<'a> {
 
     /// Also wraps every projection for which `select(module_path)` holds in a
     /// new adapter.
-    pub fn with_new_adapters(mut self, select: &'a dyn Fn(&str) -> bool, adapter: NewAdapter) -> Self {
+    pub fn with_new_adapters(mut self, select: Selector<'a>, adapter: NewAdapter) -> Self {
         self.adapt = Some((select, adapter));
         self
     }

@@ -144,7 +144,9 @@ impl PeftAdapter {
             message: format!("not a valid safetensors file: {}", e.to_string().lines().next().unwrap_or("")),
         })?;
         let bad = |message: String| LlmError::Weights { path: weights_path.clone(), message };
-        let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        // Per module: lora_A, lora_B, magnitude, as they turn up.
+        type Parts = [Option<Tensor>; 3];
+        let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         for (key, tensor) in tensors {
             let tensor = tensor.to_dtype(DType::F32)?;
             let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
@@ -159,16 +161,11 @@ impl PeftAdapter {
             } else {
                 return Err(bad(format!("tensor `{key}` is not a LoRA tensor (lora_A, lora_B, lora_magnitude_vector)")));
             };
-            let entry = parts.entry(module.to_string()).or_default();
-            match slot {
-                0 => entry.0 = Some(tensor),
-                1 => entry.1 = Some(tensor),
-                _ => entry.2 = Some(tensor),
-            }
+            parts.entry(module.to_string()).or_default()[slot] = Some(tensor);
         }
         let scaling = config.scaling();
         let mut modules = BTreeMap::new();
-        for (module, (a, b, magnitude)) in parts {
+        for (module, [a, b, magnitude]) in parts {
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(bad(format!("module `{module}` lacks lora_A or lora_B")));
             };
