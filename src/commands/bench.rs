@@ -183,15 +183,12 @@ fn generate_inputs(dir: &Path, total: u64) -> anyhow::Result<()> {
             continue;
         }
         let mut file = std::io::BufWriter::new(fs::File::create(&path)?);
-        let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed as u64;
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15u64 ^ seed as u64);
         let mut block = vec![0u8; 1 << 20];
         let mut left = *size;
         while left > 0 {
             for chunk in block.chunks_mut(8) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+                chunk.copy_from_slice(&next().to_le_bytes()[..chunk.len()]);
             }
             let n = left.min(block.len() as u64) as usize;
             file.write_all(&block[..n])?;
@@ -200,6 +197,16 @@ fn generate_inputs(dir: &Path, total: u64) -> anyhow::Result<()> {
         file.flush()?;
     }
     Ok(())
+}
+
+/// A xorshift64 generator: the benchmarks' generated inputs, reproducible.
+pub(super) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
 }
 
 pub(super) fn median(mut values: Vec<f64>) -> f64 {

@@ -14,7 +14,7 @@ use std::process::Command;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
-use super::bench::{cpu_model, median, num_cores, timed};
+use super::bench::{cpu_model, median, num_cores, timed, xorshift};
 use super::Exit;
 
 /// Arguments of `swift bench finetune`.
@@ -130,13 +130,7 @@ fn write_data(path: &Path) -> anyhow::Result<()> {
     }
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     let words = ["statute", "appeal", "court", "filing", "contract", "tenant", "notice", "deadline", "evidence", "remedy"];
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x2545_F491_4F6C_DD1D);
     for _ in 0..400 {
         let mut sentence = |n: usize| (0..n).map(|_| words[(next() % words.len() as u64) as usize]).collect::<Vec<_>>().join(" ");
         let row = serde_json::json!({"messages": [

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use super::bench::{cpu_model, num_cores, timed};
+use super::bench::{cpu_model, num_cores, timed, xorshift};
 use super::Exit;
 
 /// Arguments of `swift bench preprocess`.
@@ -50,13 +50,7 @@ fn write_corpus(path: &Path, count: u32) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x2545_F491_4F6C_DD1D);
     // Half the words from a legal word list, half made of three random
     // syllables (64,000 possible), so a large BPE has something to learn.
     let word = |next: &mut dyn FnMut() -> u64| -> String {
