@@ -276,4 +276,9 @@ fn adapters_swift_trained_load_in_peft_with_swifts_logits() {
         let d = max_abs_diff(&merged, &reference[&format!("{name}.merged")]);
         assert!(d < 1e-4, "{name}: swift's merged model differs from PEFT's by {d}");
     }
+    // The chain swift trained (LoRA on a model with the DoRA-on-NF4 adapter
+    // merged), loaded by the documented recipe.
+    let chain = logits(&load(&[open("swift_qdora")], Some(&open("swift_chain")), BaseFormat::Dense), &ids);
+    let d = max_abs_diff(&chain, &reference["swift_chain.peft"]);
+    assert!(d < 1e-4, "swift's chain differs from PEFT's recipe by {d}");
 }
