@@ -192,12 +192,14 @@ struct Config {
     seed: Option<u64>,
 }
 
-/// What enters the key: every option with its default, and the seed.
+/// What enters the key: every option with its default, the seed, and the
+/// compute dtype the base runs in.
 #[derive(Debug, Serialize)]
 struct Resolved {
     #[serde(flatten)]
     config: Config,
     seed: u64,
+    compute_dtype: String,
 }
 
 const OUTPUTS: &[OutputDecl] = &[
@@ -223,7 +225,8 @@ impl StageKind for Finetune {
         let source = ModelSource::declare(ctx, "model", &config.model)?;
         ctx.stage_input("data", &["data"], &config.data, OutputType::Tokens);
         let seed = config.seed.unwrap_or(ctx.seed());
-        Ok(Box::new(FinetunePlan { resolved: Resolved { config, seed }, source }))
+        let compute_dtype = crate::llm::default_dtype(&candle_core::Device::Cpu).as_str().to_string();
+        Ok(Box::new(FinetunePlan { resolved: Resolved { config, seed, compute_dtype }, source }))
     }
 }
 
