@@ -27,6 +27,9 @@ pub struct ModelSource {
     /// How users name the original base model (a Hub repo id or a path), for
     /// `base_model_name_or_path`.
     pub base_name: String,
+    /// The Hub revision the manifest pins the base to (`hf://ORG/NAME@REV`),
+    /// for the adapter's `revision`.
+    pub base_revision: Option<String>,
 }
 
 /// A model reference resolved for a running stage.
@@ -56,26 +59,33 @@ impl ModelSource {
             }
         }
         chain.reverse();
-        let base_name = if ctx.is_stage(&current) || !current.contains(['/', '.']) {
+        let (base_name, base_revision) = if ctx.is_stage(&current) || !current.contains(['/', '.']) {
             ctx.stage_input("model", &[field], &current, OutputType::Model);
-            Self::download_name(ctx, &current).unwrap_or_else(|| current.clone())
+            Self::download_name(ctx, &current).unwrap_or_else(|| (current.clone(), None))
         } else {
             ctx.local_input("model", &[field], &current)?;
-            current.clone()
+            (current.clone(), None)
         };
         for (i, stage) in chain.iter().enumerate() {
             ctx.stage_input(&format!("adapter.{i}"), &[field], stage, OutputType::Adapter);
         }
-        Ok(Self { chain, base_name })
+        Ok(Self { chain, base_name, base_revision })
     }
 
-    /// For a download stage, the name users know its model by: the Hub repo
-    /// id, or the local folder as the manifest gives it.
-    fn download_name(ctx: &CompileCtx<'_>, stage: &str) -> Option<String> {
+    /// For a download stage, the name users know its model by — the Hub repo
+    /// id, or the local folder as the manifest gives it — and the Hub revision
+    /// it names, if any.
+    fn download_name(ctx: &CompileCtx<'_>, stage: &str) -> Option<(String, Option<String>)> {
         let source = ctx.stage_params(stage)?.get("model")?.as_str()?;
         Some(match source.strip_prefix("hf://") {
-            Some(repo) => repo.split('@').next().unwrap_or(repo).trim_end_matches('/').to_string(),
-            None => source.to_string(),
+            Some(repo) => {
+                let (name, revision) = match repo.split_once('@') {
+                    Some((name, revision)) => (name, Some(revision.trim_end_matches('/').to_string())),
+                    None => (repo, None),
+                };
+                (name.trim_end_matches('/').to_string(), revision)
+            }
+            None => (source.to_string(), None),
         })
     }
 

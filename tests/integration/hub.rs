@@ -289,3 +289,29 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn an_adapter_of_a_hub_model_names_its_repository_and_revision() {
+    let hub = FakeHub::start();
+    hub.commit("models/swift-test/tiny-qwen", SHA1, fixture_repo());
+    let p = hub_project(&hub);
+    let line = serde_json::json!({"messages": [
+        {"role": "user", "content": "Which court hears appeals?"},
+        {"role": "assistant", "content": "The appellate court does."},
+    ]});
+    p.write("data/chat.jsonl", &format!("{line}\n{line}\n"));
+    p.write(
+        "pipelines/hub.toml",
+        "[stages.base]\nkind = \"download\"\nmodel = \"hf://swift-test/tiny-qwen@main\"\n\n\
+         [stages.prep]\nkind = \"preprocess\"\nmodel = \"base\"\ndata = [\"data/chat.jsonl\"]\n\n\
+         [stages.tune]\nkind = \"finetune\"\nmethod = \"lora\"\nmodel = \"base\"\ndata = \"prep\"\nmax_steps = 2\n",
+    );
+    let run = p.run("pipelines/hub.toml", &[], 0);
+    let stages = run.json()["stages"].as_array().unwrap().clone();
+    let tune = stages.iter().find(|s| s["name"] == "tune").unwrap();
+    let adapter = std::path::PathBuf::from(tune["outputs"]["adapter"].as_str().unwrap());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["base_model_name_or_path"], "swift-test/tiny-qwen");
+    assert_eq!(config["revision"], "main");
+}

@@ -389,7 +389,7 @@ impl StagePlan for FinetunePlan {
             target_modules: selection.modules.clone(),
             layers: selection.layers.clone(),
             base_model: self.source.base_name.clone(),
-            revision: None,
+            revision: self.source.base_revision.clone(),
         };
         let tensors: Vec<_> = adapters
             .iter()
