@@ -144,10 +144,6 @@ impl Trainer {
         let mut last_saved = resumed_from;
         let mut final_train_loss = f64::NAN;
         for step in first_step..s.total_steps {
-            if (hooks.cancelled)() {
-                self.save(scratch, step, &optimizer, &log)?;
-                return Err(Cancelled.into());
-            }
             let step_started = Instant::now();
             let first_row = step * rows_per_step;
             let last_row = s.stream_rows.map_or(first_row + rows_per_step, |n| n.min(first_row + rows_per_step));
@@ -159,7 +155,7 @@ impl Trainer {
             let mut loss_sum = 0.0;
             for (micro, example) in examples.iter().enumerate() {
                 if (hooks.cancelled)() {
-                    // Mid-step: nothing of this step is applied yet.
+                    // Before any row, or mid-step: nothing of this step is applied yet.
                     self.dropout.eval();
                     self.save(scratch, step, &optimizer, &log)?;
                     return Err(Cancelled.into());

@@ -35,9 +35,6 @@ impl Nf4Linear {
         Ok(Self { weight: Arc::new(quantized), bias, in_features, out_features })
     }
 
-    fn dequantized(&self, dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
-        Tensor::from_vec(self.weight.dequantize(), (self.out_features, self.in_features), device)?.to_dtype(dtype)
-    }
 }
 
 impl Projection for Nf4Linear {
@@ -59,7 +56,7 @@ impl Projection for Nf4Linear {
         self.out_features
     }
     fn weight_f32(&self) -> candle_core::Result<Tensor> {
-        self.dequantized(DType::F32, &candle_core::Device::Cpu)
+        dequantized(&self.weight, DType::F32)
     }
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
@@ -76,11 +73,9 @@ struct Nf4Matmul {
     out_features: usize,
 }
 
-impl Nf4Matmul {
-    fn weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
-        let w = Tensor::from_vec(self.weight.dequantize(), (self.out_features, self.in_features), &candle_core::Device::Cpu)?;
-        w.to_dtype(dtype)
-    }
+/// The whole `[out, in]` weight dequantized, in `dtype`, on the CPU.
+fn dequantized(weight: &Nf4Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(weight.dequantize(), weight.shape(), &candle_core::Device::Cpu)?.to_dtype(dtype)
 }
 
 impl CustomOp1 for Nf4Matmul {
@@ -94,12 +89,12 @@ impl CustomOp1 for Nf4Matmul {
             candle_core::bail!("nf4-matmul: expected a [.., {}] input, got {dims:?}", self.in_features);
         }
         let x = cpu_tensor(storage, layout, self.name())?;
-        into_cpu(&x.broadcast_matmul(&self.weight(x.dtype())?.t()?)?, self.name())
+        into_cpu(&x.broadcast_matmul(&dequantized(&self.weight, x.dtype())?.t()?)?, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // dL/dx = dL/dy · W, with W dequantized again (and dropped right after).
-        let w = self.weight(grad_res.dtype())?.to_device(grad_res.device())?;
+        let w = dequantized(&self.weight, grad_res.dtype())?.to_device(grad_res.device())?;
         let rows = grad_res.elem_count() / self.out_features;
         let grad = grad_res.reshape((rows, self.out_features))?.matmul(&w)?;
         Ok(Some(grad.reshape(arg.shape())?))

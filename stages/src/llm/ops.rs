@@ -16,13 +16,7 @@ pub(crate) fn cpu_tensor(storage: &CpuStorage, layout: &Layout, op: &str) -> can
     if !layout.is_contiguous() {
         candle_core::bail!("{op}: expected a contiguous input");
     }
-    let len = match storage {
-        CpuStorage::F32(v) => v.len(),
-        CpuStorage::BF16(v) => v.len(),
-        CpuStorage::F16(v) => v.len(),
-        CpuStorage::F64(v) => v.len(),
-        _ => candle_core::bail!("{op}: unsupported dtype"),
-    };
+    let Some(len) = cpu_len(storage) else { candle_core::bail!("{op}: unsupported dtype") };
     Tensor::from_storage(Storage::Cpu(storage.clone()), len, BackpropOp::none(), false)
         .narrow(0, layout.start_offset(), layout.shape().elem_count())?
         .reshape(layout.shape())
@@ -33,7 +27,7 @@ pub(crate) fn into_cpu(t: &Tensor, op: &str) -> candle_core::Result<(CpuStorage,
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("{op}: result left the CPU") };
-    if layout.start_offset() == 0 && cpu_len(cpu) == layout.shape().elem_count() {
+    if layout.start_offset() == 0 && cpu_len(cpu) == Some(layout.shape().elem_count()) {
         return Ok((cpu.clone(), layout.shape().clone()));
     }
     drop(storage);
@@ -43,14 +37,15 @@ pub(crate) fn into_cpu(t: &Tensor, op: &str) -> candle_core::Result<(CpuStorage,
     Ok((cpu.clone(), layout.shape().clone()))
 }
 
-fn cpu_len(storage: &CpuStorage) -> usize {
+/// Elements in a CPU storage of the dtypes the training ops handle.
+fn cpu_len(storage: &CpuStorage) -> Option<usize> {
     match storage {
-        CpuStorage::F32(v) => v.len(),
-        CpuStorage::BF16(v) => v.len(),
-        CpuStorage::F16(v) => v.len(),
-        CpuStorage::F64(v) => v.len(),
-        CpuStorage::U32(v) => v.len(),
-        _ => usize::MAX,
+        CpuStorage::F32(v) => Some(v.len()),
+        CpuStorage::BF16(v) => Some(v.len()),
+        CpuStorage::F16(v) => Some(v.len()),
+        CpuStorage::F64(v) => Some(v.len()),
+        CpuStorage::U32(v) => Some(v.len()),
+        _ => None,
     }
 }
 
