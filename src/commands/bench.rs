@@ -209,6 +209,11 @@ pub(super) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
     }
 }
 
+/// The entry of stage `name` in `swift run --json` output.
+pub(super) fn stage<'a>(run: &'a serde_json::Value, name: &str) -> anyhow::Result<&'a serde_json::Value> {
+    run["stages"].as_array().and_then(|s| s.iter().find(|s| s["name"] == name)).with_context(|| format!("no stage {name}"))
+}
+
 pub(super) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]

@@ -14,7 +14,7 @@ use std::process::Command;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
-use super::bench::{cpu_model, median, num_cores, timed, xorshift};
+use super::bench::{cpu_model, median, num_cores, stage, timed, xorshift};
 use super::Exit;
 
 /// Arguments of `swift bench finetune`.
@@ -175,10 +175,6 @@ fn swift_run(dir: &Path, args: &[&str], threads: usize) -> anyhow::Result<serde_
     cmd.env("RAYON_NUM_THREADS", threads.to_string());
     let (_, stdout) = timed(&mut cmd)?;
     Ok(serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?)
-}
-
-fn stage<'a>(run: &'a serde_json::Value, name: &str) -> anyhow::Result<&'a serde_json::Value> {
-    run["stages"].as_array().and_then(|s| s.iter().find(|s| s["name"] == name)).with_context(|| format!("no stage {name}"))
 }
 
 fn measure_swift(dir: &Path, method: &str, threads: usize) -> anyhow::Result<Measured> {

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use super::bench::{cpu_model, num_cores, timed, xorshift};
+use super::bench::{cpu_model, num_cores, stage, timed, xorshift};
 use super::Exit;
 
 /// Arguments of `swift bench preprocess`.
@@ -105,7 +105,7 @@ fn run_swift(dir: &Path, model: &Path) -> anyhow::Result<(f64, u64, u64)> {
     cmd.args(["run", "pipelines/bench.toml", "--json", "--cache"]).arg(&cache).current_dir(dir);
     let (_, stdout) = timed(&mut cmd)?;
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?;
-    let prep = json["stages"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "prep")).context("no prep stage")?;
+    let prep = stage(&json, "prep")?;
     Ok((
         prep["seconds"].as_f64().context("seconds")?,
         prep["metrics"]["samples"].as_u64().unwrap_or(0),

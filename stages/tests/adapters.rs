@@ -79,6 +79,17 @@ fn open(name: &str) -> PeftAdapter {
     PeftAdapter::open(&fixtures().join("peft").join(name)).unwrap()
 }
 
+/// The adapter `name` applied unmerged and merged gives PEFT's logits.
+fn check_unmerged_and_merged(name: &str, ids: &[u32], unmerged_reference: &Tensor, merged_reference: &Tensor) {
+    let adapter = open(name);
+    let unmerged = logits(&load(&[], Some(&adapter), BaseFormat::Dense), ids);
+    let d = max_abs_diff(&unmerged, unmerged_reference);
+    assert!(d < 1e-4, "{name}: unmerged differs from PEFT by {d}");
+    let merged = logits(&load(std::slice::from_ref(&adapter), None, BaseFormat::Dense), ids);
+    let d = max_abs_diff(&merged, merged_reference);
+    assert!(d < 1e-4, "{name}: merged differs from PEFT by {d}");
+}
+
 #[test]
 fn peft_adapters_give_pefts_logits_unmerged_merged_and_chained() {
     let (reference, json) = peft_reference();
@@ -86,13 +97,7 @@ fn peft_adapters_give_pefts_logits_unmerged_merged_and_chained() {
     let base = logits(&load(&[], None, BaseFormat::Dense), &ids);
     assert!(max_abs_diff(&base, &reference["base"]) < 1e-4);
     for name in ["lora_qv", "rslora_all", "dora"] {
-        let adapter = open(name);
-        let unmerged = logits(&load(&[], Some(&adapter), BaseFormat::Dense), &ids);
-        let d = max_abs_diff(&unmerged, &reference[&format!("{name}.unmerged")]);
-        assert!(d < 1e-4, "{name} unmerged differs from PEFT by {d}");
-        let merged = logits(&load(std::slice::from_ref(&adapter), None, BaseFormat::Dense), &ids);
-        let d = max_abs_diff(&merged, &reference[&format!("{name}.merged")]);
-        assert!(d < 1e-4, "{name} merged differs from PEFT by {d}");
+        check_unmerged_and_merged(name, &ids, &reference[&format!("{name}.unmerged")], &reference[&format!("{name}.merged")]);
     }
     let chain = logits(&load(&[open("rslora_all")], Some(&open("lora_qv")), BaseFormat::Dense), &ids);
     let d = max_abs_diff(&chain, &reference["chain"]);
@@ -268,13 +273,7 @@ fn adapters_swift_trained_load_in_peft_with_swifts_logits() {
     let dir = fixtures().join("peft");
     let reference = candle_core::safetensors::load(dir.join("swift_reference.safetensors"), &Device::Cpu).unwrap();
     for name in ["swift_lora", "swift_qdora"] {
-        let adapter = open(name);
-        let unmerged = logits(&load(&[], Some(&adapter), BaseFormat::Dense), &ids);
-        let d = max_abs_diff(&unmerged, &reference[&format!("{name}.peft")]);
-        assert!(d < 1e-4, "{name}: swift's adapted model differs from PEFT's by {d}");
-        let merged = logits(&load(std::slice::from_ref(&adapter), None, BaseFormat::Dense), &ids);
-        let d = max_abs_diff(&merged, &reference[&format!("{name}.merged")]);
-        assert!(d < 1e-4, "{name}: swift's merged model differs from PEFT's by {d}");
+        check_unmerged_and_merged(name, &ids, &reference[&format!("{name}.peft")], &reference[&format!("{name}.merged")]);
     }
     // The chain swift trained (LoRA on a model with the DoRA-on-NF4 adapter
     // merged), loaded by the documented recipe.

@@ -1,4 +1,4 @@
-use crate::util::Project;
+use crate::util::{copy_dir, Project};
 
 /// The shipped demo pipeline runs offline from a fresh clone, and its committed
 /// lock file matches (so `--locked` passes).
@@ -10,11 +10,7 @@ fn demo_pipeline_runs_locked_then_cached() {
         p.write(file, &std::fs::read_to_string(repo.join(file)).unwrap());
     }
     let model = "tests/fixtures/models/qwen2-tiny";
-    std::fs::create_dir_all(p.path(model)).unwrap();
-    for entry in std::fs::read_dir(repo.join(model)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), p.path(model).join(entry.file_name())).unwrap();
-    }
+    copy_dir(&repo.join(model), &p.path(model));
     let first = p.run("pipelines/demo.toml", &["--locked"], 0);
     assert!(first.statuses().iter().all(|(_, s)| s == "ran"), "{first}");
     let second = p.run("pipelines/demo.toml", &[], 0);

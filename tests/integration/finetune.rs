@@ -5,11 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::util::Project;
+use swift_stages::preprocess::shards::Header;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+use crate::util::{copy_dir, fixtures, Project};
 
 /// A synthetic chat task with a learnable rule: the assistant always answers
 /// "Sure! The word was " and then repeats the user's word.
@@ -31,12 +29,7 @@ fn task(samples: usize) -> String {
 /// the given finetune stages.
 fn project(stages: &str) -> Project {
     let p = Project::new();
-    let model = p.path("models/qwen");
-    std::fs::create_dir_all(&model).unwrap();
-    for entry in std::fs::read_dir(fixtures().join("models/qwen2-tiny")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-    }
+    copy_dir(&fixtures().join("models/qwen2-tiny"), &p.path("models/qwen"));
     p.write("data/task.jsonl", &task(96));
     p.write(
         "pipelines/tune.toml",
@@ -48,13 +41,8 @@ fn project(stages: &str) -> Project {
     p
 }
 
-fn outputs(run: &crate::util::Run, stage: &str) -> serde_json::Value {
-    let stages = run.json()["stages"].as_array().unwrap().clone();
-    stages.into_iter().find(|s| s["name"] == stage).unwrap_or_else(|| panic!("no stage {stage}\n{run}"))["outputs"].clone()
-}
-
 fn output_path(run: &crate::util::Run, stage: &str, output: &str) -> PathBuf {
-    PathBuf::from(outputs(run, stage)[output].as_str().unwrap())
+    PathBuf::from(run.stage(stage)["outputs"][output].as_str().unwrap())
 }
 
 fn log_lines(path: &Path) -> Vec<serde_json::Value> {
@@ -281,14 +269,12 @@ fn epochs_cover_every_row_with_a_partial_last_step() {
          lora = { rank = 2, alpha = 4 }\nepochs = 2\ngrad_accum = 3\nsave_every = 0\n",
     );
     let run = p.run("pipelines/tune.toml", &[], 0);
-    let header: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(PathBuf::from(outputs(&run, "prep")["tokens"].as_str().unwrap()).join("header.json")).unwrap(),
-    )
-    .unwrap();
-    let rows = header["splits"]["train"]["rows"].as_u64().unwrap();
+    let header = Header::read(&output_path(&run, "prep", "tokens")).unwrap();
+    let train = &header.splits["train"];
+    let rows = train.rows;
     let log = log_lines(&output_path(&run, "tune", "log"));
     let steps: Vec<&serde_json::Value> = log.iter().filter(|l| l["loss"].is_number()).collect();
-    assert_eq!(steps.len() as u64, (2 * rows).div_ceil(3), "2 epochs of {rows} rows, 3 rows a step");
+    assert_eq!(steps.len(), (2 * rows).div_ceil(3), "2 epochs of {rows} rows, 3 rows a step");
     let tokens: u64 = steps.iter().map(|l| l["tokens"].as_u64().unwrap()).sum();
-    assert_eq!(tokens, 2 * header["splits"]["train"]["tokens"].as_u64().unwrap(), "every row twice, none more");
+    assert_eq!(tokens, 2 * train.tokens as u64, "every row twice, none more");
 }

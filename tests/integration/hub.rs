@@ -307,9 +307,7 @@ fn an_adapter_of_a_hub_model_names_its_repository_and_revision() {
          [stages.tune]\nkind = \"finetune\"\nmethod = \"lora\"\nmodel = \"base\"\ndata = \"prep\"\nmax_steps = 2\n",
     );
     let run = p.run("pipelines/hub.toml", &[], 0);
-    let stages = run.json()["stages"].as_array().unwrap().clone();
-    let tune = stages.iter().find(|s| s["name"] == "tune").unwrap();
-    let adapter = std::path::PathBuf::from(tune["outputs"]["adapter"].as_str().unwrap());
+    let adapter = std::path::PathBuf::from(run.stage("tune")["outputs"]["adapter"].as_str().unwrap());
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["base_model_name_or_path"], "swift-test/tiny-qwen");

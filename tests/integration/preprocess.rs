@@ -1,20 +1,8 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use swift_stages::preprocess::shards::Split;
 
-use crate::util::Project;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
-    }
-}
+use crate::util::{copy_dir, fixtures, Project};
 
 /// A project with both fixture models and every fixture dataset under data/.
 fn project(prep: &str) -> Project {
@@ -34,9 +22,7 @@ fn project(prep: &str) -> Project {
 }
 
 fn train_split(run: &crate::util::Run, stage: &str) -> (PathBuf, Split) {
-    let stages = run.json()["stages"].as_array().unwrap().clone();
-    let entry = stages.iter().find(|s| s["name"] == stage).unwrap();
-    let tokens = PathBuf::from(entry["outputs"]["tokens"].as_str().unwrap());
+    let tokens = PathBuf::from(run.stage(stage)["outputs"]["tokens"].as_str().unwrap());
     let split = Split::open(&tokens, "train").unwrap();
     (tokens, split)
 }
@@ -84,7 +70,7 @@ fn every_row_format_gives_the_same_tokens_for_the_same_conversations() {
         .replace("data = [\"chat\"]", "data = [\"chat\", \"qr\"]\nratios = [1.0, 2.0]");
     p.write("pipelines/p.toml", &both);
     let run = p.run("pipelines/p.toml", &[], 0);
-    let prep = run.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "prep").unwrap().clone();
+    let prep = run.stage("prep");
     assert_eq!(prep["metrics"]["samples"], 4, "2 alpaca rows + the query row twice\n{run}");
 }
 
@@ -111,7 +97,7 @@ fn packing_fills_rows_and_keeps_sample_boundaries() {
     expected.sort();
     assert_eq!(samples, expected, "every sample exactly once, intact");
     let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        run.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "prep").unwrap()["outputs"]["stats"].as_str().unwrap(),
+        run.stage("prep")["outputs"]["stats"].as_str().unwrap(),
     ).unwrap())
     .unwrap();
     assert!(stats["padding_pct"].as_f64().unwrap() < 50.0, "{stats}");
@@ -144,7 +130,7 @@ fn bad_rows_fail_with_file_line_and_field_or_are_skipped_and_counted() {
     let manifest = p.read("pipelines/p.toml").replace("data = [\"chat\"]", "data = [\"chat\"]\non_error = \"skip\"");
     p.write("pipelines/p.toml", &manifest);
     let run = p.run("pipelines/p.toml", &[], 0);
-    let prep = run.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "prep").unwrap().clone();
+    let prep = run.stage("prep");
     assert_eq!(prep["metrics"]["skipped"], 2, "{run}");
     let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prep["outputs"]["stats"].as_str().unwrap()).unwrap()).unwrap();
     assert_eq!(stats["skipped"]["malformed JSON"], 1);

@@ -39,6 +39,26 @@ impl Run {
     pub fn status(&self, stage: &str) -> String {
         self.statuses().into_iter().find(|(n, _)| n == stage).unwrap_or_else(|| panic!("no stage {stage}\n{self}")).1
     }
+
+    /// One stage's entry (status, outputs, metrics) from `--json` output.
+    pub fn stage(&self, stage: &str) -> Value {
+        let stages = self.json()["stages"].as_array().unwrap_or_else(|| panic!("no stages\n{self}")).clone();
+        stages.into_iter().find(|s| s["name"] == stage).unwrap_or_else(|| panic!("no stage {stage}\n{self}"))
+    }
+}
+
+/// The repository's test fixtures.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Copies a flat folder (a fixture model) to `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).unwrap();
+    for entry in fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
 }
 
 impl std::fmt::Display for Run {

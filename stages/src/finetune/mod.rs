@@ -468,9 +468,7 @@ fn check_rank(config: &ModelConfig, selection: &Selection, rank: usize) -> Resul
 
 /// The tokens must come from this model's tokenizer.
 fn check_tokenizer(tokens_dir: &Path, model: &Path) -> anyhow::Result<()> {
-    let header_path = tokens_dir.join("header.json");
-    let header: shards::Header = serde_json::from_slice(&std::fs::read(&header_path)?)
-        .with_context(|| format!("{}: not a token shard header", header_path.display()))?;
+    let header = shards::Header::read(tokens_dir)?;
     let tokenizer = std::fs::read(model.join("tokenizer.json")).with_context(|| format!("{}: no tokenizer.json", model.display()))?;
     if blake3::hash(&tokenizer).to_hex().as_str() != header.tokenizer_digest {
         bail!("the tokens were made with a different tokenizer than this model's ({}): give the preprocess stage \

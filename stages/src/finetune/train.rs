@@ -142,7 +142,6 @@ impl Trainer {
         let rows_per_step = s.batch_size * s.grad_accum;
         let mut tokens: u64 = log.iter().filter_map(|l| l.get("tokens").and_then(|t| t.as_u64())).sum();
         let mut last_saved = resumed_from;
-        let mut final_train_loss = f64::NAN;
         for step in first_step..s.total_steps {
             let step_started = Instant::now();
             let first_row = step * rows_per_step;
@@ -199,7 +198,6 @@ impl Trainer {
                     var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
                 }
             }
-            final_train_loss = loss;
             tokens += step_tokens as u64;
             let seconds = step_started.elapsed().as_secs_f64();
             let tokens_per_s = step_tokens as f64 / seconds.max(1e-9);
@@ -229,9 +227,7 @@ impl Trainer {
             .iter()
             .rev()
             .find_map(|l| Some((l.get("val_loss")?.as_f64()?, l.get("val_accuracy")?.as_f64()?)));
-        if final_train_loss.is_nan() {
-            final_train_loss = log.iter().rev().find_map(|l| l.get("loss")?.as_f64()).unwrap_or(f64::NAN);
-        }
+        let final_train_loss = log.iter().rev().find_map(|l| l.get("loss")?.as_f64()).unwrap_or(f64::NAN);
         Ok(Outcome { log, final_train_loss, final_val, tokens, resumed_from })
     }
 
@@ -239,11 +235,8 @@ impl Trainer {
     /// training) how many of them the model's argmax gets right.
     fn row_loss(&self, example: &Example, train: bool) -> anyhow::Result<(Tensor, usize)> {
         let device = Device::Cpu;
-        let hidden = if train {
-            self.decoder.train_hidden(&example.ids, &example.positions, &example.segments, self.checkpoint_grads.as_ref())?
-        } else {
-            self.decoder.train_hidden(&example.ids, &example.positions, &example.segments, None)?
-        };
+        let checkpoint = if train { self.checkpoint_grads.as_ref() } else { None };
+        let hidden = self.decoder.train_hidden(&example.ids, &example.positions, &example.segments, checkpoint)?;
         let at = Tensor::new(example.predict_at.as_slice(), &device)?;
         let logits = self.decoder.lm_head().forward(&hidden.index_select(&at, 0)?)?.to_dtype(DType::F32)?;
         let loss = cross_entropy(&logits, &example.targets)?.sum_all()?;

@@ -416,7 +416,7 @@ impl StagePlan for PreprocessPlan {
             packing: config.packing,
             splits,
         };
-        std::fs::write(tokens_dir.join("header.json"), serde_json::to_vec_pretty(&header)?)?;
+        std::fs::write(tokens_dir.join(shards::HEADER_FILE), serde_json::to_vec_pretty(&header)?)?;
         let stats_path = ctx.out_dir.join("stats.json");
         std::fs::write(&stats_path, serde_json::to_vec_pretty(&stats)?)?;
 

@@ -46,6 +46,19 @@ pub struct SplitCounts {
 /// The format name in headers.
 pub const FORMAT: &str = "swift-tokens-v1";
 
+/// The header's file name in a tokens folder.
+pub const HEADER_FILE: &str = "header.json";
+
+impl Header {
+    /// Reads a tokens folder's header.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let path = dir.join(HEADER_FILE);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a token shard header", path.display()))
+    }
+}
+
 /// Writes one split: rows of samples, each sample (ids, labels).
 pub fn write_split(dir: &Path, split: &str, rows: &[Vec<(&[u32], &[u8])>]) -> std::io::Result<SplitCounts> {
     let mut ids = std::io::BufWriter::new(std::fs::File::create(dir.join(format!("{split}.ids")))?);
