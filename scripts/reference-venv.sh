@@ -8,4 +8,7 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet 'dvc==3.67.1'
 # PyPI's torch is the large CUDA build: install once per developer machine, never in CI.
 .venv/bin/pip install --quiet 'torch==2.15.0' 'transformers==5.24.0' safetensors datasets
+# AutoAWQ's pure-PyTorch packer/dequantizer are the AWQ oracle (tests/fixtures/make_awq.py);
+# `--no-deps` because it pins an old torch.
+.venv/bin/pip install --quiet --no-deps 'autoawq==0.2.9'
 echo "reference venv ready at .venv/: dvc $(.venv/bin/dvc --version | tail -1), transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)')"

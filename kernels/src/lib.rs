@@ -1,6 +1,9 @@
 //! swift's numeric kernels, each with a portable CPU implementation (the
 //! reference the others are tested against):
 //!
+//! - [`awq`]: AWQ int4 weights in AutoAWQ's GEMM layout: round-to-nearest
+//!   quantization with zero points, packing, dequantization, the int4 matmul
+//!   and the clip search.
 //! - [`gemv`]: matrix-vector products for single-token decoding.
 //! - [`nf4`]: QLoRA's NF4 4-bit weights (with double-quantized scales), bit-exact
 //!   with bitsandbytes.
@@ -8,10 +11,11 @@
 //! - [`rows`]: row-wise softmax and RMSNorm with their gradients, and a
 //!   vectorizable `exp`.
 //!
-//! AWQ int4, and CUDA versions of the kernels behind a `cuda` feature, join as
-//! the quantize stage and the GPU work land.
+//! CUDA versions of the kernels, behind a `cuda` feature, join as the GPU work
+//! lands.
 #![deny(missing_docs)]
 
+pub mod awq;
 pub mod gemv;
 pub mod loss;
 pub mod nf4;

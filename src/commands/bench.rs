@@ -25,6 +25,8 @@ pub enum BenchCommand {
     Preprocess(super::bench_preprocess::PreprocessArgs),
     /// LoRA/QLoRA training tokens/s and memory on CPU vs PyTorch + PEFT.
     Finetune(super::bench_finetune::FinetuneArgs),
+    /// AWQ quantization time and memory on CPU, and the int4 matmul vs f32.
+    Quantize(super::bench_quantize::QuantizeArgs),
 }
 
 /// Arguments of `swift bench engine`.
@@ -71,6 +73,7 @@ pub fn exec(command: BenchCommand) -> anyhow::Result<Exit> {
         BenchCommand::Generate(args) => super::bench_generate::exec(args),
         BenchCommand::Preprocess(args) => super::bench_preprocess::exec(args),
         BenchCommand::Finetune(args) => super::bench_finetune::exec(args),
+        BenchCommand::Quantize(args) => super::bench_quantize::exec(args),
     }
 }
 

@@ -39,11 +39,12 @@ pub struct FinetuneArgs {
 }
 
 /// A model shape to generate.
-struct Shape {
-    name: &'static str,
+#[derive(Clone, Copy)]
+pub(super) struct Shape {
+    pub(super) name: &'static str,
     hidden: usize,
     intermediate: usize,
-    layers: usize,
+    pub(super) layers: usize,
     heads: usize,
     kv_heads: usize,
     vocab: usize,
@@ -54,7 +55,14 @@ struct Shape {
 
 const SMALL: Shape =
     Shape { name: "small", hidden: 256, intermediate: 688, layers: 4, heads: 4, kv_heads: 2, vocab: 32000, dtype: DType::F32, seq: 256, steps: 0 };
-const LARGE: Shape = Shape {
+impl Shape {
+    /// The same shape with `layers` decoder layers.
+    pub(super) fn with_layers(self, layers: usize) -> Self {
+        Self { layers, ..self }
+    }
+}
+
+pub(super) const LARGE: Shape = Shape {
     name: "qwen2.5-0.5b-shape",
     hidden: 896,
     intermediate: 4864,
@@ -67,9 +75,9 @@ const LARGE: Shape = Shape {
     steps: 3,
 };
 
-/// Writes config, random weights and the fixture tokenizer, once.
-fn write_model(dir: &Path, s: &Shape) -> anyhow::Result<PathBuf> {
-    let folder = dir.join("models").join(s.name);
+/// Writes config, random weights and the fixture tokenizer into `folder`, once.
+pub(super) fn write_model(folder: &Path, s: &Shape) -> anyhow::Result<PathBuf> {
+    let folder = folder.to_path_buf();
     if folder.join("model.safetensors").exists() {
         return Ok(folder);
     }
@@ -224,7 +232,7 @@ pub fn exec(args: FinetuneArgs) -> anyhow::Result<Exit> {
         let data = work.join("data");
         std::fs::create_dir_all(&data)?;
         std::fs::copy(root.join("data/chat.jsonl"), data.join("chat.jsonl"))?;
-        let model = write_model(&root, s)?;
+        let model = write_model(&root.join("models").join(s.name), s)?;
         std::fs::write(work.join("pipelines/bench.toml"), manifest(&model, s, steps))?;
         let prep = swift_run(&work, &["--until", "prep"], args.threads)?;
         let tokens = PathBuf::from(stage(&prep, "prep")?["outputs"]["tokens"].as_str().context("tokens")?);

@@ -10,7 +10,7 @@ use swift_engine::kind::OutputType;
 use swift_engine::status::assess;
 use swift_stages::llm::chat::Message;
 use swift_stages::llm::generate::{generate, GenerateOptions};
-use swift_stages::llm::linear::DenseLoader;
+use swift_stages::llm::awq;
 use swift_stages::llm::{default_dtype, Decoder, ModelConfig, TextTokenizer};
 
 use super::{open_store, Exit, ManifestArgs};
@@ -73,7 +73,8 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     };
     let config = ModelConfig::load(&folder)?;
     let tokenizer = TextTokenizer::load(&folder, &config)?;
-    let model = Decoder::load(&folder, config, dtype, &device, &DenseLoader)?;
+    let loader = awq::loader_for(&config);
+    let model = Decoder::load(&folder, config, dtype, &device, loader.as_ref())?;
     let prompt_ids = if args.chat {
         let template = tokenizer.chat_template()?.with_context(|| {
             format!("{} has no chat template (tokenizer_config.json or chat_template.jinja); drop --chat", folder.display())

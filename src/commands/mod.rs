@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_finetune;
+mod bench_quantize;
 mod bench_generate;
 mod bench_preprocess;
 mod cache;

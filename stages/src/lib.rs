@@ -7,7 +7,8 @@
 //! - data: [`preprocess`] (datasets → chat-templated, masked, packed shards);
 //! - training: [`finetune`] (LoRA, DoRA, QLoRA; chains of fine-tunes through
 //!   [`model_source`]);
-//! - still to come ([`planned`]): `quantize`, `eval`, `export`.
+//! - compression: [`quantize`] (AWQ int4 in AutoAWQ's GEMM layout);
+//! - still to come ([`planned`]): `eval`, `export`.
 #![deny(missing_docs)]
 
 pub mod download;
@@ -17,13 +18,14 @@ pub mod llm;
 pub mod model_source;
 pub mod planned;
 pub mod preprocess;
+pub mod quantize;
 
 use swift_engine::kind::StageKind;
 use swift_engine::Registry;
 
 /// Every stage kind of this build, in one table.
 pub fn registry() -> Registry {
-    let mut kinds: Vec<Box<dyn StageKind>> = vec![Box::new(download::Download), Box::new(preprocess::Preprocess), Box::new(finetune::Finetune)];
+    let mut kinds: Vec<Box<dyn StageKind>> = vec![Box::new(download::Download), Box::new(preprocess::Preprocess), Box::new(finetune::Finetune), Box::new(quantize::Quantize)];
     kinds.extend(planned::kinds().into_iter().map(|k| Box::new(k) as Box<dyn StageKind>));
     Registry::new(kinds)
 }

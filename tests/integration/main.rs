@@ -26,3 +26,5 @@ mod generate;
 mod preprocess;
 /// The finetune stage: LoRA/QLoRA learning, resume, threads, chains, bad settings.
 mod finetune;
+/// The quantize stage: AWQ vs RTN, the AutoAWQ folder, generate on it, bad settings.
+mod quantize;

@@ -467,7 +467,7 @@ fn check_rank(config: &ModelConfig, selection: &Selection, rank: usize) -> Resul
 }
 
 /// The tokens must come from this model's tokenizer.
-fn check_tokenizer(tokens_dir: &Path, model: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_tokenizer(tokens_dir: &Path, model: &Path) -> anyhow::Result<()> {
     let header = shards::Header::read(tokens_dir)?;
     let tokenizer = std::fs::read(model.join("tokenizer.json")).with_context(|| format!("{}: no tokenizer.json", model.display()))?;
     if blake3::hash(&tokenizer).to_hex().as_str() != header.tokenizer_digest {

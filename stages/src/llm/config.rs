@@ -72,6 +72,62 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// The dtype the weights were saved in (`torch_dtype` or `dtype`).
     pub saved_dtype: Option<String>,
+    /// How the checkpoint's projections are quantized, if they are.
+    pub quantization: Option<AwqSettings>,
+}
+
+/// `quantization_config` of an AWQ checkpoint (AutoAWQ's GEMM layout, as
+/// transformers and vLLM read it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AwqSettings {
+    /// Input channels per scale and zero point.
+    pub group_size: usize,
+    /// Module path fragments left unquantized (vLLM matches them as substrings).
+    pub modules_to_not_convert: Vec<String>,
+}
+
+impl AwqSettings {
+    /// Whether the projection at `prefix` was left unquantized.
+    pub fn skips(&self, prefix: &str) -> bool {
+        self.modules_to_not_convert.iter().any(|m| prefix.contains(m.as_str()))
+    }
+}
+
+/// `quantization_config` as written by AutoAWQ, transformers and swift.
+#[derive(Debug, Deserialize)]
+struct RawQuantization {
+    quant_method: Option<String>,
+    #[serde(alias = "w_bit")]
+    bits: Option<u32>,
+    #[serde(alias = "q_group_size")]
+    group_size: Option<usize>,
+    zero_point: Option<bool>,
+    version: Option<String>,
+    modules_to_not_convert: Option<Vec<String>>,
+}
+
+impl RawQuantization {
+    fn settings(self) -> Result<AwqSettings, String> {
+        let method = self.quant_method.unwrap_or_default();
+        if !method.eq_ignore_ascii_case("awq") {
+            return Err(format!("quantization_config.quant_method {method:?} is not supported; swift runs AWQ (GEMM) checkpoints"));
+        }
+        if self.bits.unwrap_or(4) != 4 {
+            return Err(format!("quantization_config.bits = {} is not supported; AWQ checkpoints swift runs are 4-bit", self.bits.unwrap_or(4)));
+        }
+        if !self.zero_point.unwrap_or(true) {
+            return Err("quantization_config.zero_point = false is not supported; swift runs AWQ with zero points".into());
+        }
+        let version = self.version.unwrap_or_else(|| "gemm".into());
+        if !version.eq_ignore_ascii_case("gemm") {
+            return Err(format!("quantization_config.version {version:?} is not supported; swift runs the \"gemm\" layout"));
+        }
+        let group_size = self.group_size.unwrap_or(128);
+        if !group_size.is_power_of_two() || !(8..=1024).contains(&group_size) {
+            return Err(format!("quantization_config.group_size = {group_size} is not a power of two from 8 to 1024"));
+        }
+        Ok(AwqSettings { group_size, modules_to_not_convert: self.modules_to_not_convert.unwrap_or_default() })
+    }
 }
 
 /// One id or a list of ids, as configs write `eos_token_id`.
@@ -125,6 +181,7 @@ struct RawConfig {
     bos_token_id: Option<u32>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    quantization_config: Option<RawQuantization>,
 }
 
 fn default_eps() -> f64 {
@@ -258,6 +315,7 @@ impl ModelConfig {
             eos_token_ids: raw.eos_token_id.map(|ids| ids.to_vec()).unwrap_or_default(),
             bos_token_id: raw.bos_token_id,
             saved_dtype: raw.torch_dtype.or(raw.dtype),
+            quantization: raw.quantization_config.map(RawQuantization::settings).transpose().map_err(bad)?,
         })
     }
 }

@@ -6,7 +6,7 @@
 //!   against the config;
 //! - [`linear`]: the one abstraction every projection goes through, so NF4 and
 //!   AWQ weights and LoRA adapters slot in without touching the decoder;
-//!   [`nf4`] (bitsandbytes NF4 weights), [`lora`] (LoRA/DoRA adapters),
+//!   [`awq`] (AWQ int4 weights in AutoAWQ's GEMM layout), [`nf4`] (bitsandbytes NF4 weights), [`lora`] (LoRA/DoRA adapters),
 //!   [`adapter`] (PEFT adapter folders) and [`adapted`] (a loader that merges
 //!   an adapter chain and adds new adapters); [`ops`] (custom autograd ops
 //!   for training: frozen-weight matmul, fused cross-entropy);
@@ -14,9 +14,12 @@
 //!   and sliding-window masks, SwiGLU, KV cache);
 //! - [`tokenizer`] and [`chat`]: `tokenizer.json`, special tokens and chat
 //!   templates rendered as transformers renders them;
-//! - [`generate`]: greedy and sampled generation.
+//! - [`generate`]: greedy and sampled generation;
+//! - [`save`]: writing checkpoints as transformers does (sharded with an index
+//!   above a size).
 
 pub mod adapted;
+pub mod awq;
 pub mod adapter;
 pub mod chat;
 pub mod config;
@@ -26,6 +29,7 @@ pub mod lora;
 pub mod model;
 pub mod nf4;
 pub mod ops;
+pub mod save;
 pub mod tokenizer;
 pub mod weights;
 

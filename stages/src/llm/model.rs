@@ -202,6 +202,54 @@ impl Decoder {
         self.lm_head.as_ref()
     }
 
+    /// The RoPE tables and mask one row of tokens shares across layers
+    /// (positions and segments as for [`Decoder::forward`]).
+    pub fn row_context(&self, positions: &[u32], segments: &[u32]) -> Result<RowContext, LlmError> {
+        let (cos, sin) = self.rope_tables(positions)?;
+        Ok(RowContext { cos, sin, mask: self.mask(&[], segments)? })
+    }
+
+    /// Token embeddings `[1, t, hidden]`: the first layer's input.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor, LlmError> {
+        self.check_tokens(tokens)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        Ok(self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?)
+    }
+
+    /// Layer `n`'s norms and projections.
+    pub fn layer_parts(&self, n: usize) -> LayerParts<'_> {
+        let l = &self.layers[n];
+        LayerParts {
+            input_layernorm: &l.input_layernorm,
+            post_attention_layernorm: &l.post_attention_layernorm,
+            q_proj: l.self_attn.q_proj.as_ref(),
+            k_proj: l.self_attn.k_proj.as_ref(),
+            v_proj: l.self_attn.v_proj.as_ref(),
+            o_proj: l.self_attn.o_proj.as_ref(),
+            gate_proj: l.mlp.gate_proj.as_ref(),
+            up_proj: l.mlp.up_proj.as_ref(),
+            down_proj: l.mlp.down_proj.as_ref(),
+        }
+    }
+
+    /// RMSNorm with the model's epsilon (inference).
+    pub fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, LlmError> {
+        Ok(self.rms_norm(x, weight, Pass::Inference)?)
+    }
+
+    /// Self-attention up to o_proj's input, on an already normalised `x`
+    /// `[1, t, hidden]`, with the given q, k and v projections.
+    pub fn attention_values_with(&self, qkv: [&dyn Projection; 3], x: &Tensor, row: &RowContext) -> Result<Tensor, LlmError> {
+        let ctx = Context { cos: &row.cos, sin: &row.sin, mask: &row.mask };
+        self.attention_values(qkv, x, &ctx, None, Pass::Inference)
+    }
+
+    /// Layer `n` applied to `x` `[1, t, hidden]`.
+    pub fn run_layer(&self, n: usize, x: &Tensor, row: &RowContext) -> Result<Tensor, LlmError> {
+        let ctx = Context { cos: &row.cos, sin: &row.sin, mask: &row.mask };
+        self.layer(n, x, &ctx, None, Pass::Inference)
+    }
+
     fn check_row(&self, tokens: &[u32], positions: &[u32], segments: &[u32]) -> Result<(), LlmError> {
         let t = tokens.len();
         if t == 0 || positions.len() != t || segments.len() != t {
@@ -211,6 +259,10 @@ impl Decoder {
                 segments.len()
             ))));
         }
+        self.check_tokens(tokens)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), LlmError> {
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.config.vocab_size) {
             return Err(LlmError::Candle(candle_core::Error::Msg(format!(
                 "token id {bad} is outside the vocabulary ({} tokens)",
@@ -247,6 +299,21 @@ impl Decoder {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         pass: Pass,
     ) -> Result<Tensor, LlmError> {
+        let projections = [attn.q_proj.as_ref(), attn.k_proj.as_ref(), attn.v_proj.as_ref()];
+        let values = self.attention_values(projections, x, ctx, cache, pass)?;
+        Ok(attn.o_proj.forward(&values)?)
+    }
+
+    /// The attention block up to o_proj's input `[b, t, heads · head_dim]`,
+    /// with the given q, k and v projections.
+    fn attention_values(
+        &self,
+        [q_proj, k_proj, v_proj]: [&dyn Projection; 3],
+        x: &Tensor,
+        ctx: &Context<'_>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        pass: Pass,
+    ) -> Result<Tensor, LlmError> {
         let c = &self.config;
         let rope = |x: &Tensor| match pass {
             Pass::Inference => candle_nn::rotary_emb::rope(x, ctx.cos, ctx.sin),
@@ -256,9 +323,9 @@ impl Decoder {
         let heads = |p: &dyn Projection, n: usize| -> candle_core::Result<Tensor> {
             p.forward(x)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = rope(&heads(attn.q_proj.as_ref(), c.num_heads)?)?;
-        let k = rope(&heads(attn.k_proj.as_ref(), c.num_kv_heads)?)?;
-        let v = heads(attn.v_proj.as_ref(), c.num_kv_heads)?;
+        let q = rope(&heads(q_proj, c.num_heads)?)?;
+        let k = rope(&heads(k_proj, c.num_kv_heads)?)?;
+        let v = heads(v_proj, c.num_kv_heads)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -282,8 +349,7 @@ impl Decoder {
         }
         .to_dtype(self.dtype)?;
         let out = probs.matmul(&v.contiguous()?)?;
-        let out = out.transpose(1, 2)?.reshape((b, t, c.num_heads * c.head_dim))?;
-        Ok(attn.o_proj.forward(&out)?)
+        Ok(out.transpose(1, 2)?.reshape((b, t, c.num_heads * c.head_dim))?)
     }
 
     /// RMSNorm as transformers computes it: normalise in f32, cast back to the
@@ -345,6 +411,36 @@ impl Decoder {
 enum Pass {
     Inference,
     Train,
+}
+
+/// RoPE tables and mask of one row, for running layers one at a time
+/// ([`Decoder::row_context`]).
+pub struct RowContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
+/// One decoder layer's norm weights and projections.
+pub struct LayerParts<'a> {
+    /// RMSNorm weight before attention.
+    pub input_layernorm: &'a Tensor,
+    /// RMSNorm weight before the MLP.
+    pub post_attention_layernorm: &'a Tensor,
+    /// Query projection.
+    pub q_proj: &'a dyn Projection,
+    /// Key projection.
+    pub k_proj: &'a dyn Projection,
+    /// Value projection.
+    pub v_proj: &'a dyn Projection,
+    /// Attention output projection.
+    pub o_proj: &'a dyn Projection,
+    /// MLP gate projection.
+    pub gate_proj: &'a dyn Projection,
+    /// MLP up projection.
+    pub up_proj: &'a dyn Projection,
+    /// MLP down projection.
+    pub down_proj: &'a dyn Projection,
 }
 
 /// What every layer of one forward pass shares.

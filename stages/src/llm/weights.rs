@@ -66,6 +66,11 @@ impl Weights {
         Ok(Self { files, index, folder: folder.to_path_buf(), dtype, device: device.clone() })
     }
 
+    /// An error about this checkpoint, naming its folder.
+    pub fn error(&self, message: String) -> LlmError {
+        LlmError::Weights { path: self.folder.clone(), message }
+    }
+
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
