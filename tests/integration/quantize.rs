@@ -27,6 +27,19 @@ fn corpus(lines: usize) -> String {
     out
 }
 
+/// Conversations for a preprocess stage.
+fn chat(samples: usize) -> String {
+    let mut out = String::new();
+    for i in 0..samples {
+        let line = serde_json::json!({"messages": [
+            {"role": "user", "content": format!("What is the penalty under statute {i}?")},
+            {"role": "assistant", "content": format!("Statute {i} carries a fine of {} coins.", i * 10)},
+        ]});
+        out.push_str(&format!("{line}\n"));
+    }
+    out
+}
+
 /// A project with `model` (a fixture model folder), a calibration corpus and
 /// the given stages.
 fn project(model: &str, stages: &str) -> Project {
@@ -69,6 +82,9 @@ fn awq_beats_round_to_nearest_where_activations_have_outliers() {
              [stages.rtn]\nkind = \"quantize\"\nmethod = \"rtn\"\nmodel = \"base\"\n{SMALL}group_size = 64\n"
         ),
     );
+    // Text the model itself generated: perplexity on random text says nothing
+    // about a random-weight model.
+    p.write("data/calib.jsonl", &std::fs::read_to_string(fixtures().join("awq/outlier-samples.jsonl")).unwrap());
     let run = p.run("pipelines/q.toml", &[], 0);
     let awq = report(&run, "awq");
     let rtn = report(&run, "rtn");
@@ -171,15 +187,7 @@ fn calibration_from_a_preprocess_stage_and_a_finetune_chain() {
          [stages.tune]\nkind = \"finetune\"\nmethod = \"lora\"\nmodel = \"base\"\ndata = \"prep\"\nmax_steps = 3\n\n\
          [stages.int4]\nkind = \"quantize\"\nmodel = \"tune\"\ncalibration = \"prep\"\nsamples = 4\nseq_len = 32\nheld_out = 2\n",
     );
-    let mut chat = String::new();
-    for i in 0..60 {
-        let line = serde_json::json!({"messages": [
-            {"role": "user", "content": format!("What is the penalty under statute {i}?")},
-            {"role": "assistant", "content": format!("Statute {i} carries a fine of {} coins.", i * 10)},
-        ]});
-        chat.push_str(&format!("{line}\n"));
-    }
-    p.write("data/chat.jsonl", &chat);
+    p.write("data/chat.jsonl", &chat(60));
     let run = p.run("pipelines/q.toml", &[], 0);
     let r = report(&run, "int4");
     for key in ["full_precision", "rtn", "awq"] {
@@ -207,4 +215,20 @@ fn bad_settings_are_clear_errors() {
     p.write("models/base/config.json", &config);
     let run = p.run("pipelines/q.toml", &[], 1);
     assert!(run.stderr.contains("no known AWQ layer grouping"), "{run}");
+}
+
+#[test]
+fn an_awq_model_is_not_fine_tuned() {
+    let p = project(
+        "qwen2-tiny",
+        &format!(
+            "[stages.int4]\nkind = \"quantize\"\nmethod = \"rtn\"\nmodel = \"base\"\n{SMALL}\n\
+             [stages.prep]\nkind = \"preprocess\"\nmodel = \"base\"\ndata = [\"data/chat.jsonl\"]\nmax_length = 128\n\n\
+             [stages.tune]\nkind = \"finetune\"\nmethod = \"lora\"\nmodel = \"int4\"\ndata = \"prep\"\nmax_steps = 1\n"
+        ),
+    );
+    p.write("data/chat.jsonl", &chat(20));
+    let run = p.run("pipelines/q.toml", &[], 1);
+    assert_eq!(run.status("int4"), "ran");
+    assert!(run.stderr.contains("stages.tune.model") && run.stderr.contains("does not train"), "{run}");
 }

@@ -299,6 +299,10 @@ impl StagePlan for FinetunePlan {
         let field = |key: &str| format!("stages.{}.{key}", ctx.stage);
         let opened = self.source.open(ctx)?;
         let model_config = ModelConfig::load(&opened.folder)?;
+        if model_config.quantization.is_some() {
+            bail!("{}: {} is an AWQ int4 model, which swift runs but does not train: fine-tune the full-precision model \
+                (QLoRA quantizes it to NF4 itself) and quantize afterwards", field("model"), opened.folder.display());
+        }
         let selection = Selection {
             modules: c.lora.targets.modules().map_err(|e| anyhow!("{}: {e}", field("lora.targets")))?,
             layers: c.lora.layers.resolve(model_config.num_layers).map_err(|e| anyhow!("{}: {e}", field("lora.layers")))?,

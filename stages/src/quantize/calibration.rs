@@ -45,28 +45,46 @@ pub fn stream_from_tokens(dir: &Path, seed: u64) -> anyhow::Result<Vec<u32>> {
     Ok(stream)
 }
 
-/// The token stream of a dataset's `field` values, records in seeded order.
+/// A record's calibration content: text to tokenize, or token ids already.
+enum Record {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// The token stream of a dataset's `field` values — text, tokenized as
+/// `tokenizer(text)` does, or lists of token ids (pre-tokenized data, as
+/// AutoAWQ also accepts) — records in seeded order.
 pub fn stream_from_dataset(path: &Path, field: &str, tokenizer: &TextTokenizer, seed: u64) -> anyhow::Result<Vec<u32>> {
-    let mut texts = Vec::new();
+    let mut records = Vec::new();
     for file in records::data_files(path).with_context(|| format!("reading {}", path.display()))? {
         let (rows, errors) = records::read_file(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(e) = errors.first() {
             bail!("{e}");
         }
         for row in rows {
-            match row.fields.get(field) {
-                Some(serde_json::Value::String(text)) => texts.push(text.trim().to_string()),
-                _ => bail!("{}:{}: the row has no text field `{field}` (set `text_field` to the field holding the text)",
-                    row.file.display(), row.line),
-            }
+            let bad = |what: &str| anyhow::anyhow!("{}:{}: field `{field}` {what} (set `text_field` to the field holding the text)",
+                row.file.display(), row.line);
+            records.push(match row.fields.get(field) {
+                Some(serde_json::Value::String(text)) => Record::Text(text.trim().to_string()),
+                Some(serde_json::Value::Array(values)) => Record::Ids(
+                    values
+                        .iter()
+                        .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
+                        .collect::<Option<Vec<u32>>>()
+                        .ok_or_else(|| bad("is a list, but not of token ids"))?,
+                ),
+                Some(_) => return Err(bad("is neither text nor a list of token ids")),
+                None => return Err(bad("is missing")),
+            });
         }
     }
-    let mut order = RowOrder::new(texts.len().max(1), seed);
+    let mut order = RowOrder::new(records.len().max(1), seed);
     let mut stream = Vec::new();
-    for k in 0..texts.len() {
-        let text = &texts[order.row_at(k)];
-        if !text.is_empty() {
-            stream.extend(tokenizer.encode(text)?);
+    for k in 0..records.len() {
+        match &records[order.row_at(k)] {
+            Record::Text(text) if !text.is_empty() => stream.extend(tokenizer.encode(text)?),
+            Record::Text(_) => {}
+            Record::Ids(ids) => stream.extend_from_slice(ids),
         }
     }
     Ok(stream)
@@ -94,6 +112,32 @@ pub fn cut(stream: &[u32], counts: BlockCounts) -> Result<Blocks, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::ModelConfig;
+
+    fn tokenizer() -> TextTokenizer {
+        let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/qwen2-tiny");
+        TextTokenizer::load(&folder, &ModelConfig::load(&folder).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn datasets_give_text_or_token_ids_and_bad_values_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calib.jsonl");
+        std::fs::write(&path, "{\"text\": \"  the court  \"}\n{\"text\": [5, 6, 7]}\n").unwrap();
+        let tok = tokenizer();
+        let stream = stream_from_dataset(&path, "text", &tok, 1).unwrap();
+        let text = tok.encode("the court").unwrap();
+        let ids = [5u32, 6, 7];
+        let expected_one = [ids.as_slice(), &text].concat();
+        let expected_two = [text.as_slice(), &ids].concat();
+        assert!(stream == expected_one || stream == expected_two, "{stream:?}");
+        assert_eq!(stream, stream_from_dataset(&path, "text", &tok, 1).unwrap(), "deterministic from the seed");
+        std::fs::write(&path, "{\"text\": \"ok\"}\n{\"text\": 5}\n").unwrap();
+        let e = stream_from_dataset(&path, "text", &tok, 1).unwrap_err().to_string();
+        assert!(e.contains("calib.jsonl:2: field `text` is neither text nor a list of token ids"), "{e}");
+        let e = stream_from_dataset(&path, "body", &tok, 1).unwrap_err().to_string();
+        assert!(e.contains("calib.jsonl:1: field `body` is missing"), "{e}");
+    }
 
     #[test]
     fn blocks_are_disjoint_and_shortfalls_name_the_numbers() {

@@ -383,3 +383,31 @@ fn perplexity_of(folder: &std::path::Path, blocks: &[Vec<u32>]) -> anyhow::Resul
     let decoder = Decoder::load(folder, config, DType::F32, &Device::Cpu, &AwqLoader::new(settings))?;
     quality::perplexity(&decoder, blocks)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(intermediate: usize) -> ModelConfig {
+        let text = format!(
+            r#"{{"model_type": "qwen2", "vocab_size": 64, "hidden_size": 128, "intermediate_size": {intermediate},
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}}"#
+        );
+        ModelConfig::parse(std::path::Path::new("config.json"), &text).unwrap()
+    }
+
+    fn options(group: usize, skip: &[&str]) -> Options {
+        Options { awq: true, group, duo_scaling: false, clip: true, skip: skip.iter().map(|s| s.to_string()).collect() }
+    }
+
+    #[test]
+    fn a_layer_the_group_size_does_not_divide_is_named_with_the_fix() {
+        assert!(check_shapes(&config(256), &options(128, &[])).is_ok());
+        // down_proj's input is the intermediate size: 96 is not a multiple of 64.
+        let e = check_shapes(&config(96), &options(64, &[])).unwrap_err();
+        assert!(e.contains("`model.layers.0.mlp.down_proj`") && e.contains("input size 96") && e.contains("skip = ["), "{e}");
+        assert!(check_shapes(&config(96), &options(32, &[])).is_ok());
+        // Leaving every down_proj unquantized makes the same settings valid.
+        assert!(check_shapes(&config(96), &options(64, &["down_proj"])).is_ok());
+    }
+}
