@@ -65,3 +65,11 @@ fn a_folder_autoawq_packed_runs_with_the_logits_of_its_dequantized_weights() {
     let diff = (logits - &reference["logits"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-4, "logits differ from transformers on AutoAWQ's dequantized weights by {diff}");
 }
+
+#[test]
+fn a_folder_swift_wrote_dequantizes_in_autoawq_to_the_weights_swift_uses() {
+    let decoder = load(&fixtures().join("swift-qwen2-outlier-g64"));
+    let reference =
+        candle_core::safetensors::load(fixtures().join("swift-qwen2-outlier-g64.autoawq.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(assert_weights_equal(&decoder, &reference), 3);
+}

@@ -55,6 +55,9 @@ fn project(model: &str, stages: &str) -> Project {
 
 const SMALL: &str = "calibration = \"data/calib.jsonl\"\nsamples = 8\nseq_len = 64\nheld_out = 4\n";
 
+/// Eight calibration and eight held-out blocks, group 64.
+const OUTLIER: &str = "calibration = \"data/calib.jsonl\"\nsamples = 8\nseq_len = 64\nheld_out = 8\ngroup_size = 64\n";
+
 fn output(run: &crate::util::Run, stage: &str, name: &str) -> PathBuf {
     PathBuf::from(run.stage(stage)["outputs"][name].as_str().unwrap())
 }
@@ -78,12 +81,12 @@ fn awq_beats_round_to_nearest_where_activations_have_outliers() {
     let p = project(
         "qwen2-outlier",
         &format!(
-            "[stages.awq]\nkind = \"quantize\"\nmethod = \"awq\"\nmodel = \"base\"\n{SMALL}group_size = 64\n\n\
-             [stages.rtn]\nkind = \"quantize\"\nmethod = \"rtn\"\nmodel = \"base\"\n{SMALL}group_size = 64\n"
+            "[stages.awq]\nkind = \"quantize\"\nmethod = \"awq\"\nmodel = \"base\"\n{OUTLIER}\n\
+             [stages.rtn]\nkind = \"quantize\"\nmethod = \"rtn\"\nmodel = \"base\"\n{OUTLIER}"
         ),
     );
-    // Text the model itself generated: perplexity on random text says nothing
-    // about a random-weight model.
+    // Text the model itself generated (and that tokenizes back to the sampled
+    // ids): perplexity on random text says nothing about a random-weight model.
     p.write("data/calib.jsonl", &std::fs::read_to_string(fixtures().join("awq/outlier-samples.jsonl")).unwrap());
     let run = p.run("pipelines/q.toml", &[], 0);
     let awq = report(&run, "awq");
