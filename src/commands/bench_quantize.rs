@@ -32,15 +32,20 @@ pub struct QuantizeArgs {
     /// Tokens per calibration block.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
-    /// Also quantize all 24 layers (with the smallest sample count).
+    /// Also quantize all 24 layers, with this many samples.
     #[arg(long)]
-    full: bool,
+    full: Option<usize>,
     /// Threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Skip the end-to-end runs; measure only the matmul.
     #[arg(long)]
     matmul_only: bool,
+    /// A Python with AutoAWQ (e.g. .venv/bin/python) to quantize the first
+    /// configuration's model on the same blocks side by side
+    /// (scripts/bench_quantize_autoawq.py).
+    #[arg(long)]
+    python: Option<PathBuf>,
 }
 
 pub fn exec(args: QuantizeArgs) -> anyhow::Result<Exit> {
@@ -55,15 +60,26 @@ pub fn exec(args: QuantizeArgs) -> anyhow::Result<Exit> {
     let (min_layers, min_samples) = (*args.layers.iter().min().context("--layers")?, *args.samples.iter().min().context("--samples")?);
     let mut runs: Vec<(usize, usize)> = args.layers.iter().map(|&l| (l, min_samples)).collect();
     runs.extend(args.samples.iter().filter(|&&s| s != min_samples).map(|&s| (min_layers, s)));
-    if args.full {
-        runs.push((LARGE.layers, min_samples));
+    if let Some(samples) = args.full {
+        runs.push((LARGE.layers, samples));
     }
     println!("\nAWQ (group 128, clip search on, held-out perplexity on 2 blocks included) on a {}-shaped model, blocks of {} tokens:\n", LARGE.name, args.seq_len);
-    println!("| layers | samples | wall time | per layer | peak RSS |\n|---:|---:|---:|---:|---:|");
-    for (layers, samples) in runs {
+    println!("| layers | samples | swift wall time | per layer | swift peak RSS | AutoAWQ quantize() | AutoAWQ peak RSS |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    for (i, (layers, samples)) in runs.into_iter().enumerate() {
         let model = write_model(&root.join(format!("models/{layers}-layers")), &LARGE.with_layers(layers))?;
         let (seconds, peak) = measure(&root, &model, layers, samples, args.seq_len, args.threads)?;
-        println!("| {layers} | {samples} | {seconds:.1} s | {:.1} s | {:.0} MiB |", seconds / layers as f64, peak / (1024.0 * 1024.0));
+        let (peer_seconds, peer_peak) = match &args.python {
+            Some(python) if i == 0 => measure_autoawq(python, &root, &model, samples, args.seq_len, args.threads)?,
+            _ => (f64::NAN, f64::NAN),
+        };
+        println!(
+            "| {layers} | {samples} | {seconds:.1} s | {:.1} s | {:.0} MiB | {peer_seconds:.1} s | {:.0} MiB |",
+            seconds / layers as f64,
+            mib(peak),
+            mib(peer_peak)
+        );
     }
     Ok(Exit::Success)
 }
@@ -106,6 +122,17 @@ fn measure(root: &Path, model: &Path, layers: usize, samples: usize, seq_len: us
     let report_dir = entry["outputs"]["report"].as_str().context("report output")?;
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(report_dir).join("quality.json"))?)?;
     Ok((report["seconds"].as_f64().unwrap_or(f64::NAN), report["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN)))
+}
+
+/// AutoAWQ's quantize() on the same folder and corpus: (seconds, peak RSS bytes).
+fn measure_autoawq(python: &Path, root: &Path, model: &Path, samples: usize, seq_len: usize, threads: usize) -> anyhow::Result<(f64, f64)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_quantize_autoawq.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script).arg("--model").arg(model).arg("--calib").arg(root.join("data/calib.jsonl"));
+    cmd.args(["--samples", &samples.to_string(), "--seq-len", &seq_len.to_string(), "--threads", &threads.to_string()]);
+    let (_, stdout) = timed(&mut cmd)?;
+    let out: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?;
+    Ok((out["seconds"].as_f64().unwrap_or(f64::NAN), out["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN)))
 }
 
 /// int4 matmul vs candle's f32 matmul on the 0.5B model's MLP shapes.

@@ -82,7 +82,8 @@ fn awq_beats_round_to_nearest_where_activations_have_outliers() {
         "qwen2-outlier",
         &format!(
             "[stages.awq]\nkind = \"quantize\"\nmethod = \"awq\"\nmodel = \"base\"\n{OUTLIER}\n\
-             [stages.rtn]\nkind = \"quantize\"\nmethod = \"rtn\"\nmodel = \"base\"\n{OUTLIER}"
+             [stages.rtn]\nkind = \"quantize\"\nmethod = \"rtn\"\nmodel = \"base\"\n{OUTLIER}\n\
+             [stages.duo]\nkind = \"quantize\"\nmodel = \"base\"\n{OUTLIER}duo_scaling = true\nclip = false\n"
         ),
     );
     // Text the model itself generated (and that tokenizes back to the sampled
@@ -108,6 +109,12 @@ fn awq_beats_round_to_nearest_where_activations_have_outliers() {
             assert!(g["awq_loss"].as_f64().unwrap() <= g["rtn_loss"].as_f64().unwrap(), "{g}");
         }
         assert!(layer["awq_mse"].as_f64().unwrap() < layer["rtn_mse"].as_f64().unwrap(), "{layer}");
+    }
+    // AutoAWQ's duo scaling, without the clip search: still never worse than RTN per group.
+    for layer in report(&run, "duo")["layers"].as_array().unwrap() {
+        for g in layer["groups"].as_array().unwrap() {
+            assert!(g["awq_loss"].as_f64().unwrap() <= g["rtn_loss"].as_f64().unwrap(), "{g}");
+        }
     }
     let md = std::fs::read_to_string(output(&run, "awq", "report").join("quality.md")).unwrap();
     assert!(md.contains("| AWQ int4 |") && md.contains("| RTN int4 |"), "{md}");
@@ -234,4 +241,23 @@ fn an_awq_model_is_not_fine_tuned() {
     let run = p.run("pipelines/q.toml", &[], 1);
     assert_eq!(run.status("int4"), "ran");
     assert!(run.stderr.contains("stages.tune.model") && run.stderr.contains("does not train"), "{run}");
+}
+
+#[test]
+fn swift_still_writes_the_folder_autoawq_was_checked_against() {
+    // The settings of tests/fixtures/make_swift_awq.sh, whose output AutoAWQ's
+    // own dequantize_gemm read (stages/tests/awq.rs checks that side).
+    let p = project(
+        "qwen2-outlier",
+        "[stages.int4]\nkind = \"quantize\"\nmethod = \"rtn\"\nmodel = \"base\"\ncalibration = \"data/calib.jsonl\"\n\
+         samples = 8\nseq_len = 64\nheld_out = 2\ngroup_size = 64\n",
+    );
+    p.write("data/calib.jsonl", &std::fs::read_to_string(fixtures().join("awq/outlier-samples.jsonl")).unwrap());
+    let run = p.run("pipelines/q.toml", &[], 0);
+    let folder = output(&run, "int4", "model");
+    let fixture = fixtures().join("awq/swift-qwen2-outlier-g64");
+    for file in ["model.safetensors", "config.json"] {
+        let (written, committed) = (std::fs::read(folder.join(file)).unwrap(), std::fs::read(fixture.join(file)).unwrap());
+        assert!(written == committed, "{file} differs from the fixture AutoAWQ checked; if the change is intended, rerun tests/fixtures/make_swift_awq.sh");
+    }
 }

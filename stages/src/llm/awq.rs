@@ -23,11 +23,6 @@ impl AwqLinear {
     pub fn new(matrix: AwqMatrix, bias: Option<Tensor>) -> Self {
         Self { matrix, bias }
     }
-
-    /// The packed weight.
-    pub fn matrix(&self) -> &AwqMatrix {
-        &self.matrix
-    }
 }
 
 impl Projection for AwqLinear {
@@ -65,8 +60,8 @@ impl Projection for AwqLinear {
 }
 
 /// Loads `qweight`/`qzeros`/`scales` projections as [`AwqLinear`], and the
-/// ones the checkpoint keeps unquantized (`lm_head`, `modules_to_not_convert`)
-/// as dense weights.
+/// ones the checkpoint keeps unquantized (`lm_head`, `modules_to_not_convert`,
+/// or any projection stored as a plain `.weight`) as dense weights.
 pub struct AwqLoader {
     settings: AwqSettings,
 }

@@ -332,6 +332,28 @@ mod tests {
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2"#;
 
     #[test]
+    fn awq_quantization_configs_are_read_with_autoawq_aliases() {
+        let with = |q: &str| parse(&format!(r#"{{"model_type": "qwen2", {BASE}, "quantization_config": {q}}}"#));
+        let c = with(r#"{"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": true, "version": "gemm", "modules_to_not_convert": null}"#).unwrap();
+        assert_eq!(c.quantization, Some(AwqSettings { group_size: 64, modules_to_not_convert: vec![] }));
+        let c = with(r#"{"quant_method": "awq", "w_bit": 4, "q_group_size": 32, "modules_to_not_convert": ["down_proj"]}"#).unwrap();
+        let settings = c.quantization.unwrap();
+        assert_eq!(settings.group_size, 32);
+        assert!(settings.skips("model.layers.3.mlp.down_proj") && !settings.skips("model.layers.3.mlp.up_proj"));
+        for (q, message) in [
+            (r#"{"quant_method": "gptq", "bits": 4}"#, "quant_method \"gptq\" is not supported"),
+            (r#"{"quant_method": "awq", "bits": 8}"#, "bits = 8 is not supported"),
+            (r#"{"quant_method": "awq", "zero_point": false}"#, "zero_point = false"),
+            (r#"{"quant_method": "awq", "version": "gemv"}"#, "version \"gemv\" is not supported"),
+            (r#"{"quant_method": "awq", "group_size": 96}"#, "group_size = 96"),
+        ] {
+            let e = with(q).unwrap_err().to_string();
+            assert!(e.contains("config.json") && e.contains(message), "{e}");
+        }
+        assert_eq!(parse(&format!(r#"{{"model_type": "qwen2", {BASE}}}"#)).unwrap().quantization, None);
+    }
+
+    #[test]
     fn qwen2_has_qkv_bias_and_derives_head_dim() {
         let c = parse(&format!(r#"{{"model_type": "qwen2", {BASE}, "rope_theta": 1000000.0}}"#)).unwrap();
         assert_eq!((c.head_dim, c.qkv_bias, c.o_bias, c.rope_theta), (16, true, false, 1e6));

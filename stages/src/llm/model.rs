@@ -238,16 +238,11 @@ impl Decoder {
     }
 
     /// Self-attention up to o_proj's input, on an already normalised `x`
-    /// `[1, t, hidden]`, with the given q, k and v projections.
+    /// `[rows, t, hidden]` (rows of the same length, each its own sequence),
+    /// with the given q, k and v projections.
     pub fn attention_values_with(&self, qkv: [&dyn Projection; 3], x: &Tensor, row: &RowContext) -> Result<Tensor, LlmError> {
         let ctx = Context { cos: &row.cos, sin: &row.sin, mask: &row.mask };
         self.attention_values(qkv, x, &ctx, None, Pass::Inference)
-    }
-
-    /// Layer `n` applied to `x` `[1, t, hidden]`.
-    pub fn run_layer(&self, n: usize, x: &Tensor, row: &RowContext) -> Result<Tensor, LlmError> {
-        let ctx = Context { cos: &row.cos, sin: &row.sin, mask: &row.mask };
-        self.layer(n, x, &ctx, None, Pass::Inference)
     }
 
     fn check_row(&self, tokens: &[u32], positions: &[u32], segments: &[u32]) -> Result<(), LlmError> {

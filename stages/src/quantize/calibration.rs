@@ -54,7 +54,7 @@ enum Record {
 /// The token stream of a dataset's `field` values — text, tokenized as
 /// `tokenizer(text)` does, or lists of token ids (pre-tokenized data, as
 /// AutoAWQ also accepts) — records in seeded order.
-pub fn stream_from_dataset(path: &Path, field: &str, tokenizer: &TextTokenizer, seed: u64) -> anyhow::Result<Vec<u32>> {
+pub fn stream_from_dataset(path: &Path, field: &str, tokenizer: &TextTokenizer, vocab: usize, seed: u64) -> anyhow::Result<Vec<u32>> {
     let mut records = Vec::new();
     for file in records::data_files(path).with_context(|| format!("reading {}", path.display()))? {
         let (rows, errors) = records::read_file(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -69,9 +69,9 @@ pub fn stream_from_dataset(path: &Path, field: &str, tokenizer: &TextTokenizer, 
                 Some(serde_json::Value::Array(values)) => Record::Ids(
                     values
                         .iter()
-                        .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
+                        .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()).filter(|&id| (id as usize) < vocab))
                         .collect::<Option<Vec<u32>>>()
-                        .ok_or_else(|| bad("is a list, but not of token ids"))?,
+                        .ok_or_else(|| bad(&format!("is a list, but not of token ids below the vocabulary size {vocab}")))?,
                 ),
                 Some(_) => return Err(bad("is neither text nor a list of token ids")),
                 None => return Err(bad("is missing")),
@@ -125,18 +125,21 @@ mod tests {
         let path = dir.path().join("calib.jsonl");
         std::fs::write(&path, "{\"text\": \"  the court  \"}\n{\"text\": [5, 6, 7]}\n").unwrap();
         let tok = tokenizer();
-        let stream = stream_from_dataset(&path, "text", &tok, 1).unwrap();
+        let stream = stream_from_dataset(&path, "text", &tok, 640, 1).unwrap();
         let text = tok.encode("the court").unwrap();
         let ids = [5u32, 6, 7];
         let expected_one = [ids.as_slice(), &text].concat();
         let expected_two = [text.as_slice(), &ids].concat();
         assert!(stream == expected_one || stream == expected_two, "{stream:?}");
-        assert_eq!(stream, stream_from_dataset(&path, "text", &tok, 1).unwrap(), "deterministic from the seed");
+        assert_eq!(stream, stream_from_dataset(&path, "text", &tok, 640, 1).unwrap(), "deterministic from the seed");
         std::fs::write(&path, "{\"text\": \"ok\"}\n{\"text\": 5}\n").unwrap();
-        let e = stream_from_dataset(&path, "text", &tok, 1).unwrap_err().to_string();
+        let e = stream_from_dataset(&path, "text", &tok, 640, 1).unwrap_err().to_string();
         assert!(e.contains("calib.jsonl:2: field `text` is neither text nor a list of token ids"), "{e}");
-        let e = stream_from_dataset(&path, "body", &tok, 1).unwrap_err().to_string();
+        let e = stream_from_dataset(&path, "body", &tok, 640, 1).unwrap_err().to_string();
         assert!(e.contains("calib.jsonl:1: field `body` is missing"), "{e}");
+        std::fs::write(&path, "{\"text\": [1, 640]}\n").unwrap();
+        let e = stream_from_dataset(&path, "text", &tok, 640, 1).unwrap_err().to_string();
+        assert!(e.contains("calib.jsonl:1: field `text` is a list, but not of token ids below the vocabulary size 640"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,15 @@ enum Method {
     Rtn,
 }
 
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Awq => "awq",
+            Method::Rtn => "rtn",
+        }
+    }
+}
+
 fn default_method() -> Method {
     Method::Awq
 }
@@ -123,8 +132,6 @@ enum Source {
 const OUTPUTS: &[OutputDecl] =
     &[OutputDecl { name: "model", ty: OutputType::Model }, OutputDecl { name: "report", ty: OutputType::Report }];
 
-/// Group sizes the quantize stage writes.
-const GROUP_SIZES: [usize; 3] = [32, 64, 128];
 /// Calibration rows run through a layer together.
 const CHUNK_ROWS: usize = 8;
 /// Model types whose layers follow the Llama grouping (FORMATS.md §1).
@@ -162,7 +169,7 @@ impl StageKind for Quantize {
 
 /// Checks what can be checked before the model is known.
 fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
-    if !GROUP_SIZES.contains(&c.group_size) {
+    if !swift_kernels::awq::GROUP_SIZES.contains(&c.group_size) {
         return Err(ctx.error(&["group_size"], format!("group_size must be 32, 64 or 128, not {}", c.group_size))
             .with_help("128 is AWQ's default; smaller groups are more accurate and larger on disk"));
     }
@@ -211,6 +218,7 @@ impl StagePlan for QuantizePlan {
             clip: c.clip,
             skip: c.skip.clone(),
         };
+        check_skip(&config, &opts).map_err(|e| anyhow!("{}: {e}", field("skip")))?;
         check_shapes(&config, &opts).map_err(|e| anyhow!("{}: {e}", field("group_size")))?;
         let blocks = self.blocks(ctx, &opened.folder, &config).with_context(|| field("calibration"))?;
 
@@ -222,8 +230,7 @@ impl StagePlan for QuantizePlan {
         }
         let (layer_tensors, baseline, layers) = self.quantize_layers(ctx, &decoder, &blocks.calibration, &opts)?;
 
-        let not_converted = c.skip.clone();
-        let quantization = output::quantization_config(c.group_size, &not_converted);
+        let quantization = output::quantization_config(c.group_size, &c.skip);
         let model_dir = ctx.out_dir.join("model");
         output::write_folder(&model_dir, &opened.folder, &config, layer_tensors, quantization.clone(), self.max_shard_bytes)?;
 
@@ -243,9 +250,9 @@ impl StagePlan for QuantizePlan {
         };
 
         let report_dir = ctx.out_dir.join("report");
-        std::fs::create_dir_all(&report_dir)?;
+        std::fs::create_dir_all(&report_dir).with_context(|| format!("creating {}", report_dir.display()))?;
         let seconds = started.elapsed().as_secs_f64();
-        let method = serde_json::to_value(c.method)?;
+        let method = c.method.name();
         let report = serde_json::json!({
             "method": method,
             "group_size": c.group_size,
@@ -257,9 +264,11 @@ impl StagePlan for QuantizePlan {
             "seconds": seconds,
             "peak_rss_bytes": memory::peak_rss_bytes(),
         });
-        std::fs::write(report_dir.join("quality.json"), serde_json::to_string_pretty(&report)? + "\n")?;
-        let md = quality::markdown(ctx.stage, method.as_str().unwrap_or("awq"), c.group_size, &ppl, &layers);
-        std::fs::write(report_dir.join("quality.md"), md)?;
+        let json_path = report_dir.join("quality.json");
+        std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", json_path.display()))?;
+        let md_path = report_dir.join("quality.md");
+        let md = quality::markdown(ctx.stage, method, c.group_size, &ppl, &layers);
+        std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
 
         let mut result = StageResult::default();
         result.outputs.insert("model".into(), OutputValue::Path(model_dir));
@@ -267,7 +276,7 @@ impl StagePlan for QuantizePlan {
         let mut put = |k: &str, v: serde_json::Value| {
             result.metrics.insert(k.to_string(), v);
         };
-        put("method", method);
+        put("method", method.into());
         put("ppl_full_precision", ppl.full_precision.into());
         put("ppl_rtn", ppl.rtn.into());
         if let Some(awq) = ppl.awq {
@@ -293,7 +302,7 @@ impl QuantizePlan {
             }
             Source::Dataset => {
                 let tokenizer = TextTokenizer::load(model, config)?;
-                calibration::stream_from_dataset(input, &c.text_field, &tokenizer, self.resolved.seed)?
+                calibration::stream_from_dataset(input, &c.text_field, &tokenizer, config.vocab_size, self.resolved.seed)?
             }
         };
         let counts = BlockCounts { samples: c.samples, held_out: c.held_out, seq_len: c.seq_len };
@@ -341,34 +350,73 @@ fn model_config(folder: &std::path::Path) -> anyhow::Result<ModelConfig> {
         bail!("{}: model_type {model_type:?} has no known AWQ layer grouping; swift quantizes {} models",
             path.display(), GROUPED_TYPES.join(", "));
     }
-    let config = ModelConfig::parse(&path, &text)?;
-    if config.quantization.is_some() {
-        bail!("{}: the model is already quantized; give the full-precision model", path.display());
+    if let Some(method) = raw.get("quantization_config").map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown")) {
+        bail!("{}: the model is already quantized ({method}); give the full-precision model", path.display());
     }
-    Ok(config)
+    Ok(ModelConfig::parse(&path, &text)?)
 }
 
-/// Every projection to quantize must have an input size divisible by the
-/// group size and an output size divisible by 8.
-fn check_shapes(config: &ModelConfig, opts: &Options) -> Result<(), String> {
+/// The projection paths of every layer, with their `[in, out]` sizes.
+fn projections(config: &ModelConfig) -> Vec<(String, usize, usize)> {
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let (q, kv) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
     let shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)];
+    (0..config.num_layers)
+        .flat_map(|n| LINEARS.iter().zip(shapes).map(move |(name, (k, out))| (format!("model.layers.{n}.{name}"), k, out)))
+        .collect()
+}
+
+/// Every projection to quantize must have an input size divisible by the
+/// group size and an output size divisible by 8; all offenders are named.
+fn check_shapes(config: &ModelConfig, opts: &Options) -> Result<(), String> {
+    let mut bad = Vec::new();
+    let mut modules = std::collections::BTreeSet::new();
+    for (path, k, out) in projections(config) {
+        if opts.skips(&path) {
+            continue;
+        }
+        let why = if !k.is_multiple_of(opts.group) {
+            format!("input size {k} is not a multiple of the group size {}", opts.group)
+        } else if !out.is_multiple_of(swift_kernels::awq::PACK) {
+            format!("output size {out} is not a multiple of 8")
+        } else {
+            continue;
+        };
+        modules.insert(path.split('.').skip(3).collect::<Vec<_>>().join("."));
+        bad.push(format!("`{path}` ({why})"));
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let skip: Vec<String> = modules.iter().map(|m| format!("\"{m}\"")).collect();
+    Err(format!(
+        "{} cannot be AWQ-quantized: {}; choose a group size that divides the input sizes, or leave them \
+         unquantized with skip = [{}]",
+        if bad.len() == 1 { "this layer" } else { "these layers" },
+        bad.join(", "),
+        skip.join(", ")
+    ))
+}
+
+/// Every `skip` entry must match a projection, and vLLM's fused projections
+/// (q/k/v as `qkv_proj`, gate/up as `gate_up_proj`) must be skipped whole.
+fn check_skip(config: &ModelConfig, opts: &Options) -> Result<(), String> {
+    let paths = projections(config);
+    for (i, entry) in opts.skip.iter().enumerate() {
+        if !paths.iter().any(|(p, _, _)| p.contains(entry.as_str())) {
+            return Err(format!(
+                "skip[{i}] = {entry:?} matches no projection; name one like \"model.layers.0.mlp.down_proj\" or a part of it (\"down_proj\")"
+            ));
+        }
+    }
     for n in 0..config.num_layers {
-        for (name, (k, out)) in LINEARS.iter().zip(shapes) {
-            let path = format!("model.layers.{n}.{name}");
-            if opts.skips(&path) {
-                continue;
-            }
-            if !k.is_multiple_of(opts.group) || !out.is_multiple_of(swift_kernels::awq::PACK) {
-                let why = if !k.is_multiple_of(opts.group) {
-                    format!("its input size {k} is not a multiple of the group size {}", opts.group)
-                } else {
-                    format!("its output size {out} is not a multiple of 8")
-                };
+        for fused in [&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"][..], &["mlp.gate_proj", "mlp.up_proj"]] {
+            let skipped: Vec<bool> = fused.iter().map(|m| opts.skips(&format!("model.layers.{n}.{m}"))).collect();
+            if skipped.iter().any(|&s| s) && !skipped.iter().all(|&s| s) {
+                let names: Vec<String> = fused.iter().map(|m| format!("model.layers.{n}.{m}")).collect();
                 return Err(format!(
-                    "layer `{path}` cannot be AWQ-quantized: {why}; choose a group size that divides it or leave it \
-                     unquantized with skip = [\"{path}\"]"
+                    "{} are one fused projection in vLLM, which can load them only all quantized or all not: skip all of them or none",
+                    names.join(", ")
                 ));
             }
         }
@@ -405,9 +453,21 @@ mod tests {
         assert!(check_shapes(&config(256), &options(128, &[])).is_ok());
         // down_proj's input is the intermediate size: 96 is not a multiple of 64.
         let e = check_shapes(&config(96), &options(64, &[])).unwrap_err();
-        assert!(e.contains("`model.layers.0.mlp.down_proj`") && e.contains("input size 96") && e.contains("skip = ["), "{e}");
+        assert!(e.contains("`model.layers.0.mlp.down_proj` (input size 96") && e.contains("`model.layers.1.mlp.down_proj`"), "{e}");
+        assert!(e.contains("skip = [\"mlp.down_proj\"]"), "{e}");
         assert!(check_shapes(&config(96), &options(32, &[])).is_ok());
         // Leaving every down_proj unquantized makes the same settings valid.
         assert!(check_shapes(&config(96), &options(64, &["down_proj"])).is_ok());
+    }
+
+    #[test]
+    fn skip_entries_must_match_and_keep_fused_projections_whole() {
+        let c = config(256);
+        assert!(check_skip(&c, &options(128, &["model.layers.1.mlp.down_proj", "self_attn"])).is_ok());
+        let e = check_skip(&c, &options(128, &["down_prj"])).unwrap_err();
+        assert!(e.contains("skip[0] = \"down_prj\" matches no projection"), "{e}");
+        let e = check_skip(&c, &options(128, &["model.layers.0.self_attn.q_proj"])).unwrap_err();
+        assert!(e.contains("model.layers.0.self_attn.k_proj") && e.contains("skip all of them or none"), "{e}");
+        assert!(check_skip(&c, &options(128, &["up_proj"])).unwrap_err().contains("mlp.gate_proj"));
     }
 }

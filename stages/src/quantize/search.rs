@@ -150,42 +150,85 @@ enum Inspect {
     Linear(usize),
 }
 
-/// A scaling group (FORMATS.md §1's table).
+/// Which activation of a layer a group reads or is measured against.
+#[derive(Clone, Copy)]
+enum Act {
+    AttentionInput,
+    AttentionValues,
+    AttentionOutput,
+    MlpInput,
+    MlpGated,
+    MlpOutput,
+}
+
+impl Act {
+    fn of(self, a: &Activations) -> &Tensor {
+        match self {
+            Act::AttentionInput => &a.attn_in,
+            Act::AttentionValues => &a.values,
+            Act::AttentionOutput => &a.attn_out,
+            Act::MlpInput => &a.mlp_in,
+            Act::MlpGated => &a.act,
+            Act::MlpOutput => &a.mlp_out,
+        }
+    }
+}
+
+/// A scaling group (FORMATS.md §1's table): its members' shared input, the
+/// module whose output the loss is measured on, and that output.
 struct Group {
     name: &'static str,
     prev: Prev,
     members: &'static [usize],
+    input: Act,
     inspect: Inspect,
+    target: Act,
 }
 
 const GROUPS: [Group; 4] = [
-    Group { name: "qkv", prev: Prev::InputNorm, members: &[Q, K, V], inspect: Inspect::SelfAttention },
-    Group { name: "o", prev: Prev::Linear(V), members: &[O], inspect: Inspect::Linear(O) },
-    Group { name: "gate_up", prev: Prev::PostAttentionNorm, members: &[GATE, UP], inspect: Inspect::Mlp },
-    Group { name: "down", prev: Prev::Linear(UP), members: &[DOWN], inspect: Inspect::Linear(DOWN) },
+    Group {
+        name: "qkv",
+        prev: Prev::InputNorm,
+        members: &[Q, K, V],
+        input: Act::AttentionInput,
+        inspect: Inspect::SelfAttention,
+        target: Act::AttentionOutput,
+    },
+    Group {
+        name: "o",
+        prev: Prev::Linear(V),
+        members: &[O],
+        input: Act::AttentionValues,
+        inspect: Inspect::Linear(O),
+        target: Act::AttentionOutput,
+    },
+    Group {
+        name: "gate_up",
+        prev: Prev::PostAttentionNorm,
+        members: &[GATE, UP],
+        input: Act::MlpInput,
+        inspect: Inspect::Mlp,
+        target: Act::MlpOutput,
+    },
+    Group { name: "down", prev: Prev::Linear(UP), members: &[DOWN], input: Act::MlpGated, inspect: Inspect::Linear(DOWN), target: Act::MlpOutput },
 ];
 
 impl Group {
-    fn input<'a>(&self, a: &'a Activations) -> &'a Tensor {
-        match self.inspect {
-            Inspect::SelfAttention => &a.attn_in,
-            Inspect::Linear(O) => &a.values,
-            Inspect::Mlp => &a.mlp_in,
-            Inspect::Linear(_) => &a.act,
-        }
-    }
-    fn target<'a>(&self, a: &'a Activations) -> &'a Tensor {
-        match self.inspect {
-            Inspect::SelfAttention | Inspect::Linear(O) => &a.attn_out,
-            _ => &a.mlp_out,
-        }
-    }
     fn output(&self, w: &LayerWeights, decoder: &Decoder, x: &Tensor, row: &RowContext) -> anyhow::Result<Tensor> {
         Ok(match self.inspect {
             Inspect::SelfAttention => w.attention(decoder, x, row)?.1,
             Inspect::Mlp => w.mlp(x)?.1,
             Inspect::Linear(i) => w.linears[i].forward(x)?,
         })
+    }
+
+    /// Whether the group is scaled: AutoAWQ scales v_proj → o_proj only when
+    /// the two weights have the same shape (never under GQA).
+    fn applies(&self, w: &LayerWeights) -> bool {
+        match self.prev {
+            Prev::Linear(V) => w.linears[V].weight.dims() == w.linears[O].weight.dims(),
+            _ => true,
+        }
     }
 }
 
@@ -236,7 +279,7 @@ pub fn quantize_layer(decoder: &Decoder, n: usize, inputs: &[Tensor], row: &RowC
 
     let rtn = quantize_all(&fp, &skipped, opts.group, &prefix)?;
     let rtn_weights = with_dequantized(&fp, &rtn)?;
-    let rtn_mse = output_mse(&rtn_weights, decoder, inputs, &acts, row)?;
+    let rtn_mse = output_mse(&rtn_weights, decoder, inputs, &acts, row).with_context(|| format!("{prefix}: RTN output error"))?;
     let rtn_tensors = || tensors(&prefix, &fp, &rtn);
     if !opts.awq {
         let report = LayerReport { layer: n, rtn_mse, awq_mse: None, groups: Vec::new() };
@@ -247,14 +290,10 @@ pub fn quantize_layer(decoder: &Decoder, n: usize, inputs: &[Tensor], row: &RowC
     let mut groups = Vec::new();
     let mut clip_inputs: Vec<Option<Tensor>> = vec![None; LINEARS.len()];
     for group in &GROUPS {
-        let chunks: Vec<&Tensor> = acts.iter().map(|a| group.input(a)).collect();
-        // v_proj → o_proj under GQA: the shapes differ, so there is nothing to scale.
-        let foldable = match group.prev {
-            Prev::Linear(p) => fp.linears[p].weight.dim(0)? == fp.linears[group.members[0]].weight.dim(1)?,
-            _ => true,
-        };
-        let scales = if foldable && !group.members.iter().all(|&m| skipped[m]) {
-            let (scales, report) = search_group(group, &fp, &skipped, decoder, &acts, &channel_mean(&chunks)?, row, opts)?;
+        let chunks: Vec<&Tensor> = acts.iter().map(|a| group.input.of(a)).collect();
+        let scales = if group.applies(&fp) && !group.members.iter().all(|&m| skipped[m]) {
+            let (scales, report) = search_group(group, &fp, &skipped, decoder, &acts, &channel_mean(&chunks)?, row, opts)
+                .with_context(|| format!("{prefix}: scale search of the {} group", group.name))?;
             groups.push(report);
             scales
         } else {
@@ -278,7 +317,7 @@ pub fn quantize_layer(decoder: &Decoder, n: usize, inputs: &[Tensor], row: &RowC
     }
     let chosen = quantize_all(&scaled, &skipped, opts.group, &prefix)?;
     let awq_weights = with_dequantized(&scaled, &chosen)?;
-    let awq_mse = output_mse(&awq_weights, decoder, inputs, &acts, row)?;
+    let awq_mse = output_mse(&awq_weights, decoder, inputs, &acts, row).with_context(|| format!("{prefix}: AWQ output error"))?;
     let report = LayerReport { layer: n, rtn_mse, awq_mse: Some(awq_mse), groups };
     Ok(LayerResult { tensors: tensors(&prefix, &scaled, &chosen)?, baseline: Some(rtn_tensors()?), outputs: outputs(acts), report })
 }
@@ -341,19 +380,16 @@ fn search_group(
         for &m in group.members.iter().filter(|&&m| !skipped[m]) {
             let w = &fp.linears[m].weight;
             trial.linears[m].weight = match scales {
-                Some(s) => pseudo_quantize(&w.broadcast_mul(s)?, opts.group)?.broadcast_div(s)?,
+                Some(s) => match pseudo_quantize(&w.broadcast_mul(s)?, opts.group) {
+                    Ok(q) => q.broadcast_div(s)?,
+                    // Scales whose weights fp16 cannot hold lose, as an
+                    // infinite loss loses in AutoAWQ; the search goes on.
+                    Err(_) => return Ok(f64::INFINITY),
+                },
                 None => pseudo_quantize(w, opts.group)?,
             };
         }
-        let mut sum = 0f64;
-        let mut count = 0usize;
-        for a in acts {
-            let out = group.output(&trial, decoder, group.input(a), row)?;
-            let diff = (out - group.target(a))?;
-            sum += diff.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            count += diff.elem_count();
-        }
-        Ok(sum / count.max(1) as f64)
+        mse(acts.iter().map(|a| Ok((group.output(&trial, decoder, group.input.of(a), row)?, group.target.of(a).clone()))))
     };
     let rtn_loss = loss_of(None)?;
     let mut best: (f64, Option<(f64, Tensor)>) = (rtn_loss, None);
@@ -464,10 +500,16 @@ fn with_dequantized(w: &LayerWeights, quantized: &[Option<QuantizedGroups>]) -> 
 
 /// Mean squared error of the layer's output against the full-precision one.
 fn output_mse(w: &LayerWeights, decoder: &Decoder, inputs: &[Tensor], acts: &[Activations], row: &RowContext) -> anyhow::Result<f64> {
+    mse(inputs.iter().zip(acts).map(|(x, a)| Ok((w.run(decoder, x, row)?.output, a.output.clone()))))
+}
+
+/// The mean of `(output − target)²` over every element of every pair.
+fn mse(pairs: impl Iterator<Item = anyhow::Result<(Tensor, Tensor)>>) -> anyhow::Result<f64> {
     let mut sum = 0f64;
     let mut count = 0usize;
-    for (x, a) in inputs.iter().zip(acts) {
-        let diff = (w.run(decoder, x, row)?.output - &a.output)?;
+    for pair in pairs {
+        let (output, target) = pair?;
+        let diff = (output - target)?;
         sum += diff.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         count += diff.elem_count();
     }
@@ -500,4 +542,77 @@ fn tensors(prefix: &str, w: &LayerWeights, quantized: &[Option<QuantizedGroups>]
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let values: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 + 0.25
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A multi-head (not grouped) layer: v_proj and o_proj have the same shape.
+    fn layer(h: usize, i: usize, kv: usize) -> LayerWeights {
+        let linear = |n: usize, k: usize, bias: bool, seed: u64| Linear {
+            weight: random(&[n, k], seed),
+            bias: bias.then(|| random(&[n], seed + 100)),
+        };
+        LayerWeights {
+            ln1: random(&[h], 1),
+            ln2: random(&[h], 2),
+            linears: vec![
+                linear(h, h, true, 3),
+                linear(kv, h, true, 4),
+                linear(kv, h, true, 5),
+                linear(h, h, false, 6),
+                linear(i, h, false, 7),
+                linear(i, h, false, 8),
+                linear(h, i, false, 9),
+            ],
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn folded_scales_leave_every_group_computing_the_same() {
+        let (h, i) = (16, 32);
+        let w = layer(h, i, h);
+        let x = random(&[5, h], 10);
+        // What each group computes from its previous op onwards.
+        let computed = |w: &LayerWeights, g: usize| -> Tensor {
+            let f = |l: usize, x: &Tensor| w.linears[l].forward(x).unwrap();
+            match g {
+                0 => Tensor::cat(&[Q, K, V].map(|l| f(l, &x.broadcast_mul(&w.ln1).unwrap())), 1).unwrap(),
+                1 => f(O, &f(V, &x)),
+                2 => Tensor::cat(&[GATE, UP].map(|l| f(l, &x.broadcast_mul(&w.ln2).unwrap())), 1).unwrap(),
+                _ => f(DOWN, &f(UP, &x)),
+            }
+        };
+        for (g, group) in GROUPS.iter().enumerate() {
+            assert!(group.applies(&w), "{}", group.name);
+            let k = w.linears[group.members[0]].weight.dim(1).unwrap();
+            let s = random(&[k], 20 + g as u64);
+            let mut folded = w.clone();
+            fold(&mut folded, group, &s).unwrap();
+            let (before, after) = (computed(&w, g), computed(&folded, g));
+            assert!(max_diff(&before, &after) < 1e-4, "{}: folding changed the output by {}", group.name, max_diff(&before, &after));
+            assert!(max_diff(&w.linears[group.members[0]].weight, &folded.linears[group.members[0]].weight) > 1e-3);
+        }
+        // Grouped-query attention: v_proj [kv, h] and o_proj [h, h] differ, so no v → o scaling.
+        assert!(!GROUPS[1].applies(&layer(h, i, h / 2)));
+    }
 }
