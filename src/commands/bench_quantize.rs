@@ -63,7 +63,7 @@ pub fn exec(args: QuantizeArgs) -> anyhow::Result<Exit> {
     if let Some(samples) = args.full {
         runs.push((LARGE.layers, samples));
     }
-    println!("\nAWQ (group 128, clip search on, held-out perplexity on 2 blocks included) on a {}-shaped model, blocks of {} tokens:\n", LARGE.name, args.seq_len);
+    println!("\nAWQ (group 128, clip search on, held-out perplexity on 2 blocks included) on the {} model (random bf16 weights), blocks of {} tokens:\n", LARGE.name, args.seq_len);
     println!("| layers | samples | swift wall time | per layer | swift peak RSS | AutoAWQ quantize() | AutoAWQ peak RSS |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mib = |b: f64| b / (1024.0 * 1024.0);
