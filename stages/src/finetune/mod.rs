@@ -337,10 +337,7 @@ impl StagePlan for FinetunePlan {
             seed: self.resolved.seed,
         });
         let decoder = Arc::new(Decoder::load(&opened.folder, model_config, dtype, &device, &loader)?);
-        if let Some((folder, modules)) = loader.unapplied_modules().into_iter().next() {
-            bail!("{}: the adapter in {} has modules this model does not have ({}): is it an adapter for another model?",
-                field("model"), folder.display(), modules.join(", "));
-        }
+        loader.check_all_applied().with_context(|| field("model"))?;
         if ctx.cancelled() {
             return Err(Cancelled.into());
         }

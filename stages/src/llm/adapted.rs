@@ -5,7 +5,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::adapter::PeftAdapter;
@@ -91,19 +90,21 @@ impl<'a> AdaptedLoader<'a> {
         self.created.take()
     }
 
-    /// Per merged adapter with modules no projection of the model used (an
-    /// adapter for another model), its folder and those modules.
-    pub fn unapplied_modules(&self) -> Vec<(PathBuf, Vec<String>)> {
+    /// An error naming the first merged adapter with modules no projection of
+    /// the model used — an adapter for another model — and those modules.
+    pub fn check_all_applied(&self) -> Result<(), LlmError> {
         let merged = self.merged_modules.borrow();
-        self.merged
-            .iter()
-            .enumerate()
-            .filter_map(|(i, adapter)| {
-                let unused: Vec<String> =
-                    adapter.modules.keys().filter(|m| !merged.contains(&(i, m.to_string()))).cloned().collect();
-                (!unused.is_empty()).then(|| (adapter.folder.clone(), unused))
-            })
-            .collect()
+        for (i, adapter) in self.merged.iter().enumerate() {
+            let unused: Vec<&str> =
+                adapter.modules.keys().filter(|m| !merged.contains(&(i, m.to_string()))).map(String::as_str).collect();
+            if !unused.is_empty() {
+                return Err(LlmError::Weights {
+                    path: adapter.folder.clone(),
+                    message: format!("the adapter has modules this model does not have ({}): is it an adapter for another model?", unused.join(", ")),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Bytes of frozen projection weights loaded so far.

@@ -225,9 +225,7 @@ impl StagePlan for QuantizePlan {
         let device = Device::Cpu;
         let loader = AdaptedLoader::new(&opened.adapters, BaseFormat::Dense);
         let decoder = Decoder::load(&opened.folder, config.clone(), DType::F32, &device, &loader)?;
-        if let Some((folder, modules)) = loader.unapplied_modules().into_iter().next() {
-            bail!("{}: the adapter in {} has modules this model does not have ({})", field("model"), folder.display(), modules.join(", "));
-        }
+        loader.check_all_applied().with_context(|| field("model"))?;
         let (layer_tensors, baseline, layers) = self.quantize_layers(ctx, &decoder, &blocks.calibration, &opts)?;
 
         let quantization = output::quantization_config(c.group_size, &c.skip);
