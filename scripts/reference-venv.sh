@@ -11,4 +11,8 @@ python3 -m venv .venv
 # AutoAWQ's pure-PyTorch packer/dequantizer are the AWQ oracle (tests/fixtures/make_awq.py);
 # `--no-deps` because it pins an old torch.
 .venv/bin/pip install --quiet --no-deps 'autoawq==0.2.9'
-echo "reference venv ready at .venv/: dvc $(.venv/bin/dvc --version | tail -1), transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)')"
+# lm-evaluation-harness is the eval oracle (tests/fixtures/eval/make_eval_reference.py):
+# MMLU/C-Eval k-shot log-likelihood scores with its own task templates; the [hf] extra
+# brings accelerate (and peft), which its `hf` model imports.
+.venv/bin/pip install --quiet 'lm-eval[hf]==0.4.13'
+echo "reference venv ready at .venv/: dvc $(.venv/bin/dvc --version | tail -1), transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)'), lm-eval $(.venv/bin/python -c 'from importlib.metadata import version; print(version("lm-eval"))')"

@@ -28,6 +28,11 @@ pub struct ActionEntry {
     /// Numbers the stage reported (losses, accuracies, counts).
     #[serde(default)]
     pub metrics: serde_json::Map<String, serde_json::Value>,
+    /// Keys of the pieces the stage cached under their own keys while it ran
+    /// (an eval stage's model × suite scores): kept by `gc` as long as this
+    /// entry is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<StageKey>,
     /// Where and when it ran: never part of the key.
     pub provenance: Provenance,
 }

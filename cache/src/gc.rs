@@ -82,6 +82,15 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
     }
 
     let scan = store.actions()?;
+    // Parts cached inside a kept stage live as long as it does.
+    let mut pending: Vec<StageKey> = live_keys.iter().copied().collect();
+    while let Some(key) = pending.pop() {
+        for part in scan.entries.get(&key).map(|e| e.parts.as_slice()).unwrap_or_default() {
+            if live_keys.insert(*part) {
+                pending.push(*part);
+            }
+        }
+    }
     for file in &scan.unreadable {
         fs::remove_file(file)?;
         report.removed_actions += 1;

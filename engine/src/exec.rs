@@ -18,7 +18,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use indexmap::IndexMap;
@@ -475,6 +475,7 @@ impl StageTask {
         let reporter = self.reporter.clone();
         let name = node.name.clone();
         let progress = move |done: u64, total: u64, message: &str| reporter.stage_progress(&name, done, total, message);
+        let parts = Mutex::new(Vec::new());
         let ctx = RunCtx {
             stage: &node.name,
             inputs,
@@ -485,8 +486,11 @@ impl StageTask {
             offline: self.offline,
             cancel: &self.cancel,
             progress: &progress,
+            parts: &parts,
+            force: self.force,
         };
         let result = node.plan.run(&ctx)?;
+        drop(ctx);
         let mut outputs = IndexMap::new();
         let mut paths = IndexMap::new();
         for decl in node.plan.outputs() {
@@ -507,6 +511,7 @@ impl StageTask {
             inputs: self.inputs.iter().cloned().collect(),
             outputs,
             metrics: result.metrics,
+            parts: parts.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()),
             provenance: Provenance {
                 host: hostname(),
                 device: self.device.clone(),
@@ -659,11 +664,11 @@ impl Journal {
     }
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())

@@ -6,10 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
 
+use anyhow::Context;
 use indexmap::IndexMap;
 use serde::de::DeserializeOwned;
-use swift_cache::{Artifact, Store};
+use swift_cache::{ActionEntry, Artifact, Provenance, StageKey, Store};
 
 use crate::error::ManifestError;
 use crate::manifest::Manifest;
@@ -280,6 +283,20 @@ pub struct RunCtx<'a> {
     pub offline: bool,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) progress: &'a (dyn Fn(u64, u64, &str) + Sync),
+    pub(crate) parts: &'a Mutex<Vec<StageKey>>,
+    /// `--force` named this stage: its parts are recomputed too.
+    pub(crate) force: bool,
+}
+
+/// A piece of a stage's work, cached under its own key ([`RunCtx::cached_part`]).
+#[derive(Clone, Debug)]
+pub struct Part {
+    /// The piece's key.
+    pub key: StageKey,
+    /// Its materialized folder in the cache (read-only).
+    pub path: PathBuf,
+    /// Whether it came from the cache instead of being computed now.
+    pub reused: bool,
 }
 
 impl RunCtx<'_> {
@@ -292,6 +309,63 @@ impl RunCtx<'_> {
     /// Reports progress (`done` of `total` units, with a short message).
     pub fn progress(&self, done: u64, total: u64, message: &str) {
         (self.progress)(done, total, message)
+    }
+
+    /// A piece of the stage's work cached under its own key, so that a stage
+    /// whose key changed reuses the pieces whose own inputs did not (an eval
+    /// stage scores each model × suite this way: adding a model rescores
+    /// nothing else). The key covers `kind` (name the stage kind and the
+    /// piece, e.g. `eval/score`), `version`, `params` and `inputs`; `compute`
+    /// fills an empty folder, which is stored like an output. The parts a run
+    /// used are recorded in its action entry, so `gc` keeps them with it; a
+    /// stage run with `--force` recomputes its parts.
+    pub fn cached_part(
+        &self,
+        kind: &str,
+        version: u32,
+        params: &serde_json::Value,
+        inputs: &[(String, Artifact)],
+        compute: impl FnOnce(&Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Part> {
+        let key = crate::key::stage_key(kind, version, params, None, inputs);
+        let _lock = self.store.lock_key(&key)?;
+        let record = |key| self.parts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(key);
+        if let Some((_, paths)) = (!self.force).then(|| crate::resolve::lookup(self.store, &key)).flatten() {
+            if let Some(path) = paths.get("part") {
+                record(key);
+                return Ok(Part { key, path: path.clone(), reused: true });
+            }
+        }
+        let clock = Instant::now();
+        let started_unix_ms = crate::exec::unix_ms();
+        let dir = self.scratch_dir.join(format!("part-{}", &key.to_hex()[..16]));
+        swift_cache::store::remove_tree(&dir)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        compute(&dir)?;
+        let artifact = self.store.ingest_output(&dir)?;
+        let path = self.store.materialize(&artifact)?;
+        let entry = ActionEntry {
+            key,
+            kind: kind.to_string(),
+            kind_version: version,
+            params: params.clone(),
+            revision: None,
+            inputs: inputs.iter().cloned().collect(),
+            outputs: [("part".to_string(), artifact)].into_iter().collect(),
+            metrics: serde_json::Map::new(),
+            parts: Vec::new(),
+            provenance: Provenance {
+                host: crate::exec::hostname(),
+                device: "cpu".into(),
+                started_unix_ms,
+                seconds: clock.elapsed().as_secs_f64(),
+                swift_version: env!("CARGO_PKG_VERSION").to_string(),
+                manifest: String::new(),
+            },
+        };
+        self.store.write_action(&entry)?;
+        record(key);
+        Ok(Part { key, path, reused: false })
     }
 
     /// The input named `name` (declared while compiling, so always present).

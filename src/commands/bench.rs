@@ -27,6 +27,8 @@ pub enum BenchCommand {
     Finetune(super::bench_finetune::FinetuneArgs),
     /// AWQ quantization time and memory on CPU, and the int4 matmul vs f32.
     Quantize(super::bench_quantize::QuantizeArgs),
+    /// 5-shot MMLU scoring speed on CPU vs transformers.
+    Eval(super::bench_eval::EvalArgs),
 }
 
 /// Arguments of `swift bench engine`.
@@ -74,6 +76,7 @@ pub fn exec(command: BenchCommand) -> anyhow::Result<Exit> {
         BenchCommand::Preprocess(args) => super::bench_preprocess::exec(args),
         BenchCommand::Finetune(args) => super::bench_finetune::exec(args),
         BenchCommand::Quantize(args) => super::bench_quantize::exec(args),
+        BenchCommand::Eval(args) => super::bench_eval::exec(args),
     }
 }
 

@@ -4,6 +4,7 @@
 //! the cache, printing errors).
 
 mod bench;
+mod bench_eval;
 mod bench_finetune;
 mod bench_quantize;
 mod bench_generate;

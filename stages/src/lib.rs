@@ -8,10 +8,12 @@
 //! - training: [`finetune`] (LoRA, DoRA, QLoRA; chains of fine-tunes through
 //!   [`model_source`]);
 //! - compression: [`quantize`] (AWQ int4 in AutoAWQ's GEMM layout);
-//! - still to come ([`planned`]): `eval`, `export`.
+//! - evaluation: [`eval`] (MMLU and C-Eval, k-shot log-likelihood);
+//! - still to come ([`planned`]): `export`.
 #![deny(missing_docs)]
 
 pub mod download;
+pub mod eval;
 pub mod finetune;
 pub mod hub;
 pub mod llm;
@@ -25,7 +27,7 @@ use swift_engine::Registry;
 
 /// Every stage kind of this build, in one table.
 pub fn registry() -> Registry {
-    let mut kinds: Vec<Box<dyn StageKind>> = vec![Box::new(download::Download), Box::new(preprocess::Preprocess), Box::new(finetune::Finetune), Box::new(quantize::Quantize)];
+    let mut kinds: Vec<Box<dyn StageKind>> = vec![Box::new(download::Download), Box::new(preprocess::Preprocess), Box::new(finetune::Finetune), Box::new(quantize::Quantize), Box::new(eval::Eval)];
     kinds.extend(planned::kinds().into_iter().map(|k| Box::new(k) as Box<dyn StageKind>));
     Registry::new(kinds)
 }

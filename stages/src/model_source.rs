@@ -30,6 +30,9 @@ pub struct ModelSource {
     /// The Hub revision the manifest pins the base to (`hf://ORG/NAME@REV`),
     /// for the adapter's `revision`.
     pub base_revision: Option<String>,
+    /// The name of the base's input; adapters are `{input}.adapter.{i}`, or
+    /// `adapter.{i}` for the stage's single `model`.
+    input: String,
 }
 
 /// A model reference resolved for a running stage.
@@ -41,8 +44,15 @@ pub struct OpenedModel {
 }
 
 impl ModelSource {
-    /// Declares the inputs a `model` value at `field` needs.
+    /// Declares the inputs a `model` value at `field` needs, as inputs `model`
+    /// and `adapter.{i}`.
     pub fn declare(ctx: &mut CompileCtx<'_>, field: &str, value: &str) -> Result<Self, ManifestError> {
+        Self::declare_as(ctx, "model", field, value)
+    }
+
+    /// Like [`ModelSource::declare`] for one of several models of a stage: the
+    /// base is input `input`, its adapters `{input}.adapter.{i}`.
+    pub fn declare_as(ctx: &mut CompileCtx<'_>, input: &str, field: &str, value: &str) -> Result<Self, ManifestError> {
         let mut chain: Vec<String> = Vec::new();
         let mut current = value.to_string();
         while ctx.stage_kind(&current) == Some(FINETUNE) {
@@ -60,16 +70,30 @@ impl ModelSource {
         }
         chain.reverse();
         let (base_name, base_revision) = if ctx.is_stage(&current) || !current.contains(['/', '.']) {
-            ctx.stage_input("model", &[field], &current, OutputType::Model);
+            ctx.stage_input(input, &[field], &current, OutputType::Model);
             Self::download_name(ctx, &current).unwrap_or_else(|| (current.clone(), None))
         } else {
-            ctx.local_input("model", &[field], &current)?;
+            ctx.local_input(input, &[field], &current)?;
             (current.clone(), None)
         };
-        for (i, stage) in chain.iter().enumerate() {
-            ctx.stage_input(&format!("adapter.{i}"), &[field], stage, OutputType::Adapter);
+        let source = Self { chain, base_name, base_revision, input: input.to_string() };
+        for (i, stage) in source.chain.iter().enumerate() {
+            ctx.stage_input(&source.adapter_input(i), &[field], stage, OutputType::Adapter);
         }
-        Ok(Self { chain, base_name, base_revision })
+        Ok(source)
+    }
+
+    /// The names of the inputs this model was declared as: the base, then each adapter.
+    pub fn input_names(&self) -> Vec<String> {
+        std::iter::once(self.input.clone()).chain((0..self.chain.len()).map(|i| self.adapter_input(i))).collect()
+    }
+
+    fn adapter_input(&self, i: usize) -> String {
+        if self.input == "model" {
+            format!("adapter.{i}")
+        } else {
+            format!("{}.adapter.{i}", self.input)
+        }
     }
 
     /// For a download stage, the name users know its model by — the Hub repo
@@ -91,9 +115,9 @@ impl ModelSource {
 
     /// The base folder and the chain's adapters, read from the stage's inputs.
     pub fn open(&self, ctx: &RunCtx<'_>) -> anyhow::Result<OpenedModel> {
-        let folder = ctx.input("model")?.path.clone();
+        let folder = ctx.input(&self.input)?.path.clone();
         let adapters = (0..self.chain.len())
-            .map(|i| Ok(PeftAdapter::open(&ctx.input(&format!("adapter.{i}"))?.path)?))
+            .map(|i| Ok(PeftAdapter::open(&ctx.input(&self.adapter_input(i))?.path)?))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(OpenedModel { folder, adapters })
     }

@@ -25,7 +25,7 @@ impl StageKind for Planned {
     fn compile(&self, ctx: &mut CompileCtx<'_>, _params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         Err(ctx
             .error(&["kind"], format!("stage kind `{}` is not available in this build of swift yet", self.name))
-            .with_help("this build runs `download`, `preprocess`, `finetune` and `quantize` stages; see docs/manifest.md for what each kind will do"))
+            .with_help("this build runs `download`, `preprocess`, `finetune`, `quantize` and `eval` stages; see docs/manifest.md for what each kind will do"))
     }
 }
 
@@ -33,12 +33,11 @@ const fn out(name: &'static str, ty: OutputType) -> OutputDecl {
     OutputDecl { name, ty }
 }
 
-const EVAL: &[OutputDecl] = &[out("report", OutputType::Report)];
 const EXPORT: &[OutputDecl] = &[out("export", OutputType::Export)];
 
 /// The kinds still to come, with the outputs ARCHITECTURE.md gives them.
 pub fn kinds() -> Vec<Planned> {
-    [("eval", EVAL), ("export", EXPORT)]
+    [("export", EXPORT)]
         .into_iter()
         .map(|(name, outputs)| Planned { name, outputs })
         .collect()

@@ -94,5 +94,5 @@ fn unknown_stage_on_the_command_line_is_a_usage_error() {
 
 #[test]
 fn planned_kinds_say_they_are_not_available_yet() {
-    rejects("[stages.scores]\nkind = \"eval\"\n", &[], 2, 8, "not available in this build");
+    rejects("[stages.bundle]\nkind = \"export\"\n", &[], 2, 8, "not available in this build");
 }

@@ -28,3 +28,5 @@ mod preprocess;
 mod finetune;
 /// The quantize stage: AWQ vs RTN, the AutoAWQ folder, generate on it, bad settings.
 mod quantize;
+/// The eval stage: models side by side on MMLU/C-Eval, reports, cached parts, bad data.
+mod eval;

@@ -35,7 +35,7 @@ const PEN: f64 = 1.1;
 /// Glyph drawn for characters the font lacks.
 const FALLBACK: &str = "01104051522425 28";
 /// Colour of labels, spines and ticks.
-const INK: &str = "#262626";
+pub(crate) const INK: &str = "#262626";
 /// Round line caps and joins.
 const ROUND: &str = r#"stroke-linecap="round" stroke-linejoin="round""#;
 
@@ -86,14 +86,14 @@ fn advance(c: char) -> f64 {
 }
 
 /// Drawn width in pixels of `text` at cap height `cap`.
-fn text_width(text: &str, cap: f64) -> f64 {
+pub(crate) fn text_width(text: &str, cap: f64) -> f64 {
     let units: f64 = text.chars().map(advance).sum();
     (units - GAP).max(0.0) * cap / CAP
 }
 
 /// Appends path data for `text` whose baseline starts at `(x, y)`. Vertical
 /// text reads bottom to top, its baseline running upwards from `(x, y)`.
-fn text_path(d: &mut String, text: &str, x: f64, y: f64, cap: f64, vertical: bool) {
+pub(crate) fn text_path(d: &mut String, text: &str, x: f64, y: f64, cap: f64, vertical: bool) {
     let u = cap / CAP;
     let map = |gx: f64, gy: f64| {
         if vertical {
@@ -121,7 +121,7 @@ fn text_path(d: &mut String, text: &str, x: f64, y: f64, cap: f64, vertical: boo
 }
 
 /// Appends a stroked `<path>` for text path data drawn at cap height `cap`.
-fn text_element(out: &mut String, d: &str, cap: f64, color: &str) {
+pub(crate) fn text_element(out: &mut String, d: &str, cap: f64, color: &str) {
     if !d.is_empty() {
         let sw = num(cap / CAP * PEN);
         let _ = writeln!(out, r#"<path d="{d}" fill="none" stroke="{color}" stroke-width="{sw}" {ROUND}/>"#);
@@ -135,7 +135,7 @@ fn marker(out: &mut String, x: f64, y: f64, base: f64, color: &str) {
 }
 
 /// Formats a coordinate with at most two decimals and no trailing zeros.
-fn num(v: f64) -> String {
+pub(crate) fn num(v: f64) -> String {
     if !v.is_finite() {
         return "0".into();
     }

@@ -40,14 +40,23 @@ struct Layer {
     mlp: Mlp,
 }
 
-/// Keys and values of the tokens seen so far, per layer.
-#[derive(Default)]
+/// Keys and values of the tokens seen so far, per layer. Cloning is cheap
+/// (tensors are shared), so one cached prompt prefix can be continued many ways.
+#[derive(Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     segments: Vec<u32>,
+    shared: bool,
 }
 
 impl KvCache {
+    /// Lets every token of later calls attend to the tokens cached so far,
+    /// whatever its segment: a prompt prefix shared by several continuations
+    /// packed into one row.
+    pub fn share(&mut self) {
+        self.shared = true;
+    }
+
     /// How many tokens the cache holds.
     pub fn len(&self) -> usize {
         self.segments.len()
@@ -128,13 +137,29 @@ impl Decoder {
         tokens: &[u32],
         positions: &[u32],
         segments: &[u32],
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         last_only: bool,
     ) -> Result<Tensor, LlmError> {
         let t = tokens.len();
+        let x = self.hidden(tokens, positions, segments, cache)?;
+        let x = if last_only { x.narrow(0, t - 1, 1)? } else { x };
+        let logits = self.lm_head.forward(&x.unsqueeze(0)?)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// The final hidden states `[tokens, hidden]` (after the last RMSNorm) of
+    /// one row, as [`Decoder::forward`] computes them before `lm_head`: for
+    /// callers that need logits at a few positions only.
+    pub fn hidden(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        segments: &[u32],
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, LlmError> {
         self.check_row(tokens, positions, segments)?;
-        let past_segments: &[u32] = cache.as_ref().map_or(&[], |c| &c.segments);
-        let mask = self.mask(past_segments, segments)?;
+        let (past_segments, shared): (&[u32], bool) = cache.as_ref().map_or((&[], false), |c| (&c.segments, c.shared));
+        let mask = self.mask(past_segments, shared, segments)?;
         let (cos, sin) = self.rope_tables(positions)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
@@ -148,10 +173,7 @@ impl Decoder {
         if let Some(cache) = cache {
             cache.segments.extend_from_slice(segments);
         }
-        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
-        let x = self.rms_norm(&x, &self.norm, Pass::Inference)?;
-        let logits = self.lm_head.forward(&x)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(self.rms_norm(&x, &self.norm, Pass::Inference)?.squeeze(0)?)
     }
 
     /// The final hidden states `[tokens, hidden]` (after the last RMSNorm) of
@@ -167,7 +189,7 @@ impl Decoder {
         checkpoint: Option<&Arc<CheckpointGrads>>,
     ) -> Result<Tensor, LlmError> {
         self.check_row(tokens, positions, segments)?;
-        let mask = self.mask(&[], segments)?;
+        let mask = self.mask(&[], false, segments)?;
         let (cos, sin) = self.rope_tables(positions)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
@@ -206,7 +228,7 @@ impl Decoder {
     /// (positions and segments as for [`Decoder::forward`]).
     pub fn row_context(&self, positions: &[u32], segments: &[u32]) -> Result<RowContext, LlmError> {
         let (cos, sin) = self.rope_tables(positions)?;
-        Ok(RowContext { cos, sin, mask: self.mask(&[], segments)? })
+        Ok(RowContext { cos, sin, mask: self.mask(&[], false, segments)? })
     }
 
     /// Token embeddings `[1, t, hidden]`: the first layer's input.
@@ -363,8 +385,9 @@ impl Decoder {
         normed.broadcast_mul(weight)
     }
 
-    /// Additive mask `[t, past + t]`: 0 where a query may attend a key, -inf elsewhere.
-    fn mask(&self, past_segments: &[u32], segments: &[u32]) -> Result<Tensor, LlmError> {
+    /// Additive mask `[t, past + t]`: 0 where a query may attend a key, -inf
+    /// elsewhere. With `shared_past`, every query may attend every past key.
+    fn mask(&self, past_segments: &[u32], shared_past: bool, segments: &[u32]) -> Result<Tensor, LlmError> {
         let past = past_segments.len();
         let t = segments.len();
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
@@ -372,8 +395,8 @@ impl Decoder {
         for (i, &segment) in segments.iter().enumerate() {
             let query = past + i;
             for key in 0..=query {
-                let key_segment = if key < past { past_segments[key] } else { segments[key - past] };
-                if key_segment == segment && query - key < window {
+                let visible = if key < past { shared_past || past_segments[key] == segment } else { segments[key - past] == segment };
+                if visible && query - key < window {
                     data[i * (past + t) + key] = 0.0;
                 }
             }

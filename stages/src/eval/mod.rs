@@ -1,0 +1,331 @@
+//! `kind = "eval"`: scores one or more models on MMLU and C-Eval by k-shot
+//! log-likelihood and reports them side by side.
+//!
+//! - `models`: model stages, local folders, fine-tune stages (base + chain,
+//!   [`crate::model_source`]) or AWQ folders (run by the int4 kernels);
+//! - `suites = { mmlu = "…", ceval = "…" }`: the stage (or folder) holding each
+//!   suite's files, in any layout [`data`] reads;
+//! - `template` (`lm-eval` | `official`, [`prompt`]), `shots` (5), `chat`,
+//!   `limit` (questions per subject), `subjects` (per suite);
+//! - output `report`: `scores.json`, `predictions.jsonl`, `scores.md`,
+//!   `scores.svg` ([`report`]).
+//!
+//! Each model × suite is scored as a part cached under its own key
+//! ([`swift_engine::kind::RunCtx::cached_part`]): adding or editing one model
+//! rescores that model only.
+
+pub mod data;
+pub mod prompt;
+pub mod report;
+pub mod score;
+pub mod suites;
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Context};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use swift_engine::kind::{CompileCtx, OutputDecl, OutputType, OutputValue, RunCtx, StageKind, StagePlan, StageResult};
+use swift_engine::ManifestError;
+
+use self::data::LETTERS;
+use self::prompt::{Template, TemplateName};
+use self::report::{ModelScores, QuestionResult, SubjectResult};
+use self::score::{Encoded, ScoreOptions};
+use self::suites::Suite;
+use crate::llm::adapted::{AdaptedLoader, BaseFormat};
+use crate::llm::{awq, Decoder, ModelConfig, TextTokenizer};
+use crate::model_source::{ModelSource, OpenedModel};
+
+/// The eval kind.
+pub struct Eval;
+
+/// Bumped when a part's results for the same inputs change.
+const PART_VERSION: u32 = 1;
+
+const OUTPUTS: &[OutputDecl] = &[OutputDecl { name: "report", ty: OutputType::Report }];
+
+fn default_template() -> TemplateName {
+    TemplateName::LmEval
+}
+fn default_shots() -> usize {
+    5
+}
+
+/// The manifest keys of an eval stage.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    models: Vec<String>,
+    suites: BTreeMap<String, String>,
+    #[serde(default = "default_template")]
+    template: TemplateName,
+    #[serde(default = "default_shots")]
+    shots: usize,
+    #[serde(default)]
+    chat: bool,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    subjects: BTreeMap<String, Vec<String>>,
+}
+
+/// What enters the stage key: the options and every template string.
+#[derive(Debug, Serialize)]
+struct Resolved {
+    #[serde(flatten)]
+    config: Config,
+    prompts: BTreeMap<&'static str, Template>,
+}
+
+/// What enters one model × suite part's key besides its inputs.
+#[derive(Debug, Serialize)]
+struct PartParams<'a> {
+    suite: &'static str,
+    template: &'a Template,
+    shots: usize,
+    chat: bool,
+    limit: Option<usize>,
+    subjects: &'a [String],
+}
+
+impl StageKind for Eval {
+    fn name(&self) -> &'static str {
+        "eval"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn outputs(&self) -> &'static [OutputDecl] {
+        OUTPUTS
+    }
+    fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
+        let config: Config = ctx.parse(params)?;
+        if config.models.is_empty() {
+            return Err(ctx.error(&["models"], "models is empty: name at least one model stage or folder, e.g. models = [\"base\"]"));
+        }
+        let mut models = Vec::new();
+        for (i, name) in config.models.iter().enumerate() {
+            if config.models[..i].contains(name) {
+                return Err(ctx.error(&["models"], format!("`{name}` is listed twice in models")));
+            }
+            models.push(ModelSource::declare_as(ctx, &format!("model.{i}"), "models", name)?);
+        }
+        if config.suites.is_empty() {
+            return Err(ctx.error(&["suites"], "suites is empty: bind at least one, e.g. suites = { mmlu = \"mmlu_data\" }"));
+        }
+        let mut suites = Vec::new();
+        for (name, source) in &config.suites {
+            let suite = Suite::from_name(name)
+                .ok_or_else(|| ctx.error(&["suites", name], format!("unknown suite `{name}`: swift scores `mmlu` and `ceval`")))?;
+            let input = format!("suite.{name}");
+            if ctx.is_stage(source) {
+                ctx.stage_input(&input, &["suites", name], source, OutputType::Dataset);
+            } else {
+                ctx.local_input(&input, &["suites", name], source)?;
+            }
+            suites.push(suite);
+        }
+        for (name, handles) in &config.subjects {
+            if !config.suites.contains_key(name) {
+                return Err(ctx.error(&["subjects", name], format!("subjects names suite `{name}`, which `suites` does not bind")));
+            }
+            if handles.is_empty() {
+                return Err(ctx.error(&["subjects", name], "an empty subject list scores nothing: list handles, or leave the suite out to score all"));
+            }
+        }
+        if config.limit == Some(0) {
+            return Err(ctx.error(&["limit"], "limit = 0 scores nothing: leave it out to score every question"));
+        }
+        let prompts = suites.iter().map(|&s| (s.name(), Template::of(config.template, s))).collect();
+        let names = config.models.clone();
+        Ok(Box::new(EvalPlan { resolved: Resolved { config, prompts }, models: names.into_iter().zip(models).collect(), suites }))
+    }
+}
+
+struct EvalPlan {
+    resolved: Resolved,
+    models: Vec<(String, ModelSource)>,
+    suites: Vec<Suite>,
+}
+
+impl StagePlan for EvalPlan {
+    fn params(&self) -> serde_json::Value {
+        serde_json::to_value(&self.resolved).expect("config serializes")
+    }
+
+    fn outputs(&self) -> Vec<OutputDecl> {
+        OUTPUTS.to_vec()
+    }
+
+    fn run(&self, ctx: &RunCtx<'_>) -> anyhow::Result<StageResult> {
+        let c = &self.resolved.config;
+        let mut scores: Vec<ModelScores> = Vec::new();
+        let total = (self.models.len() * self.suites.len()) as u64;
+        for (m, (name, source)) in self.models.iter().enumerate() {
+            let field = format!("stages.{}.models[{m}] (`{name}`)", ctx.stage);
+            let mut loaded: Option<ScoringModel> = None;
+            let mut by_suite = BTreeMap::new();
+            for (s, &suite) in self.suites.iter().enumerate() {
+                ctx.progress((m * self.suites.len() + s) as u64, total, &format!("{name} · {}", suite.label()));
+                let template = &self.resolved.prompts[suite.name()];
+                let subjects = c.subjects.get(suite.name()).map(Vec::as_slice).unwrap_or_default();
+                let params = PartParams { suite: suite.name(), template, shots: c.shots, chat: c.chat, limit: c.limit, subjects };
+                let mut inputs = Vec::new();
+                for (i, input) in source.input_names().into_iter().enumerate() {
+                    let role = if i == 0 { "model".to_string() } else { format!("adapter.{}", i - 1) };
+                    inputs.push((role, ctx.input(&input)?.artifact.clone()));
+                }
+                let data_input = ctx.input(&format!("suite.{}", suite.name()))?;
+                inputs.push(("data".to_string(), data_input.artifact.clone()));
+                let data_root = data_input.path.clone();
+                let part = ctx.cached_part("eval/score", PART_VERSION, &serde_json::to_value(&params)?, &inputs, |dir| {
+                    if loaded.is_none() {
+                        loaded = Some(ScoringModel::load(&source.open(ctx)?).with_context(|| field.clone())?);
+                    }
+                    let model = loaded.as_ref().expect("just loaded");
+                    let field = format!("stages.{}.suites.{}", ctx.stage, suite.name());
+                    let subjects = data::load(&data_root, suite, subjects, c.limit).with_context(|| field.clone())?;
+                    let prompts = PromptOptions { shots: c.shots, chat: c.chat };
+                    let cancelled = || ctx.cancelled();
+                    let results = model.score_suite(suite, template, prompts, &subjects, ScoreOptions::default(), &cancelled)?;
+                    report::write_part(dir, &results)
+                })?;
+                by_suite.insert(suite, report::read_part(&part.path)?);
+            }
+            scores.push(ModelScores { model: name.clone(), suites: by_suite });
+        }
+        let dir = ctx.out_dir.join("report");
+        let metrics = report::write(&dir, &self.params(), &scores)?;
+        let mut result = StageResult::default();
+        result.outputs.insert("report".into(), OutputValue::Path(dir));
+        result.metrics = metrics;
+        Ok(result)
+    }
+}
+
+/// A model loaded for scoring.
+pub struct ScoringModel {
+    decoder: Decoder,
+    tokenizer: TextTokenizer,
+}
+
+/// How questions become prompts (besides the template).
+#[derive(Clone, Copy, Debug)]
+pub struct PromptOptions {
+    /// Dev rows used as shots (fewer where the subject has fewer, or where the
+    /// prompt would not fit the model's context).
+    pub shots: usize,
+    /// Wrap each prompt in the model's chat template as one user turn.
+    pub chat: bool,
+}
+
+impl ScoringModel {
+    /// Loads a model (merging its adapter chain, or through the int4 kernels).
+    pub fn load(opened: &OpenedModel) -> anyhow::Result<ScoringModel> {
+        let config = ModelConfig::load(&opened.folder)?;
+        let tokenizer = TextTokenizer::load(&opened.folder, &config)?;
+        let device = Device::Cpu;
+        let decoder = if config.quantization.is_some() {
+            if !opened.adapters.is_empty() {
+                return Err(anyhow!("an AWQ int4 model cannot carry adapters: evaluate the fine-tune before quantizing, or quantize the fine-tune"));
+            }
+            let loader = awq::loader_for(&config);
+            Decoder::load(&opened.folder, config, DType::F32, &device, loader.as_ref())?
+        } else {
+            let loader = AdaptedLoader::new(&opened.adapters, BaseFormat::Dense);
+            let decoder = Decoder::load(&opened.folder, config, DType::F32, &device, &loader)?;
+            loader.check_all_applied()?;
+            decoder
+        };
+        Ok(ScoringModel { decoder, tokenizer })
+    }
+
+    /// Every question of a suite's subjects, tokenized with as many shots as
+    /// fit the model's context.
+    /// Also returns the shots each question got and how many were cut from the left.
+    fn encode_subject(&self, suite: Suite, template: &Template, prompts: PromptOptions, subject: &data::Subject)
+        -> anyhow::Result<(Vec<Encoded>, Vec<usize>, usize)> {
+        let max_len = self.decoder.config().max_position_embeddings;
+        let continuations = template.continuations();
+        let chat = if prompts.chat {
+            Some(self.tokenizer.chat_template()?.ok_or_else(|| anyhow!("chat = true, but the model has no chat template"))?)
+        } else {
+            None
+        };
+        let (mut encoded, mut shots, mut truncated) = (Vec::new(), Vec::new(), 0);
+        for q in &subject.scored {
+            let mut k = prompts.shots.min(subject.dev.len());
+            let mut e = loop {
+                let text = template.context(suite, &subject.handle, &subject.dev, k, q);
+                let text = match chat {
+                    Some(t) => t.render(&[serde_json::json!({"role": "user", "content": text})], None::<&()>, true)?,
+                    None => text,
+                };
+                let e = Encoded::new(&self.tokenizer, &text, &continuations, chat.is_some())
+                    .with_context(|| format!("{} subject `{}` row {}", suite.label(), subject.handle, q.row))?;
+                if e.max_len() <= max_len || k == 0 {
+                    break e;
+                }
+                k -= 1;
+            };
+            if e.max_len() > max_len {
+                e.truncate_left(max_len);
+                truncated += 1;
+            }
+            shots.push(k);
+            encoded.push(e);
+        }
+        Ok((encoded, shots, truncated))
+    }
+
+    /// Each scored question's prompt length in tokens.
+    pub fn prompt_tokens(&self, suite: Suite, template: &Template, prompts: PromptOptions, subject: &data::Subject)
+        -> anyhow::Result<Vec<usize>> {
+        Ok(self.encode_subject(suite, template, prompts, subject)?.0.iter().map(|e| e.context.len()).collect())
+    }
+
+    /// Scores every subject of one suite. `cancelled` is polled between rows.
+    pub fn score_suite(
+        &self,
+        suite: Suite,
+        template: &Template,
+        prompts: PromptOptions,
+        subjects: &[data::Subject],
+        options: ScoreOptions,
+        cancelled: &dyn Fn() -> bool,
+    ) -> anyhow::Result<Vec<SubjectResult>> {
+        let mut out = Vec::new();
+        for subject in subjects {
+            let (encoded, shots, truncated) = self.encode_subject(suite, template, prompts, subject)?;
+            let fewest = shots.iter().copied().min().unwrap_or(0);
+            let lls = score::score(&self.decoder, &encoded, options, cancelled)?;
+            let questions = subject
+                .scored
+                .iter()
+                .zip(&lls)
+                .map(|(q, ll)| QuestionResult {
+                    index: q.row,
+                    answer: LETTERS[q.answer].to_string(),
+                    choice: LETTERS[argmax(ll)].to_string(),
+                    loglikelihoods: ll.to_vec(),
+                })
+                .collect();
+            let first_prompt = template.context(suite, &subject.handle, &subject.dev, shots[0], &subject.scored[0]);
+            let dev_rows = subject.dev.len();
+            out.push(SubjectResult { handle: subject.handle.clone(), shots: fewest, dev_rows, truncated, first_prompt, questions });
+        }
+        Ok(out)
+    }
+}
+
+/// The first index of the largest value (lm-eval's `np.argmax`).
+fn argmax(values: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
