@@ -14,14 +14,16 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::action::ActionEntry;
 use crate::digest::{ContentDigest, StageKey};
 use crate::lockfile::LockFile;
 use crate::store::{read_dir_sorted, remove_tree, Store};
 
 /// Scratch areas of stages not kept are removed once untouched this long (they
-/// may hold an interrupted stage's checkpoints).
+/// may hold an interrupted stage's checkpoints); parts no kept entry lists are
+/// kept this long too.
 const SCRATCH_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What a collection removed and kept.
@@ -97,8 +99,9 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
     }
     let mut live_objects: HashSet<ContentDigest> = HashSet::new();
     let mut live_materialized: HashSet<String> = HashSet::new();
+    let now = SystemTime::now();
     for (key, entry) in scan.entries {
-        if !live_keys.contains(&key) {
+        if !live_keys.contains(&key) && !is_recent_part(&entry, now) {
             store.remove_action(&key)?;
             report.removed_actions += 1;
             continue;
@@ -133,7 +136,6 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
             }
         }
     }
-    let now = SystemTime::now();
     for scratch in read_dir_sorted(&store.root().join("scratch"))? {
         let hex = scratch.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let kept = hex.parse::<StageKey>().is_ok_and(|k| live_keys.contains(&k));
@@ -150,6 +152,14 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
         fs::remove_file(stray)?;
     }
     Ok(report)
+}
+
+/// A part (kind `{stage kind}/{piece}`, see `RunCtx::cached_part`) computed
+/// within the grace period: a run that failed after finishing some parts
+/// wrote no entry listing them, and its rerun should still find them.
+fn is_recent_part(entry: &ActionEntry, now: SystemTime) -> bool {
+    let started = UNIX_EPOCH + Duration::from_millis(entry.provenance.started_unix_ms);
+    entry.kind.contains('/') && now.duration_since(started).is_ok_and(|age| age < SCRATCH_GRACE)
 }
 
 fn is_temp(path: &Path) -> bool {

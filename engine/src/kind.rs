@@ -288,17 +288,6 @@ pub struct RunCtx<'a> {
     pub(crate) force: bool,
 }
 
-/// A piece of a stage's work, cached under its own key ([`RunCtx::cached_part`]).
-#[derive(Clone, Debug)]
-pub struct Part {
-    /// The piece's key.
-    pub key: StageKey,
-    /// Its materialized folder in the cache (read-only).
-    pub path: PathBuf,
-    /// Whether it came from the cache instead of being computed now.
-    pub reused: bool,
-}
-
 impl RunCtx<'_> {
     /// Whether the run was interrupted (Ctrl-C): long stages check this and
     /// return [`Cancelled`] after saving what they can.
@@ -316,9 +305,13 @@ impl RunCtx<'_> {
     /// stage scores each model × suite this way: adding a model rescores
     /// nothing else). The key covers `kind` (name the stage kind and the
     /// piece, e.g. `eval/score`), `version`, `params` and `inputs`; `compute`
-    /// fills an empty folder, which is stored like an output. The parts a run
-    /// used are recorded in its action entry, so `gc` keeps them with it; a
-    /// stage run with `--force` recomputes its parts.
+    /// fills an empty folder, which is stored like an output; the part's
+    /// materialized (read-only) folder is returned. The parts a run used are
+    /// recorded in its action entry, so `gc` keeps them with it (and keeps
+    /// parts no entry lists for a week, so that a failed run's finished parts
+    /// survive until it is rerun); a stage run with `--force` recomputes its
+    /// parts. Name the part kind `{stage kind}/{piece}`: the `/` tells `gc`
+    /// it is a part.
     pub fn cached_part(
         &self,
         kind: &str,
@@ -326,14 +319,14 @@ impl RunCtx<'_> {
         params: &serde_json::Value,
         inputs: &[(String, Artifact)],
         compute: impl FnOnce(&Path) -> anyhow::Result<()>,
-    ) -> anyhow::Result<Part> {
+    ) -> anyhow::Result<PathBuf> {
         let key = crate::key::stage_key(kind, version, params, None, inputs);
         let _lock = self.store.lock_key(&key)?;
         let record = |key| self.parts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(key);
         if let Some((_, paths)) = (!self.force).then(|| crate::resolve::lookup(self.store, &key)).flatten() {
             if let Some(path) = paths.get("part") {
                 record(key);
-                return Ok(Part { key, path: path.clone(), reused: true });
+                return Ok(path.clone());
             }
         }
         let clock = Instant::now();
@@ -365,7 +358,7 @@ impl RunCtx<'_> {
         };
         self.store.write_action(&entry)?;
         record(key);
-        Ok(Part { key, path, reused: false })
+        Ok(path)
     }
 
     /// The input named `name` (declared while compiling, so always present).

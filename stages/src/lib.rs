@@ -9,6 +9,7 @@
 //!   [`model_source`]);
 //! - compression: [`quantize`] (AWQ int4 in AutoAWQ's GEMM layout);
 //! - evaluation: [`eval`] (MMLU and C-Eval, k-shot log-likelihood);
+//! - shared drawing: [`svg`] (the stroke font of the charts);
 //! - still to come ([`planned`]): `export`.
 #![deny(missing_docs)]
 
@@ -21,6 +22,7 @@ pub mod model_source;
 pub mod planned;
 pub mod preprocess;
 pub mod quantize;
+pub mod svg;
 
 use swift_engine::kind::StageKind;
 use swift_engine::Registry;

@@ -155,6 +155,7 @@ fn shots_are_what_the_subject_has_and_what_fits_the_context() {
     assert_eq!(results[1].truncated, 0);
     for r in &results {
         let encoded = model.prompt_tokens(suite, &template, PromptOptions { shots: 5, chat: false }, subjects.iter().find(|s| s.handle == r.handle).unwrap()).unwrap();
-        assert!(encoded.iter().all(|&n| n + 2 <= 512), "{encoded:?}");
+        // Context and the first of the two continuation tokens are fed.
+        assert!(encoded.iter().all(|&n| n < 512), "{encoded:?}");
     }
 }

@@ -57,15 +57,18 @@ enum Layout {
     Parquet(PathBuf),
 }
 
-/// Reads every subject of `suite` under `root` (or only `wanted`, in that
-/// order), each with at most `limit` scored questions.
+/// Reads every subject of `suite` under `root` (or only `wanted`), sorted by
+/// handle, each with at most `limit` scored questions.
 pub fn load(root: &Path, suite: Suite, wanted: &[String], limit: Option<usize>) -> anyhow::Result<Vec<Subject>> {
     let layout = detect(root, suite)?;
-    let available = handles(&layout)?;
+    let available = handles(&layout, "dev")?;
     if available.is_empty() {
         bail!("{} holds no {} subjects ({})", root.display(), suite.label(), expected(suite));
     }
-    let chosen: Vec<String> = if wanted.is_empty() {
+    if let Some(orphan) = handles(&layout, suite.scored_split())?.into_iter().find(|h| !available.contains(h)) {
+        bail!("{}: subject `{orphan}` has {} questions but no dev file: every subject needs both", root.display(), suite.scored_split());
+    }
+    let mut chosen: Vec<String> = if wanted.is_empty() {
         available
     } else {
         for handle in wanted {
@@ -80,6 +83,7 @@ pub fn load(root: &Path, suite: Suite, wanted: &[String], limit: Option<usize>) 
         }
         wanted.to_vec()
     };
+    chosen.sort();
     chosen
         .into_iter()
         .map(|handle| {
@@ -126,14 +130,19 @@ fn sorted_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(entries)
 }
 
-/// Subject handles with a `dev` file, sorted.
-fn handles(layout: &Layout) -> anyhow::Result<Vec<String>> {
+/// Subject handles with a `split` file, sorted.
+fn handles(layout: &Layout, split: &str) -> anyhow::Result<Vec<String>> {
     let mut handles = Vec::new();
     match layout {
         Layout::Csv(base) => {
-            for path in sorted_dir(&base.join("dev"))? {
+            let dir = base.join(split);
+            if !dir.is_dir() {
+                return Ok(handles);
+            }
+            let suffix = format!("_{split}.csv");
+            for path in sorted_dir(&dir)? {
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                if let Some(handle) = name.strip_suffix("_dev.csv") {
+                if let Some(handle) = name.strip_suffix(&suffix) {
                     handles.push(handle.to_string());
                 }
             }
@@ -141,7 +150,7 @@ fn handles(layout: &Layout) -> anyhow::Result<Vec<String>> {
         Layout::Parquet(root) => {
             for dir in sorted_dir(root)? {
                 let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-                if dir.is_dir() && name != "all" && !name.starts_with('.') && !parquet_files(&dir, "dev")?.is_empty() {
+                if dir.is_dir() && name != "all" && !name.starts_with('.') && !parquet_files(&dir, split)?.is_empty() {
                     handles.push(name);
                 }
             }
@@ -208,10 +217,14 @@ fn read_mmlu_csv(path: &Path) -> anyhow::Result<Vec<Question>> {
         let line = record.position().map_or(0, |p| p.line());
         let at = || format!("{}:{line}", path.display());
         if record.len() != 6 {
-            bail!("{}: expected 6 columns (question, A, B, C, D, answer; no header), found {}", at(), record.len());
+            let hint = if row == 0 && record.iter().any(|f| f.trim() == "question") { " (this looks like a header row: is this C-Eval?)" } else { "" };
+            bail!("{}: expected 6 columns (question, A, B, C, D, answer; no header), found {}{hint}", at(), record.len());
         }
         let choices = [1, 2, 3, 4].map(|i| record[i].to_string());
-        questions.push(Question { row, question: record[0].to_string(), choices, answer: answer_index(&record[5], &at)? });
+        let answer = answer_index(&record[5], &at).map_err(|e| {
+            if row == 0 && record[5].trim() == "answer" { e.context("MMLU files have no header row: delete it") } else { e }
+        })?;
+        questions.push(Question { row, question: record[0].to_string(), choices, answer });
     }
     Ok(questions)
 }
@@ -330,6 +343,13 @@ mod tests {
         assert!(err.contains("no test questions"), "{err}");
         let err = format!("{:#}", load(dir.path(), Suite::Mmlu, &["y".into()], None).unwrap_err());
         assert!(err.contains("subject `y` is not in") && err.contains("it has x"), "{err}");
+        write(dir.path(), "test/x_test.csv", "q,a,b,c,d,A\n");
+        write(dir.path(), "test/z_test.csv", "q,a,b,c,d,A\n");
+        let err = format!("{:#}", load(dir.path(), Suite::Mmlu, &[], None).unwrap_err());
+        assert!(err.contains("subject `z` has test questions but no dev file"), "{err}");
+        write(dir.path(), "dev/z_dev.csv", "question,A,B,C,D,answer\n");
+        let err = format!("{:#}", load(dir.path(), Suite::Mmlu, &[], None).unwrap_err());
+        assert!(err.contains("z_dev.csv:1") && err.contains("no header row"), "{err}");
     }
 
     #[test]

@@ -70,18 +70,21 @@ struct Config {
     subjects: BTreeMap<String, Vec<String>>,
 }
 
-/// What enters the stage key: the options and every template string.
+/// What enters the stage key: the options, every template string, and the
+/// subject tables (names in headers, categories in the report).
 #[derive(Debug, Serialize)]
 struct Resolved {
     #[serde(flatten)]
     config: Config,
     prompts: BTreeMap<&'static str, Template>,
+    subject_tables: BTreeMap<&'static str, String>,
 }
 
 /// What enters one model × suite part's key besides its inputs.
 #[derive(Debug, Serialize)]
 struct PartParams<'a> {
     suite: &'static str,
+    subject_table: &'a str,
     template: &'a Template,
     shots: usize,
     chat: bool,
@@ -133,13 +136,18 @@ impl StageKind for Eval {
             if handles.is_empty() {
                 return Err(ctx.error(&["subjects", name], "an empty subject list scores nothing: list handles, or leave the suite out to score all"));
             }
+            if let Some(twice) = handles.iter().enumerate().find(|(i, h)| handles[..*i].contains(h)).map(|(_, h)| h) {
+                return Err(ctx.error(&["subjects", name], format!("`{twice}` is listed twice")));
+            }
         }
         if config.limit == Some(0) {
             return Err(ctx.error(&["limit"], "limit = 0 scores nothing: leave it out to score every question"));
         }
         let prompts = suites.iter().map(|&s| (s.name(), Template::of(config.template, s))).collect();
+        let subject_tables = suites.iter().map(|&s| (s.name(), s.table_digest())).collect();
         let names = config.models.clone();
-        Ok(Box::new(EvalPlan { resolved: Resolved { config, prompts }, models: names.into_iter().zip(models).collect(), suites }))
+        let resolved = Resolved { config, prompts, subject_tables };
+        Ok(Box::new(EvalPlan { resolved, models: names.into_iter().zip(models).collect(), suites }))
     }
 }
 
@@ -160,6 +168,15 @@ impl StagePlan for EvalPlan {
 
     fn run(&self, ctx: &RunCtx<'_>) -> anyhow::Result<StageResult> {
         let c = &self.resolved.config;
+        // The suites' files first: a bad row or subject shows before any model loads.
+        let mut data = BTreeMap::new();
+        for &suite in &self.suites {
+            let input = ctx.input(&format!("suite.{}", suite.name()))?;
+            let wanted = c.subjects.get(suite.name()).map(Vec::as_slice).unwrap_or_default();
+            let subjects = data::load(&input.path, suite, wanted, c.limit)
+                .with_context(|| format!("stages.{}.suites.{}", ctx.stage, suite.name()))?;
+            data.insert(suite, (input.artifact.clone(), subjects));
+        }
         let mut scores: Vec<ModelScores> = Vec::new();
         let total = (self.models.len() * self.suites.len()) as u64;
         for (m, (name, source)) in self.models.iter().enumerate() {
@@ -169,29 +186,35 @@ impl StagePlan for EvalPlan {
             for (s, &suite) in self.suites.iter().enumerate() {
                 ctx.progress((m * self.suites.len() + s) as u64, total, &format!("{name} · {}", suite.label()));
                 let template = &self.resolved.prompts[suite.name()];
-                let subjects = c.subjects.get(suite.name()).map(Vec::as_slice).unwrap_or_default();
-                let params = PartParams { suite: suite.name(), template, shots: c.shots, chat: c.chat, limit: c.limit, subjects };
+                let (data_artifact, subjects) = &data[&suite];
+                let params = PartParams {
+                    suite: suite.name(),
+                    subject_table: &self.resolved.subject_tables[suite.name()],
+                    template,
+                    shots: c.shots,
+                    chat: c.chat,
+                    limit: c.limit,
+                    subjects: c.subjects.get(suite.name()).map(Vec::as_slice).unwrap_or_default(),
+                };
                 let mut inputs = Vec::new();
                 for (i, input) in source.input_names().into_iter().enumerate() {
                     let role = if i == 0 { "model".to_string() } else { format!("adapter.{}", i - 1) };
                     inputs.push((role, ctx.input(&input)?.artifact.clone()));
                 }
-                let data_input = ctx.input(&format!("suite.{}", suite.name()))?;
-                inputs.push(("data".to_string(), data_input.artifact.clone()));
-                let data_root = data_input.path.clone();
-                let part = ctx.cached_part("eval/score", PART_VERSION, &serde_json::to_value(&params)?, &inputs, |dir| {
+                inputs.push(("data".to_string(), data_artifact.clone()));
+                let part_dir = ctx.cached_part("eval/score", PART_VERSION, &serde_json::to_value(&params)?, &inputs, |dir| {
                     if loaded.is_none() {
                         loaded = Some(ScoringModel::load(&source.open(ctx)?).with_context(|| field.clone())?);
                     }
                     let model = loaded.as_ref().expect("just loaded");
-                    let field = format!("stages.{}.suites.{}", ctx.stage, suite.name());
-                    let subjects = data::load(&data_root, suite, subjects, c.limit).with_context(|| field.clone())?;
                     let prompts = PromptOptions { shots: c.shots, chat: c.chat };
                     let cancelled = || ctx.cancelled();
-                    let results = model.score_suite(suite, template, prompts, &subjects, ScoreOptions::default(), &cancelled)?;
+                    let results = model
+                        .score_suite(suite, template, prompts, subjects, ScoreOptions::default(), &cancelled)
+                        .with_context(|| field.clone())?;
                     report::write_part(dir, &results)
                 })?;
-                by_suite.insert(suite, report::read_part(&part.path)?);
+                by_suite.insert(suite, report::read_part(&part_dir)?);
             }
             scores.push(ModelScores { model: name.clone(), suites: by_suite });
         }
@@ -241,15 +264,17 @@ impl ScoringModel {
         Ok(ScoringModel { decoder, tokenizer })
     }
 
-    /// Every question of a suite's subjects, tokenized with as many shots as
-    /// fit the model's context.
-    /// Also returns the shots each question got and how many were cut from the left.
+    /// Tokenizes every question of a subject with as many shots as fit the
+    /// model's context; also returns the shots each question got and how many
+    /// prompts were cut from the left.
     fn encode_subject(&self, suite: Suite, template: &Template, prompts: PromptOptions, subject: &data::Subject)
         -> anyhow::Result<(Vec<Encoded>, Vec<usize>, usize)> {
         let max_len = self.decoder.config().max_position_embeddings;
         let continuations = template.continuations();
         let chat = if prompts.chat {
-            Some(self.tokenizer.chat_template()?.ok_or_else(|| anyhow!("chat = true, but the model has no chat template"))?)
+            Some(self.tokenizer.chat_template()?.ok_or_else(|| {
+                anyhow!("chat = true, but the model has no chat template: set `chat = false`, or give the model a `chat_template`")
+            })?)
         } else {
             None
         };
@@ -264,12 +289,12 @@ impl ScoringModel {
                 };
                 let e = Encoded::new(&self.tokenizer, &text, &continuations, chat.is_some())
                     .with_context(|| format!("{} subject `{}` row {}", suite.label(), subject.handle, q.row))?;
-                if e.max_len() <= max_len || k == 0 {
+                if e.fits(max_len) || k == 0 {
                     break e;
                 }
                 k -= 1;
             };
-            if e.max_len() > max_len {
+            if !e.fits(max_len) {
                 e.truncate_left(max_len);
                 truncated += 1;
             }

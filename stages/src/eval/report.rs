@@ -18,7 +18,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::suites::Suite;
-use crate::finetune::curve::{num, text_element, text_path, text_width, INK};
+use crate::svg::{num, text_element, text_path, text_width, INK};
 
 /// One scored question.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,7 +76,8 @@ pub struct Accuracy {
     pub macro_: f64,
     /// Questions scored.
     pub questions: usize,
-    /// Per category, micro within the category, in the table's order.
+    /// Per category, micro within the category (alphabetical here; `scores.md`
+    /// lists them in the subject table's order).
     pub categories: BTreeMap<String, f64>,
     /// Per subject.
     pub subjects: BTreeMap<String, f64>,
@@ -252,7 +253,7 @@ fn markdown(settings: &serde_json::Value, models: &[ModelScores], suites: &[Suit
 const COLORS: [&str; 8] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
 /// A grouped bar chart (0–100 %): one group per label, one bar per model.
-/// Text is stroked (no fonts needed), as in the loss curves.
+/// Text is stroked ([`crate::svg`]: no fonts needed).
 fn bar_chart(title: &str, models: &[&str], groups: &[(String, Vec<f64>)]) -> String {
     let (w, h) = (640.0, 360.0);
     let cap = 9.0;

@@ -46,7 +46,10 @@ impl Encoded {
             let whole = encode(&format!("{trimmed}{moved}{continuation}"))?;
             *slot = whole.get(context_tokens.len()..).unwrap_or_default().to_vec();
             if slot.is_empty() {
-                anyhow::bail!("the continuation {continuation:?} adds no tokens after the context (the tokenizer merged it into the context's end)");
+                anyhow::bail!(
+                    "the continuation {continuation:?} adds no tokens after the context (the tokenizer merged it into the context's end); \
+                     try the other `template`, whose continuations are delimited differently"
+                );
             }
         }
         Ok(Encoded { context: context_tokens, continuations: out })
@@ -57,10 +60,16 @@ impl Encoded {
         self.context.len() + self.continuations.iter().map(Vec::len).max().unwrap_or(0)
     }
 
-    /// Keeps the last `max` tokens of context + longest continuation, dropping
-    /// context tokens from the front (lm-eval's left truncation).
-    pub fn truncate_left(&mut self, max: usize) {
-        let excess = self.max_len().saturating_sub(max);
+    /// Whether the tokens fed (context and continuation but its last token)
+    /// fit `positions` positions.
+    pub fn fits(&self, positions: usize) -> bool {
+        self.max_len() <= positions + 1
+    }
+
+    /// Cuts context tokens from the front until the tokens fed fit `positions`
+    /// (lm-eval keeps the last `max_length + 1` of context + continuation).
+    pub fn truncate_left(&mut self, positions: usize) {
+        let excess = self.max_len().saturating_sub(positions + 1);
         self.context.drain(..excess.min(self.context.len().saturating_sub(1)));
     }
 
@@ -126,7 +135,10 @@ pub fn score(decoder: &Decoder, questions: &[Encoded], options: ScoreOptions, ca
     if sequences.is_empty() {
         return Ok(results);
     }
-    let prefix = if options.reuse_prefix { shared_prefix(&sequences) } else { 0 };
+    // A sliding window counts row indices, not positions: a shared prefix is
+    // exact only while every sequence fits the window.
+    let window_ok = decoder.config().sliding_window.is_none_or(|w| sequences.iter().all(|s| s.tokens.len() <= w));
+    let prefix = if options.reuse_prefix && window_ok { shared_prefix(&sequences) } else { 0 };
     let cache = match prefix {
         0 => None,
         p => {
@@ -184,19 +196,16 @@ fn score_row(decoder: &Decoder, row: &[Sequence], prefix: usize, mut cache: Opti
         }
     }
     let hidden = decoder.hidden(&tokens, &positions, &segments, cache.as_mut())?;
-    // Single-token continuations read the same position four times: run lm_head once per position.
+    // The four choices of a question read the same positions: run lm_head once per position.
     let mut unique = wanted.clone();
+    unique.sort_unstable();
     unique.dedup();
     let index = Tensor::new(unique.as_slice(), hidden.device())?;
     let logits = decoder.lm_head().forward(&hidden.index_select(&index, 0)?.unsqueeze(0)?)?.squeeze(0)?.to_dtype(DType::F32)?;
     let logits: Vec<Vec<f32>> = logits.to_vec2()?;
     let log_norms: Vec<f64> = logits.iter().map(|row| log_sum_exp(row)).collect();
-    let mut u = 0;
-    for (i, &position) in wanted.iter().enumerate() {
-        while unique[u] != position {
-            u += 1;
-        }
-        let (question, choice, token) = reads[i];
+    for (&position, &(question, choice, token)) in wanted.iter().zip(&reads) {
+        let u = unique.binary_search(&position).expect("every wanted position is in unique");
         results[question][choice] += f64::from(logits[u][token as usize]) - log_norms[u];
     }
     Ok(())
@@ -286,8 +295,10 @@ mod tests {
     #[test]
     fn left_truncation_keeps_the_end_of_the_context() {
         let mut q = question(&[1, 2, 3, 4, 5, 6], &[], [&[7], &[8, 9], &[7], &[7]]);
+        assert!(!q.fits(5));
         q.truncate_left(5);
-        assert_eq!(q.context, vec![4, 5, 6]);
-        assert_eq!(q.max_len(), 5);
+        // Five tokens fed: 3, 4, 5, 6 and the 8 of `8 9`.
+        assert_eq!(q.context, vec![3, 4, 5, 6]);
+        assert!(q.fits(5));
     }
 }

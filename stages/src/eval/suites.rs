@@ -57,11 +57,24 @@ impl Suite {
     pub fn table(self) -> &'static SubjectTable {
         static MMLU: OnceLock<SubjectTable> = OnceLock::new();
         static CEVAL: OnceLock<SubjectTable> = OnceLock::new();
-        let (cell, json) = match self {
-            Suite::Mmlu => (&MMLU, include_str!("../../data/mmlu_subjects.json")),
-            Suite::Ceval => (&CEVAL, include_str!("../../data/ceval_subjects.json")),
+        let cell = match self {
+            Suite::Mmlu => &MMLU,
+            Suite::Ceval => &CEVAL,
         };
-        cell.get_or_init(|| serde_json::from_str(json).expect("the bundled subject table is valid JSON"))
+        cell.get_or_init(|| serde_json::from_str(self.table_json()).expect("the bundled subject table is valid JSON"))
+    }
+
+    /// The BLAKE3 digest (hex) of the bundled subject table, for keys: the
+    /// names it gives enter prompts, its categories the report.
+    pub fn table_digest(self) -> String {
+        blake3::hash(self.table_json().as_bytes()).to_hex().to_string()
+    }
+
+    fn table_json(self) -> &'static str {
+        match self {
+            Suite::Mmlu => include_str!("../../data/mmlu_subjects.json"),
+            Suite::Ceval => include_str!("../../data/ceval_subjects.json"),
+        }
     }
 }
 

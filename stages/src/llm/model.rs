@@ -46,15 +46,18 @@ struct Layer {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     segments: Vec<u32>,
-    shared: bool,
+    /// The first `shared` cached tokens are visible to every later token.
+    shared: usize,
 }
 
 impl KvCache {
     /// Lets every token of later calls attend to the tokens cached so far,
     /// whatever its segment: a prompt prefix shared by several continuations
-    /// packed into one row.
+    /// packed into one row. (A sliding window is measured in row indices, so
+    /// packed continuations of a shared prefix are only exact without one, or
+    /// within it.)
     pub fn share(&mut self) {
-        self.shared = true;
+        self.shared = self.segments.len();
     }
 
     /// How many tokens the cache holds.
@@ -158,7 +161,7 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor, LlmError> {
         self.check_row(tokens, positions, segments)?;
-        let (past_segments, shared): (&[u32], bool) = cache.as_ref().map_or((&[], false), |c| (&c.segments, c.shared));
+        let (past_segments, shared): (&[u32], usize) = cache.as_ref().map_or((&[], 0), |c| (&c.segments, c.shared));
         let mask = self.mask(past_segments, shared, segments)?;
         let (cos, sin) = self.rope_tables(positions)?;
         let ids = Tensor::new(tokens, &self.device)?;
@@ -189,7 +192,7 @@ impl Decoder {
         checkpoint: Option<&Arc<CheckpointGrads>>,
     ) -> Result<Tensor, LlmError> {
         self.check_row(tokens, positions, segments)?;
-        let mask = self.mask(&[], false, segments)?;
+        let mask = self.mask(&[], 0, segments)?;
         let (cos, sin) = self.rope_tables(positions)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
@@ -228,7 +231,7 @@ impl Decoder {
     /// (positions and segments as for [`Decoder::forward`]).
     pub fn row_context(&self, positions: &[u32], segments: &[u32]) -> Result<RowContext, LlmError> {
         let (cos, sin) = self.rope_tables(positions)?;
-        Ok(RowContext { cos, sin, mask: self.mask(&[], false, segments)? })
+        Ok(RowContext { cos, sin, mask: self.mask(&[], 0, segments)? })
     }
 
     /// Token embeddings `[1, t, hidden]`: the first layer's input.
@@ -386,8 +389,8 @@ impl Decoder {
     }
 
     /// Additive mask `[t, past + t]`: 0 where a query may attend a key, -inf
-    /// elsewhere. With `shared_past`, every query may attend every past key.
-    fn mask(&self, past_segments: &[u32], shared_past: bool, segments: &[u32]) -> Result<Tensor, LlmError> {
+    /// elsewhere. Every query may attend the first `shared` past keys.
+    fn mask(&self, past_segments: &[u32], shared: usize, segments: &[u32]) -> Result<Tensor, LlmError> {
         let past = past_segments.len();
         let t = segments.len();
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
@@ -395,7 +398,7 @@ impl Decoder {
         for (i, &segment) in segments.iter().enumerate() {
             let query = past + i;
             for key in 0..=query {
-                let visible = if key < past { shared_past || past_segments[key] == segment } else { segments[key - past] == segment };
+                let visible = if key < past { key < shared || past_segments[key] == segment } else { segments[key - past] == segment };
                 if visible && query - key < window {
                     data[i * (past + t) + key] = 0.0;
                 }
