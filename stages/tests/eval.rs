@@ -1,7 +1,8 @@
 //! Eval scoring against independent references on the tiny fixture models and
 //! the MMLU/C-Eval fixtures (tests/fixtures/eval/make_eval_fixtures.py):
-//! lm-evaluation-harness 0.4.13 itself for the `lm-eval` template, and
-//! transformers for `official` (tests/fixtures/eval/make_eval_reference.py).
+//! lm-evaluation-harness 0.4.13 itself for the `lm-eval` template (also with
+//! its chat template mode), and transformers for `official`
+//! (tests/fixtures/eval/make_eval_reference.py).
 //! Prompts must match exactly, choices for at least 99% of questions, and
 //! log-likelihoods within 1e-3.
 
@@ -47,16 +48,25 @@ fn subjects(suite: Suite, layout: &str) -> Vec<Subject> {
 }
 
 fn score(model: &ScoringModel, suite: Suite, template: &Template, subjects: &[Subject], options: ScoreOptions) -> Vec<SubjectResult> {
-    let prompts = PromptOptions { shots: 5, chat: false };
+    score_with(model, suite, template, subjects, options, false)
+}
+
+fn score_with(model: &ScoringModel, suite: Suite, template: &Template, subjects: &[Subject], options: ScoreOptions, chat: bool)
+    -> Vec<SubjectResult> {
+    let prompts = PromptOptions { shots: 5, chat };
     model.score_suite(suite, template, prompts, subjects, options, &|| false).unwrap()
 }
 
 /// Compares prompts, choices and log-likelihoods with a reference file.
 fn check_against(reference: &str, name: TemplateName, model_name: &str, suite: Suite, layout: &str) {
+    check_with(reference, name, model_name, suite, layout, false)
+}
+
+fn check_with(reference: &str, name: TemplateName, model_name: &str, suite: Suite, layout: &str, chat: bool) {
     let model = model(model_name);
     let subjects = subjects(suite, layout);
     let template = Template::of(name, suite);
-    let results = score(&model, suite, &template, &subjects, ScoreOptions::default());
+    let results = score_with(&model, suite, &template, &subjects, ScoreOptions::default(), chat);
     let expected = references(reference, model_name, suite);
     let mut checked = 0;
     let mut same_choice = 0;
@@ -64,7 +74,7 @@ fn check_against(reference: &str, name: TemplateName, model_name: &str, suite: S
     for r in &expected {
         let subject = subjects.iter().find(|s| s.handle == r.subject).expect("subject in the fixture");
         let q = subject.scored.iter().find(|q| q.row == r.index).expect("question in the fixture");
-        let prompt = template.context(suite, &subject.handle, &subject.dev, 5, q);
+        let prompt = model.prompt(suite, &template, chat, subject, 5, q).unwrap();
         assert_eq!(prompt, r.prompt, "{model_name} {} {} #{}: prompt differs", suite.name(), r.subject, r.index);
         let got = results.iter().find(|s| s.handle == r.subject).unwrap().questions.iter().find(|x| x.index == r.index).unwrap();
         assert_eq!(got.answer, r.answer);
@@ -92,6 +102,15 @@ fn lm_eval_template_matches_lm_evaluation_harness_on_mmlu() {
 fn lm_eval_template_matches_lm_evaluation_harness_on_ceval() {
     for model in ["qwen2-tiny", "llama-tiny"] {
         check_against("lm-eval", TemplateName::LmEval, model, Suite::Ceval, "ceval");
+    }
+}
+
+#[test]
+fn chat_prompts_match_lm_evaluation_harness_apply_chat_template() {
+    // lm-eval 0.4.13 with apply_chat_template (fewshot_as_multiturn off): the
+    // header as the system message, shots and question as one user message.
+    for suite in Suite::ALL {
+        check_with("lm-eval-chat", TemplateName::LmEval, "qwen2-tiny", suite, suite.name(), true);
     }
 }
 

@@ -239,7 +239,8 @@ pub struct PromptOptions {
     /// Dev rows used as shots (fewer where the subject has fewer, or where the
     /// prompt would not fit the model's context).
     pub shots: usize,
-    /// Wrap each prompt in the model's chat template as one user turn.
+    /// Wrap each prompt in the model's chat template as lm-eval's
+    /// `apply_chat_template` does ([`ScoringModel::prompt`]).
     pub chat: bool,
 }
 
@@ -264,30 +265,39 @@ impl ScoringModel {
         Ok(ScoringModel { decoder, tokenizer })
     }
 
+    /// The text scored for `q` with the first `shots` dev rows: the template's
+    /// prompt, or with `chat` what lm-eval's `apply_chat_template` scores — the
+    /// header as the system message (dropped if the template rejects one), the
+    /// shots and question as one user message, then the generation prompt.
+    pub fn prompt(&self, suite: Suite, template: &Template, chat: bool, subject: &data::Subject, shots: usize, q: &data::Question)
+        -> anyhow::Result<String> {
+        if !chat {
+            return Ok(template.context(suite, &subject.handle, &subject.dev, shots, q));
+        }
+        let chat = self.tokenizer.chat_template()?.ok_or_else(|| {
+            anyhow!("chat = true, but the model has no chat template: set `chat = false`, or give the model a `chat_template`")
+        })?;
+        let user = serde_json::json!({"role": "user", "content": template.body(&subject.dev, shots, q)});
+        let system = serde_json::json!({"role": "system", "content": template.header(suite, &subject.handle)});
+        match chat.render(&[system, user.clone()], None::<&()>, true) {
+            Ok(text) => Ok(text),
+            Err(_) => Ok(chat.render(&[user], None::<&()>, true)?),
+        }
+    }
+
     /// Tokenizes every question of a subject with as many shots as fit the
     /// model's context; also returns the shots each question got and how many
     /// prompts were cut from the left.
     fn encode_subject(&self, suite: Suite, template: &Template, prompts: PromptOptions, subject: &data::Subject)
         -> anyhow::Result<(Vec<Encoded>, Vec<usize>, usize)> {
         let max_len = self.decoder.config().max_position_embeddings;
-        let continuations = template.continuations();
-        let chat = if prompts.chat {
-            Some(self.tokenizer.chat_template()?.ok_or_else(|| {
-                anyhow!("chat = true, but the model has no chat template: set `chat = false`, or give the model a `chat_template`")
-            })?)
-        } else {
-            None
-        };
+        let continuations = template.continuations(prompts.chat);
         let (mut encoded, mut shots, mut truncated) = (Vec::new(), Vec::new(), 0);
         for q in &subject.scored {
             let mut k = prompts.shots.min(subject.dev.len());
             let mut e = loop {
-                let text = template.context(suite, &subject.handle, &subject.dev, k, q);
-                let text = match chat {
-                    Some(t) => t.render(&[serde_json::json!({"role": "user", "content": text})], None::<&()>, true)?,
-                    None => text,
-                };
-                let e = Encoded::new(&self.tokenizer, &text, &continuations, chat.is_some())
+                let text = self.prompt(suite, template, prompts.chat, subject, k, q)?;
+                let e = Encoded::new(&self.tokenizer, &text, &continuations, prompts.chat)
                     .with_context(|| format!("{} subject `{}` row {}", suite.label(), subject.handle, q.row))?;
                 if e.fits(max_len) || k == 0 {
                     break e;
@@ -336,7 +346,7 @@ impl ScoringModel {
                     loglikelihoods: ll.to_vec(),
                 })
                 .collect();
-            let first_prompt = template.context(suite, &subject.handle, &subject.dev, shots[0], &subject.scored[0]);
+            let first_prompt = self.prompt(suite, template, prompts.chat, subject, shots[0], &subject.scored[0])?;
             let dev_rows = subject.dev.len();
             out.push(SubjectResult { handle: subject.handle.clone(), shots: fewest, dev_rows, truncated, first_prompt, questions });
         }

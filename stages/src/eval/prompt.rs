@@ -126,19 +126,27 @@ impl Template {
         format!("{}{}{}{}", self.example(q), self.target_delimiter, LETTERS[q.answer], self.fewshot_delimiter)
     }
 
-    /// The four scored continuations, A–D.
-    pub fn continuations(&self) -> [String; 4] {
-        LETTERS.map(|l| format!("{}{l}", self.target_delimiter))
+    /// The four scored continuations, A–D. After a chat prompt the letters
+    /// follow the generation prompt with no delimiter, as lm-eval scores them.
+    pub fn continuations(&self, chat: bool) -> [String; 4] {
+        let delimiter = if chat { "" } else { self.target_delimiter };
+        LETTERS.map(|l| format!("{delimiter}{l}"))
     }
 
-    /// The scored text with the first `shots` dev rows.
-    pub fn context(&self, suite: Suite, handle: &str, dev: &[Question], shots: usize, q: &Question) -> String {
-        let mut text = self.header(suite, handle);
+    /// The shots (the first `shots` dev rows) and the question: the scored
+    /// text after the header.
+    pub fn body(&self, dev: &[Question], shots: usize, q: &Question) -> String {
+        let mut text = String::new();
         for shot in &dev[..shots.min(dev.len())] {
             text.push_str(&self.shot(shot));
         }
         text.push_str(&self.example(q));
         text
+    }
+
+    /// The scored text with the first `shots` dev rows.
+    pub fn context(&self, suite: Suite, handle: &str, dev: &[Question], shots: usize, q: &Question) -> String {
+        self.header(suite, handle) + &self.body(dev, shots, q)
     }
 }
 
@@ -161,7 +169,8 @@ mod tests {
              What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n\
              Find x.\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
         );
-        assert_eq!(t.continuations(), [" A", " B", " C", " D"]);
+        assert_eq!(t.continuations(false), [" A", " B", " C", " D"]);
+        assert_eq!(t.continuations(true), ["A", "B", "C", "D"]);
     }
 
     #[test]
@@ -172,7 +181,7 @@ mod tests {
         let ceval = Template::of(TemplateName::Official, Suite::Ceval);
         assert_eq!(ceval.header(Suite::Ceval, "computer_network"), "以下是中国关于computer_network考试的单项选择题，请选出其中的正确答案。\n\n");
         assert!(ceval.shot(&question("问", 2)).ends_with("\n答案：C\n\n"));
-        assert_eq!(ceval.continuations(), ["A", "B", "C", "D"]);
+        assert_eq!(ceval.continuations(false), ["A", "B", "C", "D"]);
         let lm_eval = Template::of(TemplateName::LmEval, Suite::Ceval);
         assert_eq!(lm_eval.header(Suite::Ceval, "computer_network"), "以下是中国关于计算机网络的单项选择题，请选出其中的正确答案。\n\n");
         assert_eq!(lm_eval.header(Suite::Ceval, "local_law"), "以下是中国关于local_law的单项选择题，请选出其中的正确答案。\n\n");

@@ -45,7 +45,7 @@ pub struct SubjectResult {
     pub dev_rows: usize,
     /// Questions cut from the left because even a 0-shot prompt is too long.
     pub truncated: usize,
-    /// The first question's prompt, exactly as scored (before any chat template).
+    /// The first question's prompt, exactly as scored (chat template included).
     pub first_prompt: String,
     /// The scored questions, in file order.
     pub questions: Vec<QuestionResult>,
