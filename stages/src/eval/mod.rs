@@ -103,7 +103,7 @@ impl StageKind for Eval {
         OUTPUTS
     }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
-        let config: Config = ctx.parse(params)?;
+        let mut config: Config = ctx.parse(params)?;
         if config.models.is_empty() {
             return Err(ctx.error(&["models"], "models is empty: name at least one model stage or folder, e.g. models = [\"base\"]"));
         }
@@ -139,6 +139,10 @@ impl StageKind for Eval {
             if let Some(twice) = handles.iter().enumerate().find(|(i, h)| handles[..*i].contains(h)).map(|(_, h)| h) {
                 return Err(ctx.error(&["subjects", name], format!("`{twice}` is listed twice")));
             }
+        }
+        // The order subjects are listed in changes nothing scored: keep it out of the keys.
+        for handles in config.subjects.values_mut() {
+            handles.sort();
         }
         if config.limit == Some(0) {
             return Err(ctx.error(&["limit"], "limit = 0 scores nothing: leave it out to score every question"));
