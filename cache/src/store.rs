@@ -375,7 +375,7 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
 }
 
 /// Lists a folder's entries sorted by name (empty if it does not exist).
-pub(crate) fn read_dir_sorted(dir: &Path) -> io::Result<Vec<PathBuf>> {
+pub fn read_dir_sorted(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut paths = match fs::read_dir(dir) {
         Ok(iter) => iter.map(|e| e.map(|e| e.path())).collect::<Result<Vec<_>, _>>()?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),

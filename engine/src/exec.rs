@@ -16,7 +16,7 @@
 //! interrupted six-hour fine-tune is never mistaken for a finished one.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -488,6 +488,8 @@ impl StageTask {
             progress: &progress,
             parts: &parts,
             force: self.force,
+            device: &self.device,
+            manifest: &self.pipeline.manifest.path,
         };
         let result = node.plan.run(&ctx)?;
         drop(ctx);
@@ -512,14 +514,7 @@ impl StageTask {
             outputs,
             metrics: result.metrics,
             parts: parts.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()),
-            provenance: Provenance {
-                host: hostname(),
-                device: self.device.clone(),
-                started_unix_ms,
-                seconds: clock.elapsed().as_secs_f64(),
-                swift_version: env!("CARGO_PKG_VERSION").to_string(),
-                manifest: self.pipeline.manifest.path.display().to_string(),
-            },
+            provenance: provenance(&self.device, &self.pipeline.manifest.path, started_unix_ms, clock.elapsed().as_secs_f64()),
         };
         // The entry is written last: only now does the stage count as done.
         self.store.write_action(&entry)?;
@@ -668,7 +663,20 @@ pub(crate) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-pub(crate) fn hostname() -> String {
+/// Where and when an entry was computed: this host and swift version, the
+/// stage's device, the manifest of the run.
+pub(crate) fn provenance(device: &str, manifest: &Path, started_unix_ms: u64, seconds: f64) -> Provenance {
+    Provenance {
+        host: hostname(),
+        device: device.to_string(),
+        started_unix_ms,
+        seconds,
+        swift_version: env!("CARGO_PKG_VERSION").to_string(),
+        manifest: manifest.display().to_string(),
+    }
+}
+
+fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())

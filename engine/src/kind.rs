@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use indexmap::IndexMap;
 use serde::de::DeserializeOwned;
-use swift_cache::{ActionEntry, Artifact, Provenance, StageKey, Store};
+use swift_cache::{ActionEntry, Artifact, StageKey, Store};
 
 use crate::error::ManifestError;
 use crate::manifest::Manifest;
@@ -286,6 +286,9 @@ pub struct RunCtx<'a> {
     pub(crate) parts: &'a Mutex<Vec<StageKey>>,
     /// `--force` named this stage: its parts are recomputed too.
     pub(crate) force: bool,
+    /// The device the stage runs on, and the run's manifest (parts' provenance).
+    pub(crate) device: &'a str,
+    pub(crate) manifest: &'a Path,
 }
 
 impl RunCtx<'_> {
@@ -347,14 +350,7 @@ impl RunCtx<'_> {
             outputs: [("part".to_string(), artifact)].into_iter().collect(),
             metrics: serde_json::Map::new(),
             parts: Vec::new(),
-            provenance: Provenance {
-                host: crate::exec::hostname(),
-                device: "cpu".into(),
-                started_unix_ms,
-                seconds: clock.elapsed().as_secs_f64(),
-                swift_version: env!("CARGO_PKG_VERSION").to_string(),
-                manifest: String::new(),
-            },
+            provenance: crate::exec::provenance(self.device, self.manifest, started_unix_ms, clock.elapsed().as_secs_f64()),
         };
         self.store.write_action(&entry)?;
         record(key);

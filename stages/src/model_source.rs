@@ -11,6 +11,7 @@
 
 use std::path::PathBuf;
 
+use swift_cache::Artifact;
 use swift_engine::kind::{CompileCtx, OutputType, RunCtx};
 use swift_engine::ManifestError;
 
@@ -83,9 +84,15 @@ impl ModelSource {
         Ok(source)
     }
 
-    /// The names of the inputs this model was declared as: the base, then each adapter.
-    pub fn input_names(&self) -> Vec<String> {
-        std::iter::once(self.input.clone()).chain((0..self.chain.len()).map(|i| self.adapter_input(i))).collect()
+    /// The artifacts of the base and its adapters, named `model` and
+    /// `adapter.{i}` whatever inputs they were declared as: what a result
+    /// computed from this model alone depends on.
+    pub fn artifacts(&self, ctx: &RunCtx<'_>) -> anyhow::Result<Vec<(String, Artifact)>> {
+        let mut artifacts = vec![("model".to_string(), ctx.input(&self.input)?.artifact.clone())];
+        for i in 0..self.chain.len() {
+            artifacts.push((format!("adapter.{i}"), ctx.input(&self.adapter_input(i))?.artifact.clone()));
+        }
+        Ok(artifacts)
     }
 
     fn adapter_input(&self, i: usize) -> String {

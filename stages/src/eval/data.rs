@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
+use swift_cache::store::read_dir_sorted;
 
 use super::suites::Suite;
 
@@ -113,21 +114,11 @@ fn detect(root: &Path, suite: Suite) -> anyhow::Result<Layout> {
             return Ok(Layout::Csv(base));
         }
     }
-    let has_parquet = sorted_dir(root)?.iter().any(|dir| dir.is_dir() && parquet_files(dir, "dev").is_ok_and(|f| !f.is_empty()));
+    let has_parquet = read_dir_sorted(root)?.iter().any(|dir| dir.is_dir() && parquet_files(dir, "dev").is_ok_and(|f| !f.is_empty()));
     if has_parquet {
         return Ok(Layout::Parquet(root.to_path_buf()));
     }
     bail!("{} is not a {} dataset: {}", root.display(), suite.label(), expected(suite))
-}
-
-fn sorted_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut entries = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading {}", dir.display()))?;
-    entries.sort();
-    Ok(entries)
 }
 
 /// Subject handles with a `split` file, sorted.
@@ -136,11 +127,8 @@ fn handles(layout: &Layout, split: &str) -> anyhow::Result<Vec<String>> {
     match layout {
         Layout::Csv(base) => {
             let dir = base.join(split);
-            if !dir.is_dir() {
-                return Ok(handles);
-            }
             let suffix = format!("_{split}.csv");
-            for path in sorted_dir(&dir)? {
+            for path in read_dir_sorted(&dir)? {
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
                 if let Some(handle) = name.strip_suffix(&suffix) {
                     handles.push(handle.to_string());
@@ -148,7 +136,7 @@ fn handles(layout: &Layout, split: &str) -> anyhow::Result<Vec<String>> {
             }
         }
         Layout::Parquet(root) => {
-            for dir in sorted_dir(root)? {
+            for dir in read_dir_sorted(root)? {
                 let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
                 if dir.is_dir() && name != "all" && !name.starts_with('.') && !parquet_files(&dir, split)?.is_empty() {
                     handles.push(name);
@@ -188,7 +176,7 @@ fn read_split(layout: &Layout, suite: Suite, handle: &str, split: &str) -> anyho
 
 /// `{split}-*.parquet` files of a subject folder, sorted (shard order).
 fn parquet_files(dir: &Path, split: &str) -> anyhow::Result<Vec<PathBuf>> {
-    Ok(sorted_dir(dir)?
+    Ok(read_dir_sorted(dir)?
         .into_iter()
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();

@@ -179,7 +179,7 @@ impl StagePlan for EvalPlan {
             let wanted = c.subjects.get(suite.name()).map(Vec::as_slice).unwrap_or_default();
             let subjects = data::load(&input.path, suite, wanted, c.limit)
                 .with_context(|| format!("stages.{}.suites.{}", ctx.stage, suite.name()))?;
-            data.insert(suite, (input.artifact.clone(), subjects));
+            data.insert(suite, (input.artifact.clone(), wanted, subjects));
         }
         let mut scores: Vec<ModelScores> = Vec::new();
         let total = (self.models.len() * self.suites.len()) as u64;
@@ -190,7 +190,7 @@ impl StagePlan for EvalPlan {
             for (s, &suite) in self.suites.iter().enumerate() {
                 ctx.progress((m * self.suites.len() + s) as u64, total, &format!("{name} · {}", suite.label()));
                 let template = &self.resolved.prompts[suite.name()];
-                let (data_artifact, subjects) = &data[&suite];
+                let (data_artifact, wanted, subjects) = &data[&suite];
                 let params = PartParams {
                     suite: suite.name(),
                     subject_table: &self.resolved.subject_tables[suite.name()],
@@ -198,13 +198,9 @@ impl StagePlan for EvalPlan {
                     shots: c.shots,
                     chat: c.chat,
                     limit: c.limit,
-                    subjects: c.subjects.get(suite.name()).map(Vec::as_slice).unwrap_or_default(),
+                    subjects: wanted,
                 };
-                let mut inputs = Vec::new();
-                for (i, input) in source.input_names().into_iter().enumerate() {
-                    let role = if i == 0 { "model".to_string() } else { format!("adapter.{}", i - 1) };
-                    inputs.push((role, ctx.input(&input)?.artifact.clone()));
-                }
+                let mut inputs = source.artifacts(ctx)?;
                 inputs.push(("data".to_string(), data_artifact.clone()));
                 let part_dir = ctx.cached_part("eval/score", PART_VERSION, &serde_json::to_value(&params)?, &inputs, |dir| {
                     if loaded.is_none() {
