@@ -26,7 +26,7 @@ use swift_cache::store::remove_tree;
 use swift_cache::{ActionEntry, Artifact, LockFile, LockedStage, Provenance, RunRecord, RunStageRecord, StageKey, Store};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::kind::{Cancelled, OutputValue, Resource, RunCtx};
+use crate::kind::{Cancelled, OutputValue, Resource, RunCtx, Upstream};
 use crate::pipeline::{InputRef, Pipeline};
 use crate::report::{Reporter, RunReport, StageReport, StageStatus};
 use crate::resolve::{hash_locals, input_artifacts, input_values, key_of, lookup, params_of, resolve_revisions, Locals};
@@ -301,6 +301,7 @@ impl Scheduler {
                                 inputs,
                                 force: self.forced.contains(&i),
                                 device: resource.device().to_string(),
+                                upstream: upstream(&self.pipeline, i, &states),
                                 cancel: cancel.clone(),
                             };
                             let tx = tx.clone();
@@ -320,6 +321,7 @@ impl Scheduler {
                             if let State::Done { entry, .. } = &state {
                                 outputs[i] = Some(entry.outputs.clone());
                             }
+                            let state = self.publish(i, state);
                             self.announce(i, &state);
                             states[i] = state;
                         }
@@ -346,6 +348,7 @@ impl Scheduler {
                         }
                         Outcome::Failed { key, error, seconds } => State::Failed { key, error, seconds },
                     };
+                    let state = self.publish(i, state);
                     self.announce(i, &state);
                     states[i] = state;
                 }
@@ -364,6 +367,25 @@ impl Scheduler {
         self.reporter.note(&format!(
             "interrupted: waiting for {running} running stage(s) to stop (Ctrl-C again to exit at once; nothing half-done is recorded)"
         ));
+    }
+
+    /// Lets a done stage publish its outputs outside the cache
+    /// ([`StagePlan::publish`]); a failure fails the stage (its cache entry
+    /// stays: a rerun only publishes again).
+    fn publish(&self, i: usize, state: State) -> State {
+        let State::Done { entry, paths, seconds, .. } = &state else { return state };
+        if self.dry_run {
+            return state;
+        }
+        let outputs = paths.iter().filter_map(|(name, path)| Some((name.clone(), (entry.outputs.get(name)?.clone(), path.clone())))).collect();
+        match self.pipeline.nodes[i].plan.publish(&outputs) {
+            Ok(None) => state,
+            Ok(Some(line)) => {
+                self.reporter.note(&format!("{}: {line}", self.pipeline.nodes[i].name));
+                state
+            }
+            Err(error) => State::Failed { key: Some(entry.key), error: format!("{error:#}"), seconds: *seconds },
+        }
     }
 
     /// What to do with a pending stage now, or `None` to wait for its inputs.
@@ -439,7 +461,37 @@ struct StageTask {
     inputs: Vec<(String, Artifact)>,
     force: bool,
     device: String,
+    upstream: Vec<Upstream>,
     cancel: Arc<AtomicBool>,
+}
+
+/// The stages `index` depends on, directly or not, in run order, with what
+/// this run settled for each (they are all done when it launches).
+fn upstream(pipeline: &Pipeline, index: usize, states: &[State]) -> Vec<Upstream> {
+    let mut needed = vec![false; pipeline.nodes.len()];
+    let mut stack: Vec<usize> = pipeline.nodes[index].deps().collect();
+    while let Some(i) = stack.pop() {
+        if !std::mem::replace(&mut needed[i], true) {
+            stack.extend(pipeline.nodes[i].deps());
+        }
+    }
+    pipeline
+        .order
+        .iter()
+        .filter(|&&i| needed[i])
+        .filter_map(|&i| match &states[i] {
+            State::Done { entry, .. } => Some(Upstream {
+                name: pipeline.nodes[i].name.clone(),
+                kind: entry.kind.clone(),
+                key: entry.key.to_hex(),
+                params: entry.params.clone(),
+                revision: entry.revision.clone(),
+                outputs: entry.outputs.iter().map(|(name, a)| (name.clone(), a.digest().to_hex())).collect(),
+                metrics: entry.metrics.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 impl StageTask {
@@ -484,6 +536,7 @@ impl StageTask {
             store: &self.store,
             revision: self.revision.clone(),
             offline: self.offline,
+            upstream: self.upstream.clone(),
             cancel: &self.cancel,
             progress: &progress,
             parts: &parts,

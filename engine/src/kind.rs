@@ -109,6 +109,13 @@ pub trait StagePlan: Send + Sync {
     /// Does the work. Outputs are returned already stored or as paths under
     /// [`RunCtx::out_dir`] for the engine to move into the store.
     fn run(&self, ctx: &RunCtx<'_>) -> anyhow::Result<StageResult>;
+    /// Runs after the stage is done in a run, whether it ran or was cached,
+    /// with its outputs' paths in the store: for stages that keep a copy
+    /// outside the cache up to date (export's `to`). Returns a line for the
+    /// log when it changed something. Most stages have none.
+    fn publish(&self, _outputs: &IndexMap<String, (Artifact, PathBuf)>) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// What a stage may use to resolve its upstream revision.
@@ -169,6 +176,11 @@ impl<'a> CompileCtx<'a> {
     /// The project root.
     pub fn root(&self) -> &Path {
         &self.manifest.root
+    }
+
+    /// The pipeline's name (`[pipeline] name`, else the manifest's file stem).
+    pub fn pipeline_name(&self) -> &str {
+        &self.manifest.name
     }
 
     /// The pipeline seed. A kind that uses it puts it in its resolved
@@ -265,6 +277,26 @@ pub struct StageResult {
     pub metrics: serde_json::Map<String, serde_json::Value>,
 }
 
+/// A stage upstream of a running one, as this run settled it: for stages
+/// that record lineage (export's model card).
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// Stage name.
+    pub name: String,
+    /// Kind name.
+    pub kind: String,
+    /// Its key (hex).
+    pub key: String,
+    /// Its resolved parameters, as they entered the key.
+    pub params: serde_json::Value,
+    /// The upstream revision it resolved (a Hub commit), if any.
+    pub revision: Option<String>,
+    /// Its outputs' digests, by output name.
+    pub outputs: IndexMap<String, String>,
+    /// Its metrics.
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}
+
 /// What a running stage sees.
 pub struct RunCtx<'a> {
     /// The stage's name.
@@ -281,6 +313,8 @@ pub struct RunCtx<'a> {
     pub revision: Option<String>,
     /// No network.
     pub offline: bool,
+    /// Every stage this one depends on, directly or not, in run order.
+    pub upstream: Vec<Upstream>,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) progress: &'a (dyn Fn(u64, u64, &str) + Sync),
     pub(crate) parts: &'a Mutex<Vec<StageKey>>,

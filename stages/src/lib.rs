@@ -9,17 +9,17 @@
 //!   [`model_source`]);
 //! - compression: [`quantize`] (AWQ int4 in AutoAWQ's GEMM layout);
 //! - evaluation: [`eval`] (MMLU and C-Eval, k-shot log-likelihood);
-//! - shared drawing: [`svg`] (the stroke font of the charts);
-//! - still to come ([`planned`]): `export`.
+//! - delivery: [`export`] (merged, PEFT, AWQ and GGUF folders with model cards);
+//! - shared drawing: [`svg`] (the stroke font of the charts).
 #![deny(missing_docs)]
 
 pub mod download;
 pub mod eval;
+pub mod export;
 pub mod finetune;
 pub mod hub;
 pub mod llm;
 pub mod model_source;
-pub mod planned;
 pub mod preprocess;
 pub mod quantize;
 pub mod svg;
@@ -29,7 +29,13 @@ use swift_engine::Registry;
 
 /// Every stage kind of this build, in one table.
 pub fn registry() -> Registry {
-    let mut kinds: Vec<Box<dyn StageKind>> = vec![Box::new(download::Download), Box::new(preprocess::Preprocess), Box::new(finetune::Finetune), Box::new(quantize::Quantize), Box::new(eval::Eval)];
-    kinds.extend(planned::kinds().into_iter().map(|k| Box::new(k) as Box<dyn StageKind>));
+    let kinds: Vec<Box<dyn StageKind>> = vec![
+        Box::new(download::Download),
+        Box::new(preprocess::Preprocess),
+        Box::new(finetune::Finetune),
+        Box::new(quantize::Quantize),
+        Box::new(eval::Eval),
+        Box::new(export::Export),
+    ];
     Registry::new(kinds)
 }

@@ -91,8 +91,3 @@ fn unknown_stage_on_the_command_line_is_a_usage_error() {
     let run = p.run("pipelines/ok.toml", &["--only", "alpah"], 2);
     assert!(run.stderr.contains("did you mean `alpha`?"), "{run}");
 }
-
-#[test]
-fn planned_kinds_say_they_are_not_available_yet() {
-    rejects("[stages.bundle]\nkind = \"export\"\n", &[], 2, 8, "not available in this build");
-}

@@ -3,10 +3,12 @@
 //! `model-00001-of-00003.safetensors` with `model.safetensors.index.json`
 //! (`metadata.total_size` and a sorted `weight_map`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use safetensors::View;
 
 use super::LlmError;
 
@@ -15,26 +17,52 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// The shard index name.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// One tensor of a checkpoint, known before its data is: name, dtype, shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorPlan {
+    /// Its name in the checkpoint.
+    pub name: String,
+    /// Its dtype on disk.
+    pub dtype: DType,
+    /// Its shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorPlan {
+    /// The plan of an existing tensor.
+    pub fn of(name: &str, tensor: &Tensor) -> Self {
+        Self { name: name.to_string(), dtype: tensor.dtype(), shape: tensor.dims().to_vec() }
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()) as u64
+    }
+}
+
 /// Writes `tensors` into `folder`, in order, starting a new shard whenever the
 /// next tensor would take the current one over `max_shard_bytes` (a tensor
 /// larger than that gets a shard of its own). Returns the files written.
 pub fn write_checkpoint(folder: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u64) -> Result<Vec<PathBuf>, LlmError> {
-    let bytes = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-    let mut shards: Vec<Vec<&(String, Tensor)>> = vec![Vec::new()];
-    let mut current = 0u64;
-    for entry in tensors {
-        let size = bytes(&entry.1);
-        let last = shards.last_mut().expect("one shard at least");
-        if !last.is_empty() && current + size > max_shard_bytes {
-            shards.push(Vec::new());
-            current = 0;
-        }
-        shards.last_mut().expect("one shard at least").push(entry);
-        current += size;
-    }
+    let plan: Vec<TensorPlan> = tensors.iter().map(|(name, t)| TensorPlan::of(name, t)).collect();
+    let mut next = tensors.iter().map(|(_, t)| t.clone());
+    write_streamed(folder, &plan, max_shard_bytes, |_| Ok(next.next().expect("one tensor per plan entry")))
+}
+
+/// Like [`write_checkpoint`], with each tensor made by `produce` only when its
+/// turn comes and dropped once written: memory holds one tensor at a time, so
+/// a checkpoint larger than memory can be rewritten (a merge of a 7B model).
+/// `produce` is called once per plan entry, in order, and must return a tensor
+/// of the planned dtype and shape.
+pub fn write_streamed(
+    folder: &Path,
+    plan: &[TensorPlan],
+    max_shard_bytes: u64,
+    mut produce: impl FnMut(&TensorPlan) -> Result<Tensor, LlmError>,
+) -> Result<Vec<PathBuf>, LlmError> {
+    let shards = shard(plan, max_shard_bytes);
     if shards.len() == 1 {
         let path = folder.join(SINGLE_FILE);
-        save(&path, &shards[0])?;
+        write_file(&path, shards[0], &mut produce)?;
         return Ok(vec![path]);
     }
     let count = shards.len();
@@ -43,13 +71,13 @@ pub fn write_checkpoint(folder: &Path, tensors: &[(String, Tensor)], max_shard_b
     for (i, shard) in shards.iter().enumerate() {
         let name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
         let path = folder.join(&name);
-        save(&path, shard)?;
-        for (tensor, _) in shard.iter().map(|e| (&e.0, &e.1)) {
-            weight_map.insert(tensor.clone(), name.clone());
+        write_file(&path, shard, &mut produce)?;
+        for tensor in shard.iter() {
+            weight_map.insert(tensor.name.clone(), name.clone());
         }
         written.push(path);
     }
-    let total_size: u64 = tensors.iter().map(|(_, t)| bytes(t)).sum();
+    let total_size: u64 = plan.iter().map(TensorPlan::bytes).sum();
     let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
     let path = folder.join(INDEX_FILE);
     let text = serde_json::to_string_pretty(&index).expect("index serializes") + "\n";
@@ -58,9 +86,74 @@ pub fn write_checkpoint(folder: &Path, tensors: &[(String, Tensor)], max_shard_b
     Ok(written)
 }
 
-fn save(path: &Path, tensors: &[&(String, Tensor)]) -> Result<(), LlmError> {
-    let map: HashMap<&str, Tensor> = tensors.iter().map(|(name, t)| (name.as_str(), t.clone())).collect();
-    candle_core::safetensors::save(&map, path).map_err(|e| LlmError::Weights { path: path.to_path_buf(), message: format!("writing: {e}") })
+/// Splits the plan into shards of at most `max_shard_bytes` (but at least one tensor).
+fn shard(plan: &[TensorPlan], max_shard_bytes: u64) -> Vec<&[TensorPlan]> {
+    let mut shards = Vec::new();
+    let (mut start, mut current) = (0, 0u64);
+    for (i, tensor) in plan.iter().enumerate() {
+        if i > start && current + tensor.bytes() > max_shard_bytes {
+            shards.push(&plan[start..i]);
+            (start, current) = (i, 0);
+        }
+        current += tensor.bytes();
+    }
+    shards.push(&plan[start..]);
+    shards
+}
+
+/// Writes one safetensors file: the header (from the plan), then each
+/// tensor's bytes as `produce` makes it.
+fn write_file(
+    path: &Path,
+    plan: &[TensorPlan],
+    produce: &mut impl FnMut(&TensorPlan) -> Result<Tensor, LlmError>,
+) -> Result<(), LlmError> {
+    let io = |e: std::io::Error| LlmError::io(path, e);
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0u64;
+    for tensor in plan {
+        let dtype = safetensors_dtype(tensor.dtype).ok_or_else(|| LlmError::Weights {
+            path: path.to_path_buf(),
+            message: format!("tensor `{}`: dtype {:?} has no safetensors name", tensor.name, tensor.dtype),
+        })?;
+        header.insert(tensor.name.clone(), serde_json::json!({ "dtype": dtype, "shape": tensor.shape, "data_offsets": [offset, offset + tensor.bytes()] }));
+        offset += tensor.bytes();
+    }
+    let mut text = serde_json::to_string(&header).expect("header serializes");
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    out.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(text.as_bytes()).map_err(io)?;
+    for tensor in plan {
+        let data = produce(tensor)?;
+        if data.dtype() != tensor.dtype || data.dims() != tensor.shape.as_slice() {
+            return Err(LlmError::Weights {
+                path: path.to_path_buf(),
+                message: format!("tensor `{}` came out {:?} {:?}, planned {:?} {:?}", tensor.name, data.dtype(), data.dims(), tensor.dtype, tensor.shape),
+            });
+        }
+        out.write_all(&View::data(&data.contiguous()?)).map_err(io)?;
+    }
+    out.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)
+}
+
+/// The safetensors name of a dtype.
+fn safetensors_dtype(dtype: DType) -> Option<&'static str> {
+    Some(match dtype {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F64 => "F64",
+        DType::U8 => "U8",
+        DType::U32 => "U32",
+        DType::I16 => "I16",
+        DType::I32 => "I32",
+        DType::I64 => "I64",
+        _ => return None,
+    })
 }
 
 /// Parses a size as transformers' `max_shard_size` takes it: a number of bytes,
@@ -91,7 +184,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     #[test]
     fn sizes_parse_like_transformers() {

@@ -10,6 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::save::TensorPlan;
 use super::LlmError;
 
 /// The tensors of one model folder.
@@ -71,6 +72,21 @@ impl Weights {
         LlmError::Weights { path: self.folder.clone(), message }
     }
 
+    /// Every tensor's name, stored dtype and shape, in natural name order
+    /// (`layers.2` before `layers.10`): the plan to rewrite the checkpoint.
+    pub fn plan(&self) -> Result<Vec<TensorPlan>, LlmError> {
+        let mut plan = Vec::with_capacity(self.index.len());
+        for (path, st) in &self.files {
+            for (name, view) in st.tensors() {
+                let dtype = DType::try_from(view.dtype())
+                    .map_err(|e| LlmError::Weights { path: path.clone(), message: format!("tensor `{name}`: {e}") })?;
+                plan.push(TensorPlan { name, dtype, shape: view.shape().to_vec() });
+            }
+        }
+        plan.sort_by_cached_key(|t| natural_key(&t.name));
+        Ok(plan)
+    }
+
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
@@ -118,6 +134,14 @@ impl Weights {
         let tensor = st.load(name, &self.device).map_err(|e| err(format!("tensor `{name}`: {}", strip_path(&e.to_string()))))?;
         Ok(tensor.to_dtype(dtype)?)
     }
+}
+
+/// A sort key that orders the numbers inside names by value.
+fn natural_key(name: &str) -> Vec<(String, u64)> {
+    name.split('.').map(|part| match part.parse::<u64>() {
+        Ok(n) => (String::new(), n),
+        Err(_) => (part.to_string(), 0),
+    }).collect()
 }
 
 /// candle appends the path to some messages; we name it ourselves.

@@ -54,7 +54,7 @@ pub fn write_folder(
 
 /// Copies the base folder's other files (tokenizer, generation config, chat
 /// template, …), leaving weights and `config.json` to be rewritten.
-fn copy_companions(base: &Path, dest: &Path) -> anyhow::Result<()> {
+pub(crate) fn copy_companions(base: &Path, dest: &Path) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(base).with_context(|| format!("reading {}", base.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
