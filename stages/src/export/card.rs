@@ -90,7 +90,7 @@ impl Lineage {
             .iter()
             .map(|u| json!({
                 "name": u.name, "kind": u.kind, "key": u.key, "params": u.params,
-                "revision": u.revision, "outputs": u.outputs, "metrics": u.metrics,
+                "revision": u.revision, "outputs": u.outputs, "metrics": reproducible(&u.metrics),
             }))
             .collect();
         let data: Vec<Value> = self
@@ -244,6 +244,14 @@ impl Lineage {
         }
         md
     }
+}
+
+/// A stage's metrics without those that measure the run rather than the
+/// result (times, speeds, memory), so the lineage of an export is the same
+/// whenever its inputs are.
+fn reproducible(metrics: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+    const MEASURES: [&str; 4] = ["seconds", "per_s", "rss", "peak"];
+    metrics.iter().filter(|(name, _)| !MEASURES.iter().any(|m| name.contains(m))).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// A parameter as a table cell.

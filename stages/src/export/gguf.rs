@@ -308,13 +308,13 @@ fn metadata(folder: &Path, config: &ModelConfig, arch: &str, ty: GgufType, title
     ] {
         meta.push((format!("{arch}.{key}"), value));
     }
-    meta.extend(tokenizer_metadata(folder, config, arch)?);
+    meta.extend(tokenizer_metadata(folder, config)?);
     Ok(meta)
 }
 
 /// `tokenizer.ggml.*` from a BPE `tokenizer.json` (Qwen2, Llama 3), padded to
 /// the embedding's rows as llama.cpp pads (`[PAD{id}]`, unused).
-fn tokenizer_metadata(folder: &Path, config: &ModelConfig, arch: &str) -> anyhow::Result<Vec<(String, Value)>> {
+fn tokenizer_metadata(folder: &Path, config: &ModelConfig) -> anyhow::Result<Vec<(String, Value)>> {
     let path = folder.join("tokenizer.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
@@ -362,7 +362,7 @@ fn tokenizer_metadata(folder: &Path, config: &ModelConfig, arch: &str) -> anyhow
     let adds_bos = bos.is_some_and(|bos| tokenizer.encode("a").ok().and_then(|ids| ids.first().copied()) == Some(bos));
     let mut meta = vec![
         ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
-        ("tokenizer.ggml.pre".to_string(), Value::Str(if arch == "qwen2" { "qwen2" } else { "llama-bpe" }.into())),
+        ("tokenizer.ggml.pre".to_string(), Value::Str(pre_tokenizer(&json, &path)?.into())),
         ("tokenizer.ggml.tokens".to_string(), Value::Strings(names)),
         ("tokenizer.ggml.token_type".to_string(), Value::I32s(kinds)),
         ("tokenizer.ggml.merges".to_string(), Value::Strings(merges)),
@@ -377,6 +377,29 @@ fn tokenizer_metadata(folder: &Path, config: &ModelConfig, arch: &str) -> anyhow
         meta.push(("tokenizer.chat_template".to_string(), Value::Str(template.to_string())));
     }
     Ok(meta)
+}
+
+/// llama.cpp's `tokenizer.ggml.pre`: the name of the split `tokenizer.json`'s
+/// `pre_tokenizer` does (llama.cpp and transformers pick their split regex by
+/// it, so a wrong name tokenizes differently).
+fn pre_tokenizer(json: &serde_json::Value, path: &Path) -> anyhow::Result<&'static str> {
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let pre = &json["pre_tokenizer"];
+    let byte_level = |v: &serde_json::Value, regex: bool| v["type"] == "ByteLevel" && v["use_regex"].as_bool().unwrap_or(true) == regex;
+    if byte_level(pre, true) {
+        return Ok("gpt-2");
+    }
+    if let Some([split, bytes]) = pre["pretokenizers"].as_array().map(Vec::as_slice) {
+        if pre["type"] == "Sequence" && split["type"] == "Split" && byte_level(bytes, false) {
+            match split["pattern"]["Regex"].as_str() {
+                Some(QWEN2) => return Ok("qwen2"),
+                Some(LLAMA3) => return Ok("llama-bpe"),
+                _ => {}
+            }
+        }
+    }
+    bail!("{}: GGUF export knows llama.cpp's names for the GPT-2, Qwen2 and Llama 3 pre-tokenizers only, not {pre}", path.display())
 }
 
 /// The pad token's id, from `tokenizer_config.json`'s `pad_token`.
@@ -416,6 +439,20 @@ mod tests {
         assert_eq!(p, vec![vec![0.0, 1.0], vec![4.0, 5.0], vec![2.0, 3.0], vec![6.0, 7.0]]);
         let b = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap();
         assert_eq!(unpermute_rotary(&b, 2).unwrap().to_vec1::<f32>().unwrap(), vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn the_pre_tokenizer_is_named_from_tokenizer_json() {
+        let path = Path::new("tokenizer.json");
+        let gpt2 = serde_json::json!({ "pre_tokenizer": { "type": "ByteLevel", "add_prefix_space": false, "use_regex": true } });
+        assert_eq!(pre_tokenizer(&gpt2, path).unwrap(), "gpt-2");
+        let qwen2_regex = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+        let qwen2 = serde_json::json!({ "pre_tokenizer": { "type": "Sequence", "pretokenizers": [
+            { "type": "Split", "pattern": { "Regex": qwen2_regex }, "behavior": "Isolated", "invert": false },
+            { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false } ] } });
+        assert_eq!(pre_tokenizer(&qwen2, path).unwrap(), "qwen2");
+        let other = serde_json::json!({ "pre_tokenizer": { "type": "Whitespace" } });
+        assert!(pre_tokenizer(&other, path).unwrap_err().to_string().contains("pre-tokenizers only"));
     }
 
     #[test]
