@@ -30,3 +30,5 @@ mod finetune;
 mod quantize;
 /// The eval stage: models side by side on MMLU/C-Eval, reports, cached parts, bad data.
 mod eval;
+/// The export stage: every format against the Python tools, model cards, `to`, bad settings.
+mod export;

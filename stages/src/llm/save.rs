@@ -8,7 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use safetensors::View;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors as st;
 
 use super::LlmError;
 
@@ -44,15 +45,16 @@ impl TensorPlan {
 /// larger than that gets a shard of its own). Returns the files written.
 pub fn write_checkpoint(folder: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u64) -> Result<Vec<PathBuf>, LlmError> {
     let plan: Vec<TensorPlan> = tensors.iter().map(|(name, t)| TensorPlan::of(name, t)).collect();
-    let mut next = tensors.iter().map(|(_, t)| t.clone());
-    write_streamed(folder, &plan, max_shard_bytes, |_| Ok(next.next().expect("one tensor per plan entry")))
+    let by_name: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(name, t)| (name.as_str(), t)).collect();
+    write_streamed(folder, &plan, max_shard_bytes, |t| Ok(by_name[t.name.as_str()].clone()))
 }
 
 /// Like [`write_checkpoint`], with each tensor made by `produce` only when its
 /// turn comes and dropped once written: memory holds one tensor at a time, so
 /// a checkpoint larger than memory can be rewritten (a merge of a 7B model).
 /// `produce` is called once per plan entry, in order, and must return a tensor
-/// of the planned dtype and shape.
+/// of the planned dtype and shape; the order it is called in is the file's
+/// (see [`write_file`]), not the plan's.
 pub fn write_streamed(
     folder: &Path,
     plan: &[TensorPlan],
@@ -101,59 +103,46 @@ fn shard(plan: &[TensorPlan], max_shard_bytes: u64) -> Vec<&[TensorPlan]> {
     shards
 }
 
-/// Writes one safetensors file: the header (from the plan), then each
-/// tensor's bytes as `produce` makes it.
+/// Writes one safetensors file exactly as the `safetensors` crate serializes
+/// (tensors ordered by descending dtype, then name; its own header), with
+/// each tensor's bytes made by `produce` only when its turn comes.
 fn write_file(
     path: &Path,
     plan: &[TensorPlan],
     produce: &mut impl FnMut(&TensorPlan) -> Result<Tensor, LlmError>,
 ) -> Result<(), LlmError> {
     let io = |e: std::io::Error| LlmError::io(path, e);
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
-    let mut offset = 0u64;
-    for tensor in plan {
-        let dtype = safetensors_dtype(tensor.dtype).ok_or_else(|| LlmError::Weights {
-            path: path.to_path_buf(),
-            message: format!("tensor `{}`: dtype {:?} has no safetensors name", tensor.name, tensor.dtype),
-        })?;
-        header.insert(tensor.name.clone(), serde_json::json!({ "dtype": dtype, "shape": tensor.shape, "data_offsets": [offset, offset + tensor.bytes()] }));
-        offset += tensor.bytes();
+    let bad = |message: String| LlmError::Weights { path: path.to_path_buf(), message };
+    let mut order: Vec<&TensorPlan> = plan.iter().collect();
+    order.sort_by(|a, b| st::Dtype::from(b.dtype).cmp(&st::Dtype::from(a.dtype)).then(a.name.cmp(&b.name)));
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0;
+    for tensor in &order {
+        let bytes = tensor.bytes() as usize;
+        infos.push((tensor.name.clone(), TensorInfo { dtype: tensor.dtype.into(), shape: tensor.shape.clone(), data_offsets: (offset, offset + bytes) }));
+        offset += bytes;
     }
-    let mut text = serde_json::to_string(&header).expect("header serializes");
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
+    let header = Metadata::new(None, infos).map_err(|e| bad(format!("safetensors header: {e}")))?;
+    let mut header = serde_json::to_string(&header).map_err(|e| bad(format!("safetensors header: {e}")))?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
-    out.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
-    out.write_all(text.as_bytes()).map_err(io)?;
-    for tensor in plan {
+    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&header).map_err(io)?;
+    for tensor in order {
         let data = produce(tensor)?;
         if data.dtype() != tensor.dtype || data.dims() != tensor.shape.as_slice() {
-            return Err(LlmError::Weights {
-                path: path.to_path_buf(),
-                message: format!("tensor `{}` came out {:?} {:?}, planned {:?} {:?}", tensor.name, data.dtype(), data.dims(), tensor.dtype, tensor.shape),
-            });
+            return Err(bad(format!(
+                "tensor `{}` came out {:?} {:?}, planned {:?} {:?}",
+                tensor.name,
+                data.dtype(),
+                data.dims(),
+                tensor.dtype,
+                tensor.shape
+            )));
         }
-        out.write_all(&View::data(&data.contiguous()?)).map_err(io)?;
+        out.write_all(&st::View::data(&data.contiguous()?)).map_err(io)?;
     }
     out.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)
-}
-
-/// The safetensors name of a dtype.
-fn safetensors_dtype(dtype: DType) -> Option<&'static str> {
-    Some(match dtype {
-        DType::F32 => "F32",
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        DType::F64 => "F64",
-        DType::U8 => "U8",
-        DType::U32 => "U32",
-        DType::I16 => "I16",
-        DType::I32 => "I32",
-        DType::I64 => "I64",
-        _ => return None,
-    })
 }
 
 /// Parses a size as transformers' `max_shard_size` takes it: a number of bytes,
