@@ -1,3 +1,5 @@
+use std::path::Path;
+
 use crate::util::{copy_dir, Project};
 
 /// The shipped demo pipeline runs offline from a fresh clone, and its committed
@@ -16,4 +18,100 @@ fn demo_pipeline_runs_locked_then_cached() {
     let second = p.run("pipelines/demo.toml", &[], 0);
     assert!(second.statuses().iter().all(|(_, s)| s == "cached"), "{second}");
     assert_eq!(p.read("pipelines/demo.lock"), std::fs::read_to_string(repo.join("pipelines/demo.lock")).unwrap());
+}
+
+/// Lays out `files` as huggingface_hub caches repository `repo` (`models/ORG/NAME`
+/// or `datasets/ORG/NAME`) at commit `sha`: blobs, snapshot links, refs/main.
+fn populate_hf_cache(cache: &Path, repo: &str, sha: &str, files: &[(String, Vec<u8>)]) {
+    let (kind, name) = repo.split_once('/').unwrap();
+    let dir = cache.join(format!("{kind}--{}", name.replace('/', "--")));
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    std::fs::create_dir_all(dir.join("refs")).unwrap();
+    std::fs::write(dir.join("refs/main"), sha).unwrap();
+    for (path, bytes) in files {
+        let blob = blake3::hash(bytes).to_hex().to_string();
+        std::fs::write(dir.join("blobs").join(&blob), bytes).unwrap();
+        let link = dir.join("snapshots").join(sha).join(path);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let depth = path.matches('/').count() + 2;
+        std::os::unix::fs::symlink(format!("{}blobs/{blob}", "../".repeat(depth)), &link).unwrap();
+    }
+}
+
+/// Every file under `dir`, as (path relative to `dir` with `prefix`, bytes).
+fn files_under(dir: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = format!("{prefix}{}", path.file_name().unwrap().to_str().unwrap());
+        if path.is_dir() {
+            out.extend(files_under(&path, &format!("{name}/")));
+        } else {
+            out.push((name, std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+/// pipelines/law_qa.toml as shipped — Qwen2.5-0.5B-Instruct, MMLU and C-Eval
+/// from the Hub — checked by `status` and `--dry-run`, then run end to end
+/// offline against an HF cache holding fixtures under the real repository
+/// names (the tiny Qwen2 as the model, fixture Parquet subjects as the law
+/// subjects).
+#[test]
+fn law_qa_pipeline_runs_from_a_prepopulated_hf_cache() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let p = Project::new();
+    p.write("pipelines/law_qa.toml", &std::fs::read_to_string(repo.join("pipelines/law_qa.toml")).unwrap());
+    // The shipped sample's first 80 conversations: enough for every stage
+    // (AWQ's calibration blocks included), quick on the tiny model.
+    let sample = std::fs::read_to_string(repo.join("data/law_qa.jsonl")).unwrap();
+    p.write("data/law_qa.jsonl", &sample.lines().take(80).map(|l| format!("{l}\n")).collect::<String>());
+    let cache = p.path("hf-cache");
+    p.set_env("HF_HUB_CACHE", cache.to_str().unwrap());
+    p.set_env("HF_HUB_OFFLINE", "1");
+    p.set_env("HF_ENDPOINT", "http://127.0.0.1:9");
+
+    // Nothing cached yet: status names the fix instead of failing obscurely.
+    let status = p.swift(&["status", "pipelines/law_qa.toml"]);
+    assert!(status.stderr.contains("not in the Hugging Face cache"), "{status}");
+
+    let fixtures = repo.join("tests/fixtures");
+    let model = files_under(&fixtures.join("models/qwen2-tiny"), "");
+    populate_hf_cache(&cache, "models/Qwen/Qwen2.5-0.5B-Instruct", &"a".repeat(40), &model);
+    let mut mmlu = Vec::new();
+    for (subject, fixture) in [("international_law", "abstract_algebra"), ("jurisprudence", "econometrics"), ("professional_law", "world_religions"), ("astronomy", "miscellaneous")] {
+        mmlu.extend(files_under(&fixtures.join("eval/mmlu-parquet").join(fixture), &format!("{subject}/")));
+    }
+    populate_hf_cache(&cache, "datasets/cais/mmlu", &"b".repeat(40), &mmlu);
+    let mut ceval = Vec::new();
+    for (subject, fixture) in [("law", "local_law"), ("legal_professional", "computer_network"), ("physician", "high_school_physics")] {
+        ceval.extend(files_under(&fixtures.join("eval/ceval-parquet").join(fixture), &format!("{subject}/")));
+    }
+    populate_hf_cache(&cache, "datasets/ceval/ceval-exam", &"c".repeat(40), &ceval);
+
+    let status = p.swift(&["status", "pipelines/law_qa.toml"]);
+    assert_eq!(status.code, 0, "{status}");
+    let dry = p.run("pipelines/law_qa.toml", &["--dry-run"], 0);
+    assert_eq!(dry.statuses().len(), 10, "{dry}");
+    assert!(dry.statuses().iter().all(|(_, s)| s == "would-run"), "{dry}");
+
+    let run = p.run("pipelines/law_qa.toml", &[], 0);
+    assert!(run.statuses().iter().all(|(_, s)| s == "ran"), "{run}");
+    let lock = p.read("pipelines/law_qa.lock");
+    for sha in ["a", "b", "c"] {
+        assert!(lock.contains(&sha.repeat(40)), "the lock pins every Hub revision\n{lock}");
+    }
+    // Only the subjects named were fetched and scored.
+    let scores: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        Path::new(run.stage("eval")["outputs"]["report"].as_str().unwrap()).join("scores.json"),
+    ).unwrap()).unwrap();
+    let text = scores.to_string();
+    assert!(text.contains("professional_law") && text.contains("legal_professional") && !text.contains("astronomy") && !text.contains("physician"), "{text}");
+    let card = p.read("exports/law_qa/README.md");
+    assert!(card.starts_with("---\nbase_model: Qwen/Qwen2.5-0.5B-Instruct\n"), "{card}");
+    assert!(card.contains(&format!("at revision `{}`", "a".repeat(40))) && card.contains("## Evaluation"), "{card}");
+    assert!(p.path("exports/law_qa/gguf/qwen2.5-0.5b-law-qa-q8_0.gguf").is_file());
+    let again = p.run("pipelines/law_qa.toml", &["--locked"], 0);
+    assert!(again.statuses().iter().all(|(_, s)| s == "cached"), "{again}");
 }
