@@ -2,22 +2,69 @@ use std::path::Path;
 
 use crate::util::{copy_dir, Project};
 
-/// The shipped demo pipeline runs offline from a fresh clone, and its committed
-/// lock file matches (so `--locked` passes).
-#[test]
-fn demo_pipeline_runs_locked_then_cached() {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+
+/// A project holding the demo's files from the repository, as a fresh clone has them.
+fn demo_project() -> Project {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let p = Project::new();
-    for file in ["pipelines/demo.toml", "pipelines/demo.lock", "data/demo/law_qa.jsonl"] {
+    for file in ["pipelines/demo.toml", "pipelines/demo.lock", "pipelines/demo-ci.toml", "data/demo/law_qa.jsonl"] {
         p.write(file, &std::fs::read_to_string(repo.join(file)).unwrap());
     }
-    let model = "tests/fixtures/models/qwen2-tiny";
-    copy_dir(&repo.join(model), &p.path(model));
-    let first = p.run("pipelines/demo.toml", &["--locked"], 0);
+    for folder in ["tests/fixtures/models/qwen2-tiny", "data/demo/mmlu", "data/demo/ceval"] {
+        copy_dir(&repo.join(folder), &p.path(folder));
+    }
+    p
+}
+
+/// The full demo's committed lock file matches the manifest and the shipped
+/// data (the README's main job runs `--locked`-clean from a fresh clone).
+#[test]
+fn the_full_demo_matches_its_lock_file() {
+    let p = demo_project();
+    let dry = p.run("pipelines/demo.toml", &["--locked", "--dry-run"], 0);
+    assert_eq!(dry.statuses().len(), 10, "{dry}");
+}
+
+/// The CI-sized demo: every stage kind runs and the card's eval table lists
+/// every model; a rerun is all cached; an eval option reruns only eval and
+/// export; one line of data reruns its download and everything from
+/// preprocess on, but not the model's download.
+#[test]
+fn the_ci_sized_demo_runs_end_to_end_and_reruns_only_what_changed() {
+    let p = demo_project();
+    let first = p.run("pipelines/demo-ci.toml", &[], 0);
     assert!(first.statuses().iter().all(|(_, s)| s == "ran"), "{first}");
-    let second = p.run("pipelines/demo.toml", &[], 0);
-    assert!(second.statuses().iter().all(|(_, s)| s == "cached"), "{second}");
-    assert_eq!(p.read("pipelines/demo.lock"), std::fs::read_to_string(repo.join("pipelines/demo.lock")).unwrap());
+    let kinds: std::collections::BTreeSet<String> = first.json()["stages"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["download", "eval", "export", "finetune", "preprocess", "quantize"]);
+    for metric in ["mmlu.base", "mmlu.fine", "mmlu.int4", "ceval.base", "ceval.fine", "ceval.int4"] {
+        let accuracy = first.stage("eval")["metrics"][metric].as_f64().unwrap_or_else(|| panic!("no {metric}\n{first}"));
+        assert!((0.0..=1.0).contains(&accuracy), "{metric} = {accuracy}");
+    }
+    let table = p.read("exports/demo-ci/README.md");
+    assert!(table.contains("## Evaluation") && table.contains("`fine`") && table.contains("`int4`"), "{table}");
+
+    let again = p.run("pipelines/demo-ci.toml", &[], 0);
+    assert!(again.statuses().iter().all(|(_, s)| s == "cached"), "{again}");
+
+    let manifest = p.read("pipelines/demo-ci.toml");
+    let limited = manifest.replace("[stages.eval]\n", "[stages.eval]\nlimit = 60\n");
+    assert_ne!(limited, manifest);
+    p.write("pipelines/demo-ci.toml", &limited);
+    let eval_edit = p.run("pipelines/demo-ci.toml", &[], 0);
+    let ran: Vec<String> = eval_edit.statuses().into_iter().filter(|(_, s)| s == "ran").map(|(n, _)| n).collect();
+    assert_eq!(ran, ["eval", "export"], "{eval_edit}");
+
+    let data = p.read("data/demo/law_qa.jsonl");
+    let first_line = data.lines().next().unwrap();
+    p.write("data/demo/law_qa.jsonl", &data.replacen(first_line, &first_line.replace("Statute", "Statute no."), 1));
+    let data_edit = p.run("pipelines/demo-ci.toml", &[], 0);
+    let status: std::collections::BTreeMap<String, String> = data_edit.statuses().into_iter().collect();
+    for stage in ["base", "mmlu", "ceval"] {
+        assert_eq!(status[stage], "cached", "{stage}\n{data_edit}");
+    }
+    for stage in ["law", "prep", "coarse", "fine", "int4", "eval", "export"] {
+        assert_eq!(status[stage], "ran", "{stage}\n{data_edit}");
+    }
 }
 
 /// Lays out `files` as huggingface_hub caches repository `repo` (`models/ORG/NAME`

@@ -16,7 +16,8 @@ mod robustness;
 mod inspect;
 /// The `download` stage on local files and folders.
 mod download;
-/// The shipped demo pipeline.
+/// The shipped pipelines: the CI-sized demo end to end, the full demo against its lock file,
+/// pipelines/law_qa.toml from a pre-populated HF cache.
 mod demo;
 /// The download stage against a loopback Hub and a pre-populated HF cache.
 mod hub;
