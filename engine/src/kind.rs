@@ -178,6 +178,11 @@ impl<'a> CompileCtx<'a> {
         &self.manifest.root
     }
 
+    /// The name of the stage being compiled.
+    pub fn stage_name(&self) -> &str {
+        self.stage
+    }
+
     /// The pipeline's name (`[pipeline] name`, else the manifest's file stem).
     pub fn pipeline_name(&self) -> &str {
         &self.manifest.name

@@ -147,14 +147,22 @@ fn to_is_kept_up_to_date_and_foreign_folders_are_never_overwritten() {
     assert_eq!(restored.status("export"), "cached");
     assert_eq!(p.read("exports/law/.swift-export"), marker);
 
-    // A changed export replaces the folder, files a user added included.
+    // A changed export replaces the folder; a file a user added stops it (named).
     p.write("exports/law/notes.txt", "mine");
     p.write("pipelines/x.toml", &manifest.replace("to = \"exports/law\"", "to = \"exports/law\"\nname = \"law-v2\""));
+    let blocked = p.run("pipelines/x.toml", &["--only", "export"], 1);
+    assert!(blocked.stderr.contains("files the export did not write (notes.txt)"), "{blocked}");
+    assert_eq!(p.read("exports/law/notes.txt"), "mine");
+    std::fs::remove_file(p.path("exports/law/notes.txt")).unwrap();
     let changed = p.run("pipelines/x.toml", &["--only", "export"], 0);
-    assert_eq!(changed.status("export"), "ran");
+    assert_eq!(changed.status("export"), "cached", "the export itself was done by the blocked run");
     assert_ne!(p.read("exports/law/.swift-export"), marker);
-    assert!(!p.path("exports/law/notes.txt").exists());
     assert!(p.read("exports/law/README.md").contains("# law-v2"));
+
+    // Another pipeline's export stage does not take the folder over.
+    p.write("pipelines/y.toml", &p.read("pipelines/x.toml").replace("name = \"export-check\"", "name = \"other\""));
+    let other = p.run("pipelines/y.toml", &["--only", "export"], 1);
+    assert!(other.stderr.contains("holds the export of `export-check/export`"), "{other}");
 
     // A folder swift did not write is refused, and left as it was.
     p.write("exports/other/keep.txt", "precious");
@@ -198,6 +206,7 @@ fn bad_export_settings_name_the_key_and_the_fix() {
         ("formats = [\"merged\"]\neval = \"fine\"\n", "must name an eval stage"),
         ("formats = [\"merged\"]\nto = \"../outside\"\n", "outside the project"),
         ("formats = [\"tarball\"]\n", "unknown variant `tarball`"),
+        ("formats = [\"gguf\"]\nname = \"../../x\"\n", "must be a plain file name"),
     ] {
         let p = project("");
         let manifest = p.read("pipelines/x.toml").replace("formats = [\"merged\", \"peft\", \"awq\", \"gguf\"]\nawq = \"int4\"\n", settings);

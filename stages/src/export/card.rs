@@ -2,11 +2,13 @@
 //! matter, then Markdown) and a machine-readable `swift-lineage.json`, at the
 //! top of an export and in each format's folder.
 //!
-//! The lineage is what this run settled for every stage upstream of the export
-//! ([`swift_engine::kind::Upstream`]): the source model and its revision, the
-//! data's digests, every stage key, the training and quantization settings and
-//! the eval scores. Nothing in it depends on the clock, so a cached export's
-//! card is the card a rerun writes.
+//! The lineage is what the run that produced the export settled for every
+//! stage upstream of it ([`swift_engine::kind::Upstream`]): the source model and
+//! its revision, the data's digests, every stage key, the training and
+//! quantization settings and the eval scores. Nothing in it depends on the
+//! clock. The export's key covers the bytes of its inputs, not the upstream
+//! keys: an upstream change that leaves every input byte-identical (a new kind
+//! version, a renamed stage) keeps the cached export and its card.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,17 +26,24 @@ pub struct Written {
     folder: PathBuf,
     /// For a PEFT folder: the fine-tune stage and its place in the chain.
     adapter: Option<(String, usize)>,
+    /// For the GGUF folder: the file its card's recipe runs.
+    gguf_file: Option<String>,
 }
 
 impl Written {
     /// A format's folder.
     pub fn new(format: Format, folder: PathBuf) -> Self {
-        Self { format, folder, adapter: None }
+        Self { format, folder, adapter: None, gguf_file: None }
+    }
+
+    /// The GGUF folder, whose card runs `file`.
+    pub fn gguf(folder: PathBuf, file: String) -> Self {
+        Self { format: Format::Gguf, folder, adapter: None, gguf_file: Some(file) }
     }
 
     /// The PEFT folder of the chain's adapter number `index`, trained by `stage`.
     pub fn adapter(folder: PathBuf, stage: &str, index: usize) -> Self {
-        Self { format: Format::Peft, folder, adapter: Some((stage.to_string(), index)) }
+        Self { format: Format::Peft, folder, adapter: Some((stage.to_string(), index)), gguf_file: None }
     }
 }
 
@@ -200,7 +209,8 @@ impl Lineage {
             }
             (Format::Peft, None) => {}
             (Format::Gguf, _) => {
-                let _ = writeln!(md, "```sh\nllama-cli -m {}-q8_0.gguf -cnv\n```\n\nor with ollama: a `Modelfile` holding `FROM ./{}-q8_0.gguf`, then `ollama create {} -f Modelfile`.\n", self.title, self.title, self.title);
+                let file = written.gguf_file.as_deref().unwrap_or_default();
+                let _ = writeln!(md, "```sh\nllama-cli -m {file} -cnv\n```\n\nor with ollama: a `Modelfile` holding `FROM ./{file}`, then `ollama create {} -f Modelfile`.\n", self.title);
             }
         }
         md
@@ -279,6 +289,11 @@ pub fn write_all(out: &Path, lineage: &Lineage, written: &[Written]) -> anyhow::
     let write = |folder: &Path, readme: String| -> anyhow::Result<()> {
         for (name, text) in [("README.md", readme.as_str()), ("swift-lineage.json", json.as_str())] {
             let path = folder.join(name);
+            // A base folder's own README.md came along read-only from the store: replace it.
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("replacing {}", path.display())),
+                _ => {}
+            }
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())

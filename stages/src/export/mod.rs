@@ -142,8 +142,15 @@ impl StageKind for Export {
             None => None,
         };
         let pipeline = ctx.pipeline_name().to_string();
-        let title = config.name.clone().unwrap_or_else(|| format!("{pipeline}-{}", model.chain.last().unwrap_or(&config.model)));
-        Ok(Box::new(ExportPlan { resolved: Resolved { config, title, pipeline }, model, max_shard_bytes, to }))
+        if let Some(name) = &config.name {
+            if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\']) {
+                return Err(ctx.error(&["name"], format!("name = {name:?} must be a plain file name (it names the GGUF files): no `/`, no leading `.`")));
+            }
+        }
+        let default_title = || format!("{pipeline}-{}", model.chain.last().unwrap_or(&config.model)).replace(['/', '\\'], "-");
+        let title = config.name.clone().unwrap_or_else(default_title);
+        let owner = format!("{pipeline}/{}", ctx.stage_name());
+        Ok(Box::new(ExportPlan { resolved: Resolved { config, title, pipeline }, model, max_shard_bytes, to, owner }))
     }
 }
 
@@ -174,6 +181,8 @@ struct ExportPlan {
     model: ModelSource,
     max_shard_bytes: u64,
     to: Option<PathBuf>,
+    /// `pipeline/stage`, recorded in the `to` folder: another export's folder is not ours to replace.
+    owner: String,
 }
 
 impl StagePlan for ExportPlan {
@@ -213,12 +222,12 @@ impl StagePlan for ExportPlan {
                     written.push(card::Written::new(*format, folder));
                 }
                 Format::Gguf => {
-                    for ty in &c.gguf_types {
+                    let files: Vec<String> = c.gguf_types.iter().map(|ty| format!("{}-{}.gguf", self.resolved.title, ty.name())).collect();
+                    for (ty, file) in c.gguf_types.iter().zip(&files) {
                         ctx.progress(0, 1, &format!("writing GGUF {}", ty.name()));
-                        let path = folder.join(format!("{}-{}.gguf", self.resolved.title, ty.name()));
-                        gguf::write(&path, &opened, *ty, &self.resolved.title)?;
+                        gguf::write(&folder.join(file), &opened, *ty, &self.resolved.title)?;
                     }
-                    written.push(card::Written::new(*format, folder));
+                    written.push(card::Written::gguf(folder, files.last().cloned().unwrap_or_default()));
                 }
             }
         }
@@ -236,7 +245,7 @@ impl StagePlan for ExportPlan {
 
     fn publish(&self, outputs: &IndexMap<String, (Artifact, PathBuf)>) -> anyhow::Result<Option<String>> {
         let (Some(to), Some((artifact, path))) = (&self.to, outputs.get("export")) else { return Ok(None) };
-        publish::publish(path, artifact, to, self.resolved.config.to.as_deref().unwrap_or_default())
+        publish::publish(path, artifact, to, self.resolved.config.to.as_deref().unwrap_or_default(), &self.owner)
     }
 }
 

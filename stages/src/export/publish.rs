@@ -10,10 +10,12 @@
 //! folder that already holds this export is left alone.
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
 use swift_cache::atomic::{sync_dir, temp_name};
 use swift_cache::store::{read_dir_sorted, remove_tree};
 use swift_cache::Artifact;
@@ -38,40 +40,91 @@ pub fn target(ctx: &CompileCtx<'_>, to: &str) -> Result<PathBuf, ManifestError> 
     Ok(ctx.root().join(path))
 }
 
-/// Brings `to` up to date with the export at `src`; returns a line for the
-/// log when it changed the folder.
-pub fn publish(src: &Path, artifact: &Artifact, to: &Path, shown: &str) -> anyhow::Result<Option<String>> {
+/// What `.swift-export` records.
+#[derive(Debug, Deserialize, Serialize)]
+struct Marker {
+    /// The export artifact's digest.
+    digest: String,
+    /// `pipeline/stage` of the export stage that wrote the folder.
+    owner: String,
+    /// Every file it wrote, relative to the folder.
+    files: Vec<String>,
+}
+
+/// Brings `to` up to date with the export at `src` for the export stage
+/// `owner` (`pipeline/stage`); returns a line for the log when it changed the
+/// folder.
+pub fn publish(src: &Path, artifact: &Artifact, to: &Path, shown: &str, owner: &str) -> anyhow::Result<Option<String>> {
     let digest = artifact.digest().to_hex();
-    if to.exists() {
-        match fs::read_to_string(to.join(MARKER)) {
-            Ok(held) if held.trim() == digest => return Ok(None),
-            Ok(_) => {}
-            Err(_) if is_empty_dir(to) => {}
-            Err(_) => bail!(
-                "to = {shown:?}: {} exists and swift did not write it (it has no {MARKER} file); move it away or choose another `to`",
-                to.display()
-            ),
+    if to.exists() && !is_empty_dir(to) {
+        let held: Marker = fs::read_to_string(to.join(MARKER))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .with_context(|| format!("to = {shown:?}: {} exists and swift did not write it (it has no {MARKER} file); move it away or choose another `to`", to.display()))?;
+        if held.owner != owner {
+            bail!("to = {shown:?}: {} holds the export of `{}`, not of this stage (`{owner}`); give each export stage its own `to`", to.display(), held.owner);
+        }
+        let foreign: Vec<String> = files(to)?.into_iter().filter(|f| f != MARKER && !held.files.contains(f)).collect();
+        if !foreign.is_empty() {
+            bail!(
+                "to = {shown:?}: {} holds files the export did not write ({}); move them out, swift replaces the folder whole",
+                to.display(),
+                foreign.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        if held.digest == digest {
+            return Ok(None);
         }
     }
     let parent = to.parent().context("`to` has no parent folder")?;
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let stem = to.file_name().and_then(|n| n.to_str()).unwrap_or("export");
     let fresh = temp_name(parent, stem);
-    let result = copy_tree(src, &fresh).and_then(|()| {
-        fs::write(fresh.join(MARKER), format!("{digest}\n")).with_context(|| format!("writing {}", fresh.join(MARKER).display()))
-    });
+    let marker = Marker { digest, owner: owner.to_string(), files: files(src)? };
+    let result = copy_tree(src, &fresh).and_then(|()| write_synced(&fresh.join(MARKER), &(serde_json::to_string_pretty(&marker)? + "\n")));
     if let Err(e) = result {
         let _ = remove_tree(&fresh);
         return Err(e.context(format!("copying the export to {}", to.display())));
     }
     let old = temp_name(parent, stem);
-    if to.exists() {
+    let had_old = to.exists();
+    if had_old {
         fs::rename(to, &old).with_context(|| format!("moving the previous export {} aside", to.display()))?;
     }
-    fs::rename(&fresh, to).with_context(|| format!("renaming {} to {}", fresh.display(), to.display()))?;
+    if let Err(e) = fs::rename(&fresh, to) {
+        // Put the previous export back; leave nothing half-done behind.
+        if had_old {
+            let _ = fs::rename(&old, to);
+        }
+        let _ = remove_tree(&fresh);
+        return Err(anyhow::Error::new(e).context(format!("renaming the new export into {}", to.display())));
+    }
     sync_dir(parent).with_context(|| format!("syncing {}", parent.display()))?;
     remove_tree(&old).with_context(|| format!("removing the previous export {}", old.display()))?;
     Ok(Some(format!("exported to {shown}")))
+}
+
+/// Every file under `root`, relative to it, sorted.
+fn files(root: &Path) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for path in read_dir_sorted(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(root).expect("under root").to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Writes a file and fsyncs it.
+fn write_synced(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes()).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", path.display()))
 }
 
 fn is_empty_dir(path: &Path) -> bool {
@@ -89,10 +142,10 @@ fn copy_tree(src: &Path, dest: &Path) -> anyhow::Result<()> {
         } else {
             reflink_copy::reflink_or_copy(&path, &target).with_context(|| format!("copying {}", path.display()))?;
             let file = fs::File::open(&target).with_context(|| format!("opening {}", target.display()))?;
-            file.set_permissions(fs::Permissions::from_mode(0o644))?;
-            file.sync_all()?;
+            file.set_permissions(fs::Permissions::from_mode(0o644))
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("finishing {}", target.display()))?;
         }
     }
-    fs::set_permissions(dest, fs::Permissions::from_mode(0o755))?;
-    Ok(())
+    fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).and_then(|()| sync_dir(dest)).with_context(|| format!("finishing {}", dest.display()))
 }

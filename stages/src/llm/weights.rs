@@ -76,14 +76,14 @@ impl Weights {
     /// (`layers.2` before `layers.10`): the plan to rewrite the checkpoint.
     pub fn plan(&self) -> Result<Vec<TensorPlan>, LlmError> {
         let mut plan = Vec::with_capacity(self.index.len());
-        for (path, st) in &self.files {
-            for (name, view) in st.tensors() {
-                let dtype = DType::try_from(view.dtype())
-                    .map_err(|e| LlmError::Weights { path: path.clone(), message: format!("tensor `{name}`: {e}") })?;
-                plan.push(TensorPlan { name, dtype, shape: view.shape().to_vec() });
-            }
+        for (name, &file) in &self.index {
+            let (path, st) = &self.files[file];
+            let bad = |e: String| LlmError::Weights { path: path.clone(), message: format!("tensor `{name}`: {e}") };
+            let view = st.get(name).map_err(|e| bad(e.to_string()))?;
+            let dtype = DType::try_from(view.dtype()).map_err(|e| bad(e.to_string()))?;
+            plan.push(TensorPlan { name: name.clone(), dtype, shape: view.shape().to_vec() });
         }
-        plan.sort_by_cached_key(|t| natural_key(&t.name));
+        plan.sort_by_cached_key(|t| (natural_key(&t.name), t.name.clone()));
         Ok(plan)
     }
 
