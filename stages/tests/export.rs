@@ -86,7 +86,7 @@ fn an_adapter_for_another_base_is_refused() {
     model.folder = fixtures().join("models/llama-tiny");
     let dir = tempfile::tempdir().unwrap();
     let err = merged::write(dir.path(), &model, 5_000_000_000).unwrap_err();
-    assert!(format!("{err:#}").contains("another base"), "{err:#}");
+    assert!(format!("{err:#}").contains("an adapter for another model"), "{err:#}");
 }
 
 /// The merged checkpoint's tensors, by name.

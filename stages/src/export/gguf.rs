@@ -110,7 +110,7 @@ pub fn write(path: &Path, model: &OpenedModel, ty: GgufType, title: &str) -> any
         Family::Qwen2 => "qwen2",
         Family::Llama | Family::Mistral => "llama",
     };
-    let mut merged = MergedWeights::open(model)?;
+    let merged = MergedWeights::open(model)?;
     let mut entries = Vec::new();
     for source in merged.plan()? {
         let Some(name) = gguf_name(&source.name) else {
@@ -367,7 +367,7 @@ fn tokenizer_metadata(folder: &Path, config: &ModelConfig) -> anyhow::Result<Vec
         ("tokenizer.ggml.token_type".to_string(), Value::I32s(kinds)),
         ("tokenizer.ggml.merges".to_string(), Value::Strings(merges)),
     ];
-    for (key, id) in [("bos_token_id", bos), ("eos_token_id", eos), ("padding_token_id", pad_id(folder, &tokenizer)?)] {
+    for (key, id) in [("bos_token_id", bos), ("eos_token_id", eos), ("padding_token_id", id_of(tokenizer.pad_token()))] {
         if let Some(id) = id {
             meta.push((format!("tokenizer.ggml.{key}"), Value::U32(id)));
         }
@@ -400,19 +400,6 @@ fn pre_tokenizer(json: &serde_json::Value, path: &Path) -> anyhow::Result<&'stat
         }
     }
     bail!("{}: GGUF export knows llama.cpp's names for the GPT-2, Qwen2 and Llama 3 pre-tokenizers only, not {pre}", path.display())
-}
-
-/// The pad token's id, from `tokenizer_config.json`'s `pad_token`.
-fn pad_id(folder: &Path, tokenizer: &TextTokenizer) -> anyhow::Result<Option<u32>> {
-    let path = folder.join("tokenizer_config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    let pad = match &json["pad_token"] {
-        serde_json::Value::String(s) => Some(s.as_str()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()),
-        _ => None,
-    };
-    Ok(pad.and_then(|p| tokenizer.token_id(p)))
 }
 
 #[cfg(test)]

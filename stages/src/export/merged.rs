@@ -4,13 +4,12 @@
 //! `save_pretrained` lays a model folder out. Memory holds one tensor at a
 //! time, so a model larger than memory merges.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
-use crate::llm::adapter::PeftAdapter;
+use crate::llm::adapted::ChainMerge;
 use crate::llm::save::{self, TensorPlan};
 use crate::llm::weights::Weights;
 use crate::llm::LlmError;
@@ -20,14 +19,13 @@ use crate::quantize::output::copy_companions;
 /// A base checkpoint seen through its adapter chain, one tensor at a time.
 pub struct MergedWeights<'a> {
     weights: Weights,
-    adapters: &'a [PeftAdapter],
-    applied: BTreeSet<(usize, String)>,
+    chain: ChainMerge<'a>,
 }
 
 impl<'a> MergedWeights<'a> {
     /// Opens the base of `model` (memory-mapped) with its adapters.
     pub fn open(model: &'a OpenedModel) -> Result<Self, LlmError> {
-        Ok(Self { weights: Weights::open(&model.folder, DType::F32, &Device::Cpu)?, adapters: &model.adapters, applied: BTreeSet::new() })
+        Ok(Self { weights: Weights::open(&model.folder, DType::F32, &Device::Cpu)?, chain: ChainMerge::new(&model.adapters) })
     }
 
     /// Every tensor of the checkpoint, as stored.
@@ -36,42 +34,25 @@ impl<'a> MergedWeights<'a> {
     }
 
     /// One tensor with the chain merged into it, in its stored dtype.
-    pub fn tensor(&mut self, plan: &TensorPlan) -> Result<Tensor, LlmError> {
-        let mut tensor = self.weights.get_as(&plan.name, &plan.shape, plan.dtype)?;
-        let Some(module_path) = plan.name.strip_suffix(".weight") else { return Ok(tensor) };
-        for (i, adapter) in self.adapters.iter().enumerate() {
-            let Some(module) = adapter.module(module_path) else { continue };
-            let fits = matches!(plan.shape[..], [out, input] if module.a.dim(1)? == input && module.b.dim(0)? == out);
-            if !fits {
-                return Err(LlmError::Weights {
-                    path: adapter.folder.clone(),
-                    message: format!("the adapter for `{module_path}` does not fit its {:?} weight: was it trained on another base?", plan.shape),
-                });
-            }
-            tensor = module.merge_into(&tensor)?;
-            self.applied.insert((i, module_path.to_string()));
+    pub fn tensor(&self, plan: &TensorPlan) -> Result<Tensor, LlmError> {
+        let tensor = self.weights.get_as(&plan.name, &plan.shape, plan.dtype)?;
+        match plan.name.strip_suffix(".weight") {
+            Some(module_path) if plan.shape.len() == 2 => self.chain.merge(module_path, tensor),
+            _ => Ok(tensor),
         }
-        Ok(tensor)
     }
 
     /// After every tensor was read: an error if an adapter holds a module the
-    /// base has no weight for (it was trained on another model).
+    /// base has no weight for (it was trained on another model); else how
+    /// many module merges there were.
     pub fn check_all_applied(&self) -> Result<usize, LlmError> {
-        for (i, adapter) in self.adapters.iter().enumerate() {
-            if let Some(missing) = adapter.modules.keys().find(|m| !self.applied.contains(&(i, m.to_string()))) {
-                return Err(LlmError::Weights {
-                    path: adapter.folder.clone(),
-                    message: format!("the adapter has module `{missing}`, which the base checkpoint has no weight for: was it trained on another base?"),
-                });
-            }
-        }
-        Ok(self.applied.len())
+        self.chain.check_all_applied()
     }
 }
 
 /// Writes the merged model folder; returns how many module merges it made.
 pub fn write(folder: &Path, model: &OpenedModel, max_shard_bytes: u64) -> anyhow::Result<usize> {
-    let mut merged = MergedWeights::open(model)?;
+    let merged = MergedWeights::open(model)?;
     let plan = merged.plan()?;
     save::write_streamed(folder, &plan, max_shard_bytes, |t| merged.tensor(t))?;
     let count = merged.check_all_applied()?;

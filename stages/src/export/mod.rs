@@ -16,7 +16,7 @@ pub mod gguf;
 pub mod merged;
 pub mod publish;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use indexmap::IndexMap;
@@ -159,21 +159,21 @@ fn check_formats(ctx: &CompileCtx<'_>, config: &mut Config) -> Result<(), Manife
     if config.formats.is_empty() {
         return Err(ctx.error(&["formats"], "formats is empty: list what to write, e.g. formats = [\"merged\", \"peft\", \"awq\", \"gguf\"]"));
     }
-    let count = config.formats.len();
-    config.formats.sort();
-    config.formats.dedup();
-    if config.formats.len() != count {
+    if !sort_unique(&mut config.formats) {
         return Err(ctx.error(&["formats"], "a format is listed twice"));
     }
-    if config.formats.contains(&Format::Gguf) {
-        let count = config.gguf_types.len();
-        config.gguf_types.sort();
-        config.gguf_types.dedup();
-        if count == 0 || config.gguf_types.len() != count {
-            return Err(ctx.error(&["gguf_types"], "gguf_types must list each type once, e.g. [\"f16\", \"q8_0\"]"));
-        }
+    if config.formats.contains(&Format::Gguf) && (config.gguf_types.is_empty() || !sort_unique(&mut config.gguf_types)) {
+        return Err(ctx.error(&["gguf_types"], "gguf_types must list each type once, e.g. [\"f16\", \"q8_0\"]"));
     }
     Ok(())
+}
+
+/// Sorts `items`; false if one was listed twice.
+fn sort_unique<T: Ord>(items: &mut Vec<T>) -> bool {
+    let count = items.len();
+    items.sort();
+    items.dedup();
+    items.len() == count
 }
 
 struct ExportPlan {
@@ -200,9 +200,12 @@ impl StagePlan for ExportPlan {
         let opened = self.model.open(ctx)?;
         let mut written: Vec<card::Written> = Vec::new();
         let mut metrics = serde_json::Map::new();
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         for format in &c.formats {
             let folder = out.join(format.folder());
-            std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+            if *format != Format::Awq {
+                std::fs::create_dir(&folder).with_context(|| format!("creating {}", folder.display()))?;
+            }
             match format {
                 Format::Merged => {
                     ctx.progress(0, 1, "merging");
@@ -213,12 +216,12 @@ impl StagePlan for ExportPlan {
                 Format::Peft => {
                     for (i, stage) in self.model.chain.iter().enumerate() {
                         let dest = folder.join(stage);
-                        copy_folder(&opened.adapters[i].folder, &dest)?;
+                        publish::copy_tree(&opened.adapters[i].folder, &dest)?;
                         written.push(card::Written::adapter(dest, stage, i));
                     }
                 }
                 Format::Awq => {
-                    copy_folder(&ctx.input("awq")?.path, &folder)?;
+                    publish::copy_tree(&ctx.input("awq")?.path, &folder)?;
                     written.push(card::Written::new(*format, folder));
                 }
                 Format::Gguf => {
@@ -247,18 +250,4 @@ impl StagePlan for ExportPlan {
         let (Some(to), Some((artifact, path))) = (&self.to, outputs.get("export")) else { return Ok(None) };
         publish::publish(path, artifact, to, self.resolved.config.to.as_deref().unwrap_or_default(), &self.owner)
     }
-}
-
-/// Copies a folder's files (recursively) into `dest`.
-fn copy_folder(src: &Path, dest: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-    for path in swift_cache::store::read_dir_sorted(src)? {
-        let target = dest.join(path.file_name().expect("entries have names"));
-        if path.is_dir() {
-            copy_folder(&path, &target)?;
-        } else {
-            std::fs::copy(&path, &target).with_context(|| format!("copying {} to {}", path.display(), target.display()))?;
-        }
-    }
-    Ok(())
 }

@@ -132,8 +132,8 @@ fn is_empty_dir(path: &Path) -> bool {
 }
 
 /// Reflinks (or copies) every file of `src` into a new folder `dest`, each
-/// writable by its owner.
-fn copy_tree(src: &Path, dest: &Path) -> anyhow::Result<()> {
+/// writable by its owner, and fsyncs them.
+pub fn copy_tree(src: &Path, dest: &Path) -> anyhow::Result<()> {
     fs::create_dir(dest).with_context(|| format!("creating {}", dest.display()))?;
     for path in read_dir_sorted(src)? {
         let target = dest.join(path.file_name().expect("entries have names"));

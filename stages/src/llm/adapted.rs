@@ -1,11 +1,13 @@
 //! A [`LinearLoader`] for adapted models: each projection's checkpoint weight,
-//! with a chain of earlier adapters merged into it (tensor by tensor, in the
-//! checkpoint's dtype), stored dense or as NF4, and optionally wrapped in a
-//! fresh trainable adapter.
+//! with a chain of earlier adapters merged into it ([`ChainMerge`]: tensor by
+//! tensor, in the checkpoint's dtype), stored dense or as NF4, and optionally
+//! wrapped in a fresh trainable adapter.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::sync::Arc;
+
+use candle_core::Tensor;
 
 use super::adapter::PeftAdapter;
 use super::linear::{Dense, LinearLoader, Projection};
@@ -47,14 +49,65 @@ pub struct NewAdapter {
 /// Picks the projections (by module path) that get a new adapter.
 pub type Selector<'a> = &'a dyn Fn(&str) -> bool;
 
+/// An adapter chain merged into checkpoint weights one module at a time,
+/// remembering which adapter modules found their weight.
+pub struct ChainMerge<'a> {
+    adapters: &'a [PeftAdapter],
+    applied: RefCell<BTreeSet<(usize, String)>>,
+}
+
+impl<'a> ChainMerge<'a> {
+    /// Merges `adapters`, in order.
+    pub fn new(adapters: &'a [PeftAdapter]) -> Self {
+        Self { adapters, applied: RefCell::default() }
+    }
+
+    /// `weight` (`[out, in]`, of module `prefix`) with every adapter of the
+    /// chain that has that module merged in, in order, in the weight's dtype.
+    pub fn merge(&self, prefix: &str, mut weight: Tensor) -> Result<Tensor, LlmError> {
+        let (out_features, in_features) = weight.dims2()?;
+        for (i, adapter) in self.adapters.iter().enumerate() {
+            let Some(module) = adapter.module(prefix) else { continue };
+            self.applied.borrow_mut().insert((i, prefix.to_string()));
+            if module.a.dim(1)? != in_features || module.b.dim(0)? != out_features {
+                return Err(LlmError::Weights {
+                    path: adapter.folder.clone(),
+                    message: format!(
+                        "the adapter for `{prefix}` does not fit its [{out_features}, {in_features}] weight: is it an adapter for another model?"
+                    ),
+                });
+            }
+            weight = module.merge_into(&weight)?;
+        }
+        Ok(weight)
+    }
+
+    /// Once every weight went through [`ChainMerge::merge`]: an error naming
+    /// the first adapter with modules no weight matched — an adapter for
+    /// another model — and those modules; else how many module merges there were.
+    pub fn check_all_applied(&self) -> Result<usize, LlmError> {
+        let applied = self.applied.borrow();
+        for (i, adapter) in self.adapters.iter().enumerate() {
+            let unused: Vec<&str> =
+                adapter.modules.keys().filter(|m| !applied.contains(&(i, m.to_string()))).map(String::as_str).collect();
+            if !unused.is_empty() {
+                return Err(LlmError::Weights {
+                    path: adapter.folder.clone(),
+                    message: format!("the adapter has modules this model does not have ({}): is it an adapter for another model?", unused.join(", ")),
+                });
+            }
+        }
+        Ok(applied.len())
+    }
+}
+
 /// Builds projections: merged chain → dense or NF4 base → optional new adapter.
 pub struct AdaptedLoader<'a> {
-    merged: &'a [PeftAdapter],
+    chain: ChainMerge<'a>,
     base: BaseFormat,
     adapt: Option<(Selector<'a>, NewAdapter)>,
     state: Arc<DropoutState>,
     created: RefCell<Vec<(String, Arc<LoraParams>)>>,
-    merged_modules: RefCell<BTreeSet<(usize, String)>>,
     frozen_bytes: Cell<usize>,
 }
 
@@ -62,15 +115,7 @@ impl<'a> AdaptedLoader<'a> {
     /// A loader merging `merged` (in order) into the checkpoint weights and
     /// storing the result as `base`.
     pub fn new(merged: &'a [PeftAdapter], base: BaseFormat) -> Self {
-        Self {
-            merged,
-            base,
-            adapt: None,
-            state: Arc::default(),
-            created: RefCell::default(),
-            merged_modules: RefCell::default(),
-            frozen_bytes: Cell::new(0),
-        }
+        Self { chain: ChainMerge::new(merged), base, adapt: None, state: Arc::default(), created: RefCell::default(), frozen_bytes: Cell::new(0) }
     }
 
     /// Also wraps every projection for which `select(module_path)` holds in a
@@ -93,18 +138,7 @@ impl<'a> AdaptedLoader<'a> {
     /// An error naming the first merged adapter with modules no projection of
     /// the model used — an adapter for another model — and those modules.
     pub fn check_all_applied(&self) -> Result<(), LlmError> {
-        let merged = self.merged_modules.borrow();
-        for (i, adapter) in self.merged.iter().enumerate() {
-            let unused: Vec<&str> =
-                adapter.modules.keys().filter(|m| !merged.contains(&(i, m.to_string()))).map(String::as_str).collect();
-            if !unused.is_empty() {
-                return Err(LlmError::Weights {
-                    path: adapter.folder.clone(),
-                    message: format!("the adapter has modules this model does not have ({}): is it an adapter for another model?", unused.join(", ")),
-                });
-            }
-        }
-        Ok(())
+        self.chain.check_all_applied().map(|_| ())
     }
 
     /// Bytes of frozen projection weights loaded so far.
@@ -118,19 +152,7 @@ impl LinearLoader for AdaptedLoader<'_> {
         -> Result<Box<dyn Projection>, LlmError> {
         let name = format!("{prefix}.weight");
         let stored = weights.stored_dtype(&name)?;
-        let mut weight = weights.get_as(&name, &[out_features, in_features], stored)?;
-        for (i, adapter) in self.merged.iter().enumerate() {
-            if let Some(module) = adapter.module(prefix) {
-                self.merged_modules.borrow_mut().insert((i, prefix.to_string()));
-                if module.a.dims() != [module.a.dim(0)?, in_features] || module.b.dim(0)? != out_features {
-                    return Err(LlmError::Weights {
-                        path: adapter.folder.clone(),
-                        message: format!("adapter for `{prefix}` does not fit its [{out_features}, {in_features}] weight"),
-                    });
-                }
-                weight = module.merge_into(&weight)?;
-            }
-        }
+        let weight = self.chain.merge(prefix, weights.get_as(&name, &[out_features, in_features], stored)?)?;
         let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[out_features])?) } else { None };
         let base: Box<dyn Projection> = match self.base {
             BaseFormat::Nf4 { blocksize, double_quant } if prefix != "lm_head" => {

@@ -15,6 +15,7 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    pad_token: Option<String>,
     eos_ids: Vec<u32>,
     /// The compiled template, or why it does not compile (reported on use, so a
     /// broken template never stops plain generation).
@@ -54,6 +55,7 @@ impl TextTokenizer {
         let tokenizer_config = read_json(&config_path)?.unwrap_or_default();
         let bos_token = token_text(tokenizer_config.get("bos_token"));
         let eos_token = token_text(tokenizer_config.get("eos_token"));
+        let pad_token = token_text(tokenizer_config.get("pad_token"));
 
         let template_file = folder.join("chat_template.jinja");
         let (source, source_path) = if template_file.exists() {
@@ -88,7 +90,7 @@ impl TextTokenizer {
             _ if !config.eos_token_ids.is_empty() => config.eos_token_ids.clone(),
             _ => eos_token.as_deref().and_then(|t| inner.token_to_id(t)).into_iter().collect(),
         };
-        Ok(Self { inner, bos_token, eos_token, eos_ids, chat_template, chat_template_source: source })
+        Ok(Self { inner, bos_token, eos_token, pad_token, eos_ids, chat_template, chat_template_source: source })
     }
 
     /// Token ids of plain text, with the special tokens the tokenizer's own
@@ -139,6 +141,11 @@ impl TextTokenizer {
     /// The EOS token text, if configured.
     pub fn eos_token(&self) -> Option<&str> {
         self.eos_token.as_deref()
+    }
+
+    /// The padding token text, if configured.
+    pub fn pad_token(&self) -> Option<&str> {
+        self.pad_token.as_deref()
     }
 
     /// The model's chat template: `Ok(None)` if it has none, an error if its
