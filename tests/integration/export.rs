@@ -13,7 +13,7 @@ use swift_stages::llm::adapter::PeftAdapter;
 use swift_stages::llm::model::packed_layout;
 use swift_stages::llm::{Decoder, ModelConfig};
 
-use crate::util::{copy_dir, fixtures, Project, Run};
+use crate::util::{copy_dir, files_under, fixtures, Project, Run};
 
 /// A project holding the pipeline of tests/fixtures/export/pipeline.toml, with
 /// `extra` appended to its export stage.
@@ -30,21 +30,11 @@ fn export_dir(run: &Run) -> PathBuf {
     PathBuf::from(run.stage("export")["outputs"]["export"].as_str().unwrap())
 }
 
+/// Every file under `root`, relative to it, sorted.
 fn files(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path.strip_prefix(root).unwrap().to_string_lossy().into_owned());
-            }
-        }
-    }
-    out.sort();
-    out
+    let mut names: Vec<String> = files_under(root, "").into_iter().map(|(name, _)| name).collect();
+    names.sort();
+    names
 }
 
 fn logits(decoder: &Decoder, ids: &[u32]) -> Tensor {

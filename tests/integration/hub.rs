@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::util::Project;
+use crate::util::{populate_hf_cache, Project};
 
 type Files = BTreeMap<String, Vec<u8>>;
 
@@ -225,16 +225,7 @@ fn offline_miss_is_a_clear_error_and_a_populated_cache_needs_no_server() {
     assert_eq!(hub.requests("/"), 0, "offline means no request at all");
 
     // Lay out an HF cache as huggingface_hub writes it: blobs, snapshot links, refs.
-    let repo = p.path("hf-cache/models--swift-test--tiny-qwen");
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo.join("snapshots").join(SHA1)).unwrap();
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), SHA1).unwrap();
-    for (name, bytes) in fixture_repo() {
-        let blob = repo.join("blobs").join(blake3::hash(&bytes).to_hex().as_str());
-        std::fs::write(&blob, &bytes).unwrap();
-        std::os::unix::fs::symlink(format!("../../blobs/{}", blob.file_name().unwrap().to_str().unwrap()), repo.join("snapshots").join(SHA1).join(&name)).unwrap();
-    }
+    populate_hf_cache(&p.path("hf-cache"), "models/swift-test/tiny-qwen", SHA1, &fixture_repo().into_iter().collect::<Vec<_>>());
     p.set_env("HF_ENDPOINT", "http://127.0.0.1:9");
     p.set_env("HF_HUB_OFFLINE", "1");
     let run = p.run("pipelines/hub.toml", &[], 0);

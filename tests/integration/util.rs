@@ -205,3 +205,36 @@ pub fn chain_project() -> Project {
     project.write("data/input.txt", "input v1\n");
     project
 }
+
+/// Lays out `files` as huggingface_hub caches repository `repo` (`models/ORG/NAME`
+/// or `datasets/ORG/NAME`) at commit `sha`: blobs, snapshot links, refs/main.
+pub fn populate_hf_cache(cache: &Path, repo: &str, sha: &str, files: &[(String, Vec<u8>)]) {
+    let (kind, name) = repo.split_once('/').unwrap();
+    let dir = cache.join(format!("{kind}--{}", name.replace('/', "--")));
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    std::fs::create_dir_all(dir.join("refs")).unwrap();
+    std::fs::write(dir.join("refs/main"), sha).unwrap();
+    for (path, bytes) in files {
+        let blob = blake3::hash(bytes).to_hex().to_string();
+        std::fs::write(dir.join("blobs").join(&blob), bytes).unwrap();
+        let link = dir.join("snapshots").join(sha).join(path);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let depth = path.matches('/').count() + 2;
+        std::os::unix::fs::symlink(format!("{}blobs/{blob}", "../".repeat(depth)), &link).unwrap();
+    }
+}
+
+/// Every file under `dir`, as (path relative to `dir` with `prefix`, bytes).
+pub fn files_under(dir: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = format!("{prefix}{}", path.file_name().unwrap().to_str().unwrap());
+        if path.is_dir() {
+            out.extend(files_under(&path, &format!("{name}/")));
+        } else {
+            out.push((name, std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
