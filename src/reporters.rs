@@ -82,6 +82,7 @@ impl Reporter for Terminal {
             StageStatus::WouldRun => "would run".to_string(),
             StageStatus::Failed => format!("FAILED: {}", report.error.as_deref().unwrap_or("unknown error")),
             StageStatus::Skipped => format!("skipped ({})", report.error.as_deref().unwrap_or("not selected")),
+            StageStatus::Queued | StageStatus::Running => format!("{} as Slurm job {}", report.status.as_str(), report.job.as_deref().unwrap_or("?")),
         };
         self.line(&format!("{} ({}): {what}", report.name, report.kind));
     }

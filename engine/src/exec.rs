@@ -27,6 +27,7 @@ use swift_cache::{ActionEntry, Artifact, LockFile, LockedStage, Provenance, RunR
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::kind::{Cancelled, OutputValue, Resource, RunCtx, Upstream};
+use crate::placement::Executor;
 use crate::pipeline::{InputRef, Pipeline};
 use crate::report::{Reporter, RunReport, StageReport, StageStatus};
 use crate::resolve::{hash_locals, input_artifacts, input_values, key_of, lookup, params_of, resolve_revisions, Locals};
@@ -50,6 +51,12 @@ pub struct RunOptions {
     pub jobs: usize,
     /// `--offline`: no network; upstream revisions and files come from local caches.
     pub offline: bool,
+    /// Where missed stages run (`--executor`, else `[pipeline] executor`).
+    pub executor: Executor,
+    /// `--detach` (Slurm): return once every job is submitted.
+    pub detach: bool,
+    /// The `--set` overrides the manifest was loaded with (Slurm jobs load it the same way).
+    pub sets: Vec<String>,
 }
 
 /// Why a run could not start or finish.
@@ -68,9 +75,11 @@ pub enum RunError {
 
 // A handful of these exist per run; boxing the entry would buy nothing.
 #[allow(clippy::large_enum_variant)]
-enum State {
+pub(crate) enum State {
     Pending,
     Running,
+    /// Submitted to Slurm and left there (`--detach`).
+    Submitted { job: String, running: bool },
     Done { status: StageStatus, entry: ActionEntry, paths: IndexMap<String, PathBuf>, seconds: f64 },
     Failed { key: Option<StageKey>, error: String, seconds: f64 },
     Skipped(String),
@@ -78,7 +87,7 @@ enum State {
 }
 
 #[allow(clippy::large_enum_variant)]
-enum Outcome {
+pub(crate) enum Outcome {
     Done { reused: bool, entry: ActionEntry, paths: IndexMap<String, PathBuf>, seconds: f64 },
     Failed { key: Option<StageKey>, error: String, seconds: f64 },
 }
@@ -157,19 +166,33 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
     }
 
     let journal = Journal::new(&store, &pipeline, started_unix_ms);
-    let scheduler = Scheduler {
-        pipeline: pipeline.clone(),
-        store: store.clone(),
-        reporter: reporter.clone(),
-        locals: Arc::new(locals),
-        revisions: Arc::new(revisions),
-        offline: options.offline,
-        selected,
-        forced,
-        dry_run: options.dry_run,
-        jobs: options.jobs.max(1),
+    let (states, interrupted) = if options.executor == Executor::Slurm && !options.dry_run {
+        let run = crate::slurm::SlurmRun {
+            pipeline: pipeline.clone(),
+            store: store.clone(),
+            reporter: reporter.clone(),
+            locals: &locals,
+            revisions: &revisions,
+            selected: &selected,
+            forced: &forced,
+            options,
+        };
+        runtime.block_on(run.drive(signals, &journal))?
+    } else {
+        let scheduler = Scheduler {
+            pipeline: pipeline.clone(),
+            store: store.clone(),
+            reporter: reporter.clone(),
+            locals: Arc::new(locals),
+            revisions: Arc::new(revisions),
+            offline: options.offline,
+            selected,
+            forced,
+            dry_run: options.dry_run,
+            jobs: options.jobs.max(1),
+        };
+        runtime.block_on(scheduler.drive(signals, &journal))?
     };
-    let (states, interrupted) = runtime.block_on(scheduler.drive(signals, &journal))?;
     runtime.shutdown_background();
 
     let mut report = RunReport {
@@ -191,6 +214,7 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
             outputs: IndexMap::new(),
             metrics: Default::default(),
             error: None,
+            job: None,
         };
         match &states[i] {
             State::Done { status, entry, paths, seconds } => {
@@ -216,6 +240,10 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
             State::WouldRun(key) => {
                 stage.status = StageStatus::WouldRun;
                 stage.key = *key;
+            }
+            State::Submitted { job, running } => {
+                stage.status = if *running { StageStatus::Running } else { StageStatus::Queued };
+                stage.job = Some(job.clone());
             }
             State::Pending | State::Running => {
                 stage.error = Some("interrupted before it could run".to_string());
@@ -245,7 +273,7 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
     Ok(report)
 }
 
-const NOT_SELECTED: &str = "not selected";
+pub(crate) const NOT_SELECTED: &str = "not selected";
 
 struct Scheduler {
     pipeline: Arc<Pipeline>,
@@ -321,8 +349,8 @@ impl Scheduler {
                             if let State::Done { entry, .. } = &state {
                                 outputs[i] = Some(entry.outputs.clone());
                             }
-                            let state = self.publish(i, state);
-                            self.announce(i, &state);
+                            let state = if self.dry_run { state } else { publish(&self.pipeline, &*self.reporter, i, state) };
+                            announce(&self.pipeline, &*self.reporter, i, &state);
                             states[i] = state;
                         }
                     }
@@ -348,8 +376,8 @@ impl Scheduler {
                         }
                         Outcome::Failed { key, error, seconds } => State::Failed { key, error, seconds },
                     };
-                    let state = self.publish(i, state);
-                    self.announce(i, &state);
+                    let state = publish(&self.pipeline, &*self.reporter, i, state);
+                    announce(&self.pipeline, &*self.reporter, i, &state);
                     states[i] = state;
                 }
                 _ = signals.interrupt.recv() => self.interrupt(&cancel, running),
@@ -369,31 +397,12 @@ impl Scheduler {
         ));
     }
 
-    /// Lets a done stage publish its outputs outside the cache
-    /// ([`StagePlan::publish`]); a failure fails the stage (its cache entry
-    /// stays: a rerun only publishes again).
-    fn publish(&self, i: usize, state: State) -> State {
-        let State::Done { entry, paths, seconds, .. } = &state else { return state };
-        if self.dry_run {
-            return state;
-        }
-        let outputs = paths.iter().filter_map(|(name, path)| Some((name.clone(), (entry.outputs.get(name)?.clone(), path.clone())))).collect();
-        match self.pipeline.nodes[i].plan.publish(&outputs) {
-            Ok(None) => state,
-            Ok(Some(line)) => {
-                self.reporter.note(&format!("{}: {line}", self.pipeline.nodes[i].name));
-                state
-            }
-            Err(error) => State::Failed { key: Some(entry.key), error: format!("{error:#}"), seconds: *seconds },
-        }
-    }
-
     /// What to do with a pending stage now, or `None` to wait for its inputs.
     fn advance(&self, i: usize, states: &[State], outputs: &[Option<IndexMap<String, Artifact>>]) -> Option<Step> {
         let node = &self.pipeline.nodes[i];
         for dep in node.deps() {
             match &states[dep] {
-                State::Pending | State::Running => return None,
+                State::Pending | State::Running | State::Submitted { .. } => return None,
                 State::Failed { .. } | State::Skipped(_) => {
                     return Some(Step::Settle(State::Skipped(format!("upstream stage `{}` did not complete", self.pipeline.nodes[dep].name))))
                 }
@@ -416,31 +425,49 @@ impl Scheduler {
         }
         Some(Step::Launch(key, inputs))
     }
+}
 
-    fn announce(&self, i: usize, state: &State) {
-        let node = &self.pipeline.nodes[i];
-        let (status, key, seconds, error) = match state {
-            State::Done { status, entry, seconds, .. } => (*status, Some(entry.key), *seconds, None),
-            State::Failed { key, error, seconds } => (StageStatus::Failed, *key, *seconds, Some(error.clone())),
-            State::Skipped(why) => (StageStatus::Skipped, None, 0.0, Some(why.clone())),
-            State::WouldRun(key) => (StageStatus::WouldRun, *key, 0.0, None),
-            State::Pending | State::Running => return,
-        };
-        let metrics = match state {
-            State::Done { entry, .. } => entry.metrics.clone(),
-            _ => Default::default(),
-        };
-        self.reporter.stage_finished(&StageReport {
-            name: node.name.clone(),
-            kind: node.kind.clone(),
-            status,
-            key,
-            seconds,
-            outputs: IndexMap::new(),
-            metrics,
-            error,
-        });
+/// Lets a done stage publish its outputs outside the cache
+/// ([`crate::kind::StagePlan::publish`]); a failure fails the stage (its cache
+/// entry stays: a rerun only publishes again). Not called in dry runs.
+pub(crate) fn publish(pipeline: &Pipeline, reporter: &dyn Reporter, i: usize, state: State) -> State {
+    let State::Done { entry, paths, seconds, .. } = &state else { return state };
+    let outputs = paths.iter().filter_map(|(name, path)| Some((name.clone(), (entry.outputs.get(name)?.clone(), path.clone())))).collect();
+    match pipeline.nodes[i].plan.publish(&outputs) {
+        Ok(None) => state,
+        Ok(Some(line)) => {
+            reporter.note(&format!("{}: {line}", pipeline.nodes[i].name));
+            state
+        }
+        Err(error) => State::Failed { key: Some(entry.key), error: format!("{error:#}"), seconds: *seconds },
     }
+}
+
+/// Tells the reporter how a stage settled.
+pub(crate) fn announce(pipeline: &Pipeline, reporter: &dyn Reporter, i: usize, state: &State) {
+    let node = &pipeline.nodes[i];
+    let (status, key, seconds, error) = match state {
+        State::Done { status, entry, seconds, .. } => (*status, Some(entry.key), *seconds, None),
+        State::Failed { key, error, seconds } => (StageStatus::Failed, *key, *seconds, Some(error.clone())),
+        State::Skipped(why) => (StageStatus::Skipped, None, 0.0, Some(why.clone())),
+        State::WouldRun(key) => (StageStatus::WouldRun, *key, 0.0, None),
+        State::Pending | State::Running | State::Submitted { .. } => return,
+    };
+    let metrics = match state {
+        State::Done { entry, .. } => entry.metrics.clone(),
+        _ => Default::default(),
+    };
+    reporter.stage_finished(&StageReport {
+        name: node.name.clone(),
+        kind: node.kind.clone(),
+        status,
+        key,
+        seconds,
+        outputs: IndexMap::new(),
+        metrics,
+        error,
+        job: None,
+    });
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -449,25 +476,27 @@ enum Step {
     Settle(State),
 }
 
-struct StageTask {
-    pipeline: Arc<Pipeline>,
-    store: Store,
-    reporter: Arc<dyn Reporter>,
-    locals: Arc<Locals>,
-    revision: Option<String>,
-    offline: bool,
-    index: usize,
-    key: StageKey,
-    inputs: Vec<(String, Artifact)>,
-    force: bool,
-    device: String,
-    upstream: Vec<Upstream>,
-    cancel: Arc<AtomicBool>,
+/// One stage to compute in this process: the local executor spawns these, a
+/// Slurm job runs one.
+pub(crate) struct StageTask {
+    pub(crate) pipeline: Arc<Pipeline>,
+    pub(crate) store: Store,
+    pub(crate) reporter: Arc<dyn Reporter>,
+    pub(crate) locals: Arc<Locals>,
+    pub(crate) revision: Option<String>,
+    pub(crate) offline: bool,
+    pub(crate) index: usize,
+    pub(crate) key: StageKey,
+    pub(crate) inputs: Vec<(String, Artifact)>,
+    pub(crate) force: bool,
+    pub(crate) device: String,
+    pub(crate) upstream: Vec<Upstream>,
+    pub(crate) cancel: Arc<AtomicBool>,
 }
 
 /// The stages `index` depends on, directly or not, in run order, with what
 /// this run settled for each (they are all done when it launches).
-fn upstream(pipeline: &Pipeline, index: usize, states: &[State]) -> Vec<Upstream> {
+pub(crate) fn upstream(pipeline: &Pipeline, index: usize, states: &[State]) -> Vec<Upstream> {
     let mut needed = vec![false; pipeline.nodes.len()];
     let mut stack: Vec<usize> = pipeline.nodes[index].deps().collect();
     while let Some(i) = stack.pop() {
@@ -495,7 +524,8 @@ fn upstream(pipeline: &Pipeline, index: usize, states: &[State]) -> Vec<Upstream
 }
 
 impl StageTask {
-    fn execute(self) -> Outcome {
+    /// Computes the stage (or finds another process finished it meanwhile).
+    pub(crate) fn execute(self) -> Outcome {
         let started = Instant::now();
         match self.try_execute() {
             Ok((entry, paths, reused)) => Outcome::Done { reused, entry, paths, seconds: started.elapsed().as_secs_f64() },
@@ -640,19 +670,27 @@ fn updated_lock(pipeline: &Pipeline, old: Option<LockFile>, states: &[State]) ->
 }
 
 /// Ctrl-C and SIGTERM, registered when a run starts.
-struct Signals {
+pub(crate) struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn new() -> std::io::Result<Self> {
+    pub(crate) fn new() -> std::io::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Self { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
     }
 
+    /// Waits for the next signal.
+    pub(crate) async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+
     /// Takes one signal that already arrived, without waiting.
-    fn pending(&mut self) -> bool {
+    pub(crate) fn pending(&mut self) -> bool {
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         self.interrupt.poll_recv(&mut cx).is_ready() || self.terminate.poll_recv(&mut cx).is_ready()
@@ -661,7 +699,7 @@ impl Signals {
 
 /// The run record, rewritten whenever a stage finishes running (so a run killed
 /// half-way still protects what it computed from `gc`) and once at the end.
-struct Journal {
+pub(crate) struct Journal {
     store: Store,
     record: std::sync::Mutex<RunRecord>,
 }
@@ -679,7 +717,7 @@ impl Journal {
         Self { store: store.clone(), record: std::sync::Mutex::new(record) }
     }
 
-    fn stage_ran(&self, node: &crate::pipeline::StageNode, entry: &ActionEntry, seconds: f64) -> std::io::Result<()> {
+    pub(crate) fn stage_ran(&self, node: &crate::pipeline::StageNode, entry: &ActionEntry, seconds: f64) -> std::io::Result<()> {
         let mut record = self.record.lock().expect("journal lock");
         record.stages.push(RunStageRecord {
             name: node.name.clone(),

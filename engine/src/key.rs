@@ -18,6 +18,7 @@ use swift_cache::{Artifact, StageKey};
 
 const KEY_DOMAIN: &str = "swift-stage-key-v1\n";
 const PARAMS_DOMAIN: &str = "swift-stage-params-v1\n";
+const RECIPE_DOMAIN: &str = "swift-stage-recipe-v1\n";
 
 /// JSON with object keys sorted at every level and no whitespace.
 pub fn canonical_json(value: &Value) -> String {
@@ -79,6 +80,23 @@ pub fn stage_key(kind: &str, version: u32, params: &Value, revision: Option<&str
     }
     let text = canonical_json(&described);
     StageKey::of(format!("{KEY_DOMAIN}{text}").as_bytes())
+}
+
+/// A stage's recipe: what its key will be computed from, known before the
+/// stages it reads from have run. Local inputs enter by content, stage inputs
+/// by the producer's recipe and output name (`{"recipe": HEX, "output": NAME}`),
+/// so equal recipes give equal keys. Slurm job names carry it, which lets a
+/// second `swift run` find the job already computing a stage.
+pub fn recipe(kind: &str, version: u32, params: &Value, revision: Option<&str>, inputs: &[(String, Value)]) -> StageKey {
+    let inputs: serde_json::Map<String, Value> = inputs.iter().cloned().collect();
+    let described = serde_json::json!({
+        "kind": kind,
+        "kind_version": version,
+        "params": params,
+        "revision": revision,
+        "inputs": inputs,
+    });
+    StageKey::of(format!("{RECIPE_DOMAIN}{}", canonical_json(&described)).as_bytes())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! - [`key`]: what enters a stage key (a table in its module doc);
 //! - [`status`]: which stages are fresh and why the others are not;
 //! - [`exec`]: run what is missing, concurrently, crash-safely;
+//! - [`slurm`]: or submit each missing stage as a Slurm job and wait;
 //! - [`report`]: the events and summaries the binary renders.
 //!
 //! Stage kinds themselves live in `swift-stages`; the cache in `swift-cache`.
@@ -18,8 +19,10 @@ pub mod key;
 pub mod kind;
 pub mod manifest;
 pub mod pipeline;
+pub mod placement;
 pub mod report;
 pub mod resolve;
+pub mod slurm;
 pub mod status;
 #[cfg(feature = "test-kinds")]
 pub mod testkinds;

@@ -10,6 +10,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use crate::error::{did_you_mean, ManifestError};
 use crate::kind::{CompileCtx, InputSource, Registry, StagePlan};
 use crate::manifest::Manifest;
+use crate::placement::Resources;
 
 /// Where a compiled input comes from.
 #[derive(Clone, Debug)]
@@ -53,6 +54,9 @@ pub struct StageNode {
     pub plan: Box<dyn StagePlan>,
     /// Inputs in declaration order.
     pub inputs: Vec<NodeInput>,
+    /// The Slurm resources its manifest asks for: the stage's `resources` over
+    /// `[pipeline.resources]` (the kind's defaults fill the rest at submission).
+    pub resources: Resources,
 }
 
 impl StageNode {
@@ -135,7 +139,10 @@ impl Pipeline {
         let nodes: Vec<StageNode> = compiled
             .into_iter()
             .zip(resolved_inputs)
-            .map(|((name, kind, kind_version, plan, _), inputs)| StageNode { name, kind, kind_version, plan, inputs })
+            .map(|((name, kind, kind_version, plan, _), inputs)| {
+                let resources = manifest.stages[&name].placement.resources.over(&manifest.pipeline.resources);
+                StageNode { name, kind, kind_version, plan, inputs, resources }
+            })
             .collect();
 
         let mut graph = DiGraph::new();

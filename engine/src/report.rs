@@ -21,6 +21,10 @@ pub enum StageStatus {
     Skipped,
     /// A dry run: it would run.
     WouldRun,
+    /// `--detach`: its Slurm job waits in the queue.
+    Queued,
+    /// `--detach`: its Slurm job is running.
+    Running,
 }
 
 impl StageStatus {
@@ -32,6 +36,8 @@ impl StageStatus {
             StageStatus::Failed => "failed",
             StageStatus::Skipped => "skipped",
             StageStatus::WouldRun => "would-run",
+            StageStatus::Queued => "queued",
+            StageStatus::Running => "running",
         }
     }
 }
@@ -56,6 +62,9 @@ pub struct StageReport {
     /// Why it failed or was skipped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The Slurm job that computes it (Slurm executor, `--detach`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 /// A whole run's outcome.

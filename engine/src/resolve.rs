@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use indexmap::IndexMap;
 use swift_cache::{hash_path, ActionEntry, Artifact, HashStats, Hashed, StageKey, StatCache, Store};
 
-use crate::key::{params_digest, stage_key};
+use crate::key::{params_digest, recipe, stage_key};
 use crate::kind::InputValue;
 use crate::pipeline::{InputRef, Pipeline};
 
@@ -106,6 +106,34 @@ pub fn input_values(
 pub fn key_of(pipeline: &Pipeline, stage: usize, revision: Option<&str>, inputs: &[(String, Artifact)]) -> StageKey {
     let node = &pipeline.nodes[stage];
     stage_key(&node.kind, node.kind_version, &node.plan.params(), revision, inputs)
+}
+
+/// The recipes of `stages` (see [`crate::key::recipe`]) by index; a stage's
+/// producers must be among `stages`.
+pub fn recipes(
+    pipeline: &Pipeline,
+    stages: &std::collections::BTreeSet<usize>,
+    revisions: &[Option<String>],
+    locals: &Locals,
+) -> HashMap<usize, StageKey> {
+    let mut out: HashMap<usize, StageKey> = HashMap::new();
+    for &i in pipeline.order.iter().filter(|i| stages.contains(i)) {
+        let node = &pipeline.nodes[i];
+        let inputs: Vec<(String, serde_json::Value)> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(j, input)| {
+                let value = match &input.source {
+                    InputRef::Local { .. } => serde_json::to_value(&locals[&(i, j)].artifact).expect("artifacts serialize"),
+                    InputRef::Stage { stage, output } => serde_json::json!({"recipe": out[stage].to_hex(), "output": output}),
+                };
+                (input.name.clone(), value)
+            })
+            .collect();
+        out.insert(i, recipe(&node.kind, node.kind_version, &node.plan.params(), revisions[i].as_deref(), &inputs));
+    }
+    out
 }
 
 /// Resolves the upstream revisions of the given stages (index → revision);

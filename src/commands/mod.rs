@@ -11,6 +11,7 @@ mod bench_generate;
 mod bench_preprocess;
 mod cache;
 mod dag;
+mod exec_stage;
 mod gc;
 mod generate;
 mod report;
@@ -62,6 +63,9 @@ enum Command {
     /// Benchmarks whose figures go into docs/PERFORMANCE.md.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Compute one stage of a submitted run (what a Slurm job runs).
+    #[command(hide = true)]
+    ExecStage(exec_stage::Args),
 }
 
 /// swift's exit codes.
@@ -95,6 +99,7 @@ pub fn dispatch(cli: Cli) -> Exit {
         Command::Generate(args) => generate::exec(cache, offline, args),
         Command::Cache(command) => cache::exec(cache, command),
         Command::Bench(command) => bench::exec(command),
+        Command::ExecStage(args) => exec_stage::exec(cache, args),
     };
     match result {
         Ok(exit) => exit,

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use swift_engine::report::{RunReport, StageStatus};
+use swift_engine::placement::Executor;
 use swift_engine::{RunError, RunOptions};
 
 use super::{compile_or_exit, open_store, seconds, table, Exit, ManifestArgs};
@@ -35,6 +36,13 @@ pub struct Args {
     /// How many CPU stages may run at once (default: the number of cores).
     #[arg(long, short = 'j', value_name = "N")]
     jobs: Option<usize>,
+    /// Where missed stages run: `local` or `slurm` (default: `[pipeline] executor`).
+    #[arg(long, value_name = "EXECUTOR")]
+    executor: Option<Executor>,
+    /// With the Slurm executor: return once every job is submitted
+    /// (`swift status` shows them later).
+    #[arg(long)]
+    detach: bool,
     /// Print one JSON object on stdout's last line (logs go to stderr).
     #[arg(long)]
     json: bool,
@@ -45,6 +53,11 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         Ok(pipeline) => pipeline,
         Err(exit) => return Ok(exit),
     };
+    let executor = args.executor.unwrap_or(pipeline.manifest.pipeline.executor);
+    if args.detach && executor != Executor::Slurm {
+        eprintln!("error: --detach needs the Slurm executor (`--executor slurm` or `[pipeline] executor = \"slurm\"`)");
+        return Ok(Exit::Invalid);
+    }
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
     let options = RunOptions {
         only: args.only,
@@ -55,6 +68,9 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         rehash: args.rehash,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         offline,
+        executor,
+        detach: args.detach,
+        sets: args.manifest.sets.clone(),
     };
     let reporter = reporters::for_terminal();
     let report = match swift_engine::run(pipeline.clone(), store, &options, reporter.clone()) {
@@ -112,7 +128,7 @@ fn summary(out: &mut dyn Write, report: &RunReport, lock: &std::path::Path, dry_
                 s.status.as_str().to_string(),
                 seconds(s.seconds),
                 s.key.map_or("-".to_string(), |k| k.to_hex()[..12].to_string()),
-                detail,
+                s.job.as_ref().map_or(detail, |job| format!("job {job}")),
             ]
         })
         .collect();
@@ -134,6 +150,10 @@ fn summary(out: &mut dyn Write, report: &RunReport, lock: &std::path::Path, dry_
     )?;
     if dry_run {
         write!(out, ", {} would run", count(StageStatus::WouldRun))?;
+    }
+    let submitted = count(StageStatus::Queued) + count(StageStatus::Running);
+    if submitted > 0 {
+        write!(out, ", {submitted} submitted to Slurm (see `swift status`)")?;
     }
     writeln!(out, " in {}", seconds(report.seconds))?;
     if report.lock_written {

@@ -29,6 +29,13 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     let stats = store.stat_cache();
     let assessments = assess(&pipeline, &store, &stats, args.rehash, offline)?;
     let _ = stats.save();
+    let slurm = swift_engine::slurm::last_submission(&store, &pipeline.manifest.path);
+    let jobs: Vec<Vec<String>> = slurm
+        .iter()
+        .flat_map(|(submission, states)| {
+            submission.jobs.iter().zip(states).map(|(job, state)| vec![job.stage.clone(), job.job.clone(), state.clone(), job.log.display().to_string()])
+        })
+        .collect();
     if args.json {
         let stages: Vec<serde_json::Value> = pipeline
             .order
@@ -44,7 +51,9 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({"pipeline": pipeline.manifest.name, "stages": stages}));
+        let jobs: Vec<serde_json::Value> =
+            jobs.iter().map(|j| serde_json::json!({"stage": j[0], "job": j[1], "state": j[2], "log": j[3]})).collect();
+        println!("{}", serde_json::json!({"pipeline": pipeline.manifest.name, "stages": stages, "slurm_jobs": jobs}));
         return Ok(Exit::Success);
     }
     let rows: Vec<Vec<String>> = pipeline
@@ -58,5 +67,9 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         })
         .collect();
     table(&mut std::io::stdout(), &["stage", "kind", "state", "why"], &rows)?;
+    if !jobs.is_empty() {
+        println!("\nSlurm jobs of the last submission:");
+        table(&mut std::io::stdout(), &["stage", "job", "state", "log"], &jobs)?;
+    }
     Ok(Exit::Success)
 }

@@ -4,7 +4,7 @@ use crate::util::{copy_dir, files_under, populate_hf_cache, Project};
 
 
 /// A project holding the demo's files from the repository, as a fresh clone has them.
-fn demo_project() -> Project {
+pub(crate) fn demo_project() -> Project {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let p = Project::new();
     for file in ["pipelines/demo.toml", "pipelines/demo.lock", "pipelines/demo-ci.toml", "data/demo/law_qa.jsonl"] {

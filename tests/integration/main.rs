@@ -33,3 +33,6 @@ mod quantize;
 mod eval;
 /// The export stage: every format against the Python tools, model cards, `to`, bad settings.
 mod export;
+/// The Slurm executor on a real one-host cluster: same outputs as local runs,
+/// failures, kill -9, concurrent submissions, `--detach`, bad clusters, the CI demo.
+mod slurm;

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::{did_you_mean, ManifestError};
+use crate::placement::{DeviceSpec, Executor, Resources};
 pub use source::{SourceText, SpanIndex};
 
 /// How a manifest is read: overrides and the environment.
@@ -28,7 +29,7 @@ pub struct LoadOptions {
 }
 
 /// The `[pipeline]` section.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSection {
     /// The pipeline's name (default: the manifest's file stem).
@@ -40,6 +41,42 @@ pub struct PipelineSection {
     /// Free text shown by `swift dag`.
     #[serde(default)]
     pub description: Option<String>,
+    /// Where missed stages run: `local` (default) or `slurm` (`--executor` wins).
+    #[serde(default)]
+    pub executor: Executor,
+    /// The device of every stage that computes on one: `auto` (default), `cpu`,
+    /// `cuda:N` (a stage's `device` and `--device` win).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Slurm resources every stage starts from (a stage's `resources` wins).
+    #[serde(default)]
+    pub resources: Resources,
+    /// How the Slurm executor behaves.
+    #[serde(default)]
+    pub slurm: SlurmSection,
+}
+
+/// `[pipeline.slurm]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSection {
+    /// How often `swift run` looks at the cache and the queue (default `2s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub poll: Option<std::time::Duration>,
+    /// How long the shared-cache probe job may wait in the queue (default `10m`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub probe_timeout: Option<std::time::Duration>,
+}
+
+/// `"2s"`, `"10m"` as an optional duration.
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::time::Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(|e| serde::de::Error::custom(format!("`{t}` is not a duration ({e}): write e.g. \"2s\" or \"10m\""))))
+            .transpose()
+    }
 }
 
 /// One `[stages.NAME]` table: its kind and its other keys, untyped.
@@ -51,7 +88,25 @@ pub struct StageDecl {
     pub kind: String,
     /// Every other key.
     pub params: toml::Table,
+    /// Where it runs: the engine's keys `device` and `resources`,
+    /// taken out of `params` before the kind sees them.
+    pub placement: StagePlacement,
 }
+
+/// A stage's own `device` and `resources`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StagePlacement {
+    /// One device: `auto`, `cpu`, `cuda:N`.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Slurm resources of its job.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// The stage keys the engine reads itself (every kind accepts them).
+pub const PLACEMENT_KEYS: &[&str] = &["device", "resources"];
 
 /// A parsed manifest.
 #[derive(Clone, Debug)]
@@ -207,7 +262,7 @@ impl Manifest {
         }
         let pipeline: PipelineSection = match table.remove("pipeline") {
             Some(value) => locator.parse(&["pipeline".to_string()], value)?,
-            None => PipelineSection { name: None, seed: 0, description: None },
+            None => PipelineSection::default(),
         };
         let stages_value = table.remove("stages").unwrap_or(toml::Value::Table(Default::default()));
         let toml::Value::Table(stage_tables) = stages_value else {
@@ -239,7 +294,22 @@ impl Manifest {
                         .with_help("add e.g. `kind = \"download\"`"))
                 }
             };
-            stages.insert(name.clone(), StageDecl { name, kind, params });
+            let mut placement_table = toml::Table::new();
+            for key in PLACEMENT_KEYS {
+                if let Some(value) = params.remove(*key) {
+                    placement_table.insert(key.to_string(), value);
+                }
+            }
+            let placement: StagePlacement = locator.parse(&at, toml::Value::Table(placement_table))?;
+            check_placement(&locator, &at, &placement)?;
+            stages.insert(name.clone(), StageDecl { name, kind, params, placement });
+        }
+        let pipeline_at = vec!["pipeline".to_string()];
+        if let Some(device) = &pipeline.device {
+            device.parse::<DeviceSpec>().map_err(|e| locator.error(&[pipeline_at.clone(), vec!["device".into()]].concat(), false, e))?;
+        }
+        if let Err((field, message)) = pipeline.resources.validate() {
+            return Err(locator.error(&[pipeline_at, vec!["resources".into(), field.into()]].concat(), false, message));
         }
         let name = pipeline
             .name
@@ -263,6 +333,21 @@ impl Manifest {
     pub fn display_path(&self) -> String {
         self.path.strip_prefix(&self.root).unwrap_or(&self.path).display().to_string()
     }
+}
+
+/// Checks a stage's `device` and `resources` values.
+fn check_placement(locator: &Locator, at: &[String], placement: &StagePlacement) -> Result<(), ManifestError> {
+    let field = |key: &[&str]| -> Vec<String> { at.iter().cloned().chain(key.iter().map(|k| k.to_string())).collect() };
+    if let Some(device) = &placement.device {
+        let spec: DeviceSpec = device.parse().map_err(|e| locator.error(&field(&["device"]), false, e))?;
+        if spec.count() > 1 {
+            return Err(locator.error(&field(&["device"]), false, format!("`device` names one device; `{device}` names {}", spec.count())));
+        }
+    }
+    if let Err((key, message)) = placement.resources.validate() {
+        return Err(locator.error(&field(&["resources", key]), false, message));
+    }
+    Ok(())
 }
 
 fn apply_set(doc: &mut toml_edit::DocumentMut, set: &str, stage_names: &[String]) -> Result<(), ManifestError> {

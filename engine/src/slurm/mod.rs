@@ -1,0 +1,519 @@
+//! The Slurm executor: every stage that misses the cache becomes one Slurm job,
+//! over a cache every node sees on a shared filesystem.
+//!
+//! 1. Cache hits are settled first, exactly as a local run would; only misses
+//!    (and what depends on them) are submitted.
+//! 2. Before anything is submitted: `sbatch` must be on `PATH`, `sbatch
+//!    --test-only` must accept every job's resources, and (once per cache) a
+//!    probe job must prove that the compute nodes see the cache.
+//! 3. Under the cache's submission lock, each stage is submitted in run order
+//!    as `sbatch --parsable --kill-on-invalid-dep=yes
+//!    --dependency=afterok:PARENTS`, running `swift exec-stage` on that one
+//!    stage ([`job::run_job`]). A live job already computing the same recipe
+//!    (another `swift run`, or one killed earlier) is waited on instead of
+//!    submitted again. Job names are `swift-STAGE-RECIPE12`; logs go to
+//!    `slurm/logs/` in the cache (see [`files`]).
+//! 4. `swift run` then polls: the cache's action entry is the truth for a
+//!    finished stage; `squeue` says which jobs run, and a job that ended
+//!    without an entry failed (its own record and log tail are shown).
+//!    A failure or Ctrl-C cancels every job this run submitted that has not
+//!    finished. `--detach` returns after submission.
+
+pub mod cli;
+pub mod files;
+pub mod job;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use swift_cache::{Artifact, StageKey, Store};
+
+use crate::exec::{announce, publish, unix_ms, Journal, RunOptions, Signals, State, NOT_SELECTED};
+use crate::pipeline::Pipeline;
+use crate::placement::kind_defaults;
+use crate::report::{Reporter, StageStatus};
+use crate::resolve::{input_artifacts, key_of, lookup, recipes, Locals};
+pub use cli::{JobState, Slurm};
+pub use files::{JobPlan, JobResult, SlurmDir, Submission, SubmittedJob};
+
+const DEFAULT_POLL: Duration = Duration::from_secs(2);
+const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Lines of a failed job's log shown in the error.
+const LOG_TAIL_LINES: usize = 15;
+
+/// One `swift run` under the Slurm executor.
+pub(crate) struct SlurmRun<'a> {
+    pub(crate) pipeline: Arc<Pipeline>,
+    pub(crate) store: Store,
+    pub(crate) reporter: Arc<dyn Reporter>,
+    pub(crate) locals: &'a Locals,
+    pub(crate) revisions: &'a [Option<String>],
+    pub(crate) selected: &'a BTreeSet<usize>,
+    pub(crate) forced: &'a HashSet<usize>,
+    pub(crate) options: &'a RunOptions,
+}
+
+/// A job this run waits on.
+struct Job {
+    id: String,
+    log: PathBuf,
+    adopted: bool,
+    seen_running: bool,
+}
+
+impl SlurmRun<'_> {
+    /// Settles hits, submits misses, waits (unless `--detach`). Returns each
+    /// stage's state and whether Ctrl-C stopped the run.
+    pub(crate) async fn drive(self, mut signals: Signals, journal: &Journal) -> anyhow::Result<(Vec<State>, bool)> {
+        let pipeline = self.pipeline.clone();
+        let n = pipeline.nodes.len();
+        let mut states: Vec<State> = (0..n)
+            .map(|i| if self.selected.contains(&i) { State::Pending } else { State::Skipped(NOT_SELECTED.to_string()) })
+            .collect();
+        let mut outputs: Vec<Option<indexmap::IndexMap<String, Artifact>>> = vec![None; n];
+
+        let mut misses = BTreeSet::new();
+        for &i in pipeline.order.iter().filter(|i| self.selected.contains(i)) {
+            if pipeline.nodes[i].deps().any(|d| misses.contains(&d)) {
+                misses.insert(i);
+                continue;
+            }
+            if let Some(dep) = pipeline.nodes[i].deps().find(|&d| !matches!(states[d], State::Done { .. })) {
+                let why = format!("upstream stage `{}` did not complete", pipeline.nodes[dep].name);
+                self.settle(i, State::Skipped(why), &mut states, &mut outputs);
+                continue;
+            }
+            let key = self.key(i, &outputs);
+            match (self.forced.contains(&i), lookup(&self.store, &key)) {
+                (false, Some((entry, paths))) => {
+                    self.settle(i, State::Done { status: StageStatus::Cached, entry, paths, seconds: 0.0 }, &mut states, &mut outputs)
+                }
+                _ => {
+                    misses.insert(i);
+                }
+            }
+        }
+        if misses.is_empty() {
+            return Ok((states, false));
+        }
+
+        let slurm = Slurm::find()?;
+        let dir = SlurmDir::of(&self.store);
+        let mut partition_cpus = HashMap::new();
+        let mut resource_args = HashMap::new();
+        for &i in &misses {
+            let args = self.resource_args(&slurm, i, &mut partition_cpus)?;
+            if !resource_args.values().any(|seen| seen == &args) {
+                slurm.test_only(&args).map_err(|e| {
+                    anyhow::anyhow!(
+                        "stage `{}`: Slurm would not accept its job ({}): {e:#}\n  set the stage's `resources` (or `[pipeline.resources]`) to what the cluster offers",
+                        pipeline.nodes[i].name,
+                        args.join(" ")
+                    )
+                })?;
+            }
+            resource_args.insert(i, args);
+        }
+        let first_partition = misses.iter().find_map(|&i| pipeline.nodes[i].resources.partition.clone());
+        self.check_shared(&slurm, &dir, first_partition.as_deref()).await?;
+
+        let recipes = recipes(&pipeline, self.selected, self.revisions, self.locals);
+        let run_id = format!("{}-{}", unix_ms(), std::process::id());
+        let run_dir = dir.run_dir(&run_id);
+        let plan = JobPlan {
+            manifest: pipeline.manifest.path.clone(),
+            sets: self.options.sets.clone(),
+            offline: self.options.offline,
+            revisions: self.selected.iter().map(|&i| (pipeline.nodes[i].name.clone(), self.revisions[i].clone())).collect(),
+            recipes: misses.iter().map(|&i| (pipeline.nodes[i].name.clone(), recipes[&i].to_hex())).collect(),
+            forced: self.forced.iter().map(|&i| pipeline.nodes[i].name.clone()).collect(),
+        };
+        let plan_path = run_dir.join("plan.json");
+        files::write_json(&plan_path, &plan).context("cannot write the Slurm run plan")?;
+
+        let jobs = self.submit(&slurm, &dir, &misses, &recipes, &resource_args, &plan_path)?;
+        let submission = Submission {
+            run: run_id,
+            submitted_unix_ms: unix_ms(),
+            jobs: pipeline
+                .order
+                .iter()
+                .filter_map(|i| jobs.get(i).map(|job| (i, job)))
+                .map(|(&i, job)| SubmittedJob {
+                    stage: pipeline.nodes[i].name.clone(),
+                    job: job.id.clone(),
+                    name: job_name(&pipeline.nodes[i].name, &recipes[&i]),
+                    log: job.log.clone(),
+                    adopted: job.adopted,
+                })
+                .collect(),
+        };
+        files::write_json(&dir.submission_path(&pipeline.manifest.path), &submission).context("cannot record the submission")?;
+
+        if self.options.detach {
+            let queued = slurm.states(&jobs.values().map(|j| j.id.clone()).collect::<Vec<_>>()).unwrap_or_default();
+            for (&i, job) in &jobs {
+                let running = queued.get(&job.id).is_some_and(JobState::is_running);
+                states[i] = State::Submitted { job: job.id.clone(), running };
+            }
+            return Ok((states, false));
+        }
+        let interrupted = self.wait(&slurm, &dir, jobs, &mut states, &mut outputs, &mut signals, journal).await;
+        Ok((states, interrupted))
+    }
+
+    /// A stage's key once its producers are done.
+    fn key(&self, i: usize, outputs: &[Option<indexmap::IndexMap<String, Artifact>>]) -> StageKey {
+        let inputs = input_artifacts(&self.pipeline, i, self.locals, outputs).expect("producers are done");
+        key_of(&self.pipeline, i, self.revisions[i].as_deref(), &inputs)
+    }
+
+    fn settle(&self, i: usize, state: State, states: &mut [State], outputs: &mut [Option<indexmap::IndexMap<String, Artifact>>]) {
+        if let State::Done { entry, .. } = &state {
+            outputs[i] = Some(entry.outputs.clone());
+        }
+        let state = publish(&self.pipeline, &*self.reporter, i, state);
+        announce(&self.pipeline, &*self.reporter, i, &state);
+        states[i] = state;
+    }
+
+    /// The `sbatch` options for a stage's resources: the manifest's, then the
+    /// kind's defaults (CPUs lowered to what the partition's nodes have).
+    fn resource_args(&self, slurm: &Slurm, i: usize, partition_cpus: &mut HashMap<Option<String>, Option<u32>>) -> anyhow::Result<Vec<String>> {
+        let node = &self.pipeline.nodes[i];
+        let mut resources = node.resources.clone();
+        let defaults = kind_defaults(&node.kind);
+        if resources.cpus.is_none() {
+            let cap = *partition_cpus.entry(resources.partition.clone()).or_insert_with(|| slurm.node_cpus(resources.partition.as_deref()));
+            resources.cpus = defaults.cpus.map(|c| cap.map_or(c, |cap| c.min(cap)));
+        }
+        let resources = resources.over(&defaults);
+        if resources.nodes.is_some_and(|n| n > 1) {
+            bail!(
+                "stage `{}` asks for {} nodes, but only data-parallel fine-tuning could use several and this swift does not do it yet; set `nodes = 1`",
+                node.name,
+                resources.nodes.unwrap_or(1)
+            );
+        }
+        let mut args = Vec::new();
+        if let Some(cpus) = resources.cpus {
+            args.push(format!("--cpus-per-task={cpus}"));
+        }
+        if let Some(mem) = &resources.mem {
+            args.push(format!("--mem={mem}"));
+        }
+        if let Some(time) = &resources.time {
+            args.push(format!("--time={time}"));
+        }
+        if let Some(gpus) = resources.gpus.filter(|&g| g > 0) {
+            args.push(format!("--gpus-per-node={gpus}"));
+        }
+        if let Some(nodes) = resources.nodes {
+            args.push(format!("--nodes={nodes}"));
+        }
+        if let Some(partition) = &resources.partition {
+            args.push(format!("--partition={partition}"));
+        }
+        args.extend(resources.sbatch.iter().cloned());
+        Ok(args)
+    }
+
+    /// Proves once per cache that a job on a compute node can write into it
+    /// and this machine can read that back.
+    async fn check_shared(&self, slurm: &Slurm, dir: &SlurmDir, partition: Option<&str>) -> anyhow::Result<()> {
+        if dir.shared_marker().exists() {
+            return Ok(());
+        }
+        let root = self.store.root().display().to_string();
+        self.reporter.note("checking that the compute nodes see this cache (one short probe job, once per cache)");
+        std::fs::create_dir_all(dir.probe_dir())?;
+        let marker = dir.probe_dir().join(format!("{}-{}", unix_ms(), std::process::id()));
+        let quoted = shell_quote(&marker.display().to_string());
+        let command = format!("hostname > {quoted}.tmp && mv {quoted}.tmp {quoted}");
+        let mut args = vec!["--job-name=swift-probe".to_string(), "--output=/dev/null".into(), "--time=5".into(), "--cpus-per-task=1".into(), "--chdir=/".into()];
+        if let Some(p) = partition {
+            args.push(format!("--partition={p}"));
+        }
+        let id = slurm.submit_wrap(&args, &command).context("cannot submit the shared-cache probe job")?;
+        let timeout = self.pipeline.manifest.pipeline.slurm.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT);
+        let started = Instant::now();
+        loop {
+            if marker.exists() {
+                break;
+            }
+            let live = slurm.states(std::slice::from_ref(&id))?.get(&id).is_some_and(JobState::is_live);
+            if !live {
+                if marker.exists() {
+                    break;
+                }
+                bail!(
+                    "the cache at {root} is not shared with the compute nodes: probe job {id} ended ({}), but what it wrote into the cache \
+                     cannot be seen from this machine\n  put the cache on a filesystem every node mounts at the same path (`--cache DIR` or SWIFT_CACHE)",
+                    slurm.describe(&id).unwrap_or_else(|| "Slurm no longer knows it".to_string())
+                );
+            }
+            if started.elapsed() > timeout {
+                slurm.cancel(std::slice::from_ref(&id));
+                bail!(
+                    "the shared-cache probe job {id} did not run within {}: the queue is busy\n  run again later, or raise `[pipeline.slurm] probe_timeout`",
+                    humantime::format_duration(timeout)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let node = std::fs::read_to_string(&marker).unwrap_or_default().trim().to_string();
+        let _ = std::fs::remove_file(&marker);
+        files::write_json(&dir.shared_marker(), &serde_json::json!({"checked_unix_ms": unix_ms(), "job": id, "node": node}))?;
+        Ok(())
+    }
+
+    /// Submits every miss in run order (or adopts a live job computing the
+    /// same recipe), holding the cache's submission lock.
+    fn submit(
+        &self,
+        slurm: &Slurm,
+        dir: &SlurmDir,
+        misses: &BTreeSet<usize>,
+        recipes: &HashMap<usize, StageKey>,
+        resource_args: &HashMap<usize, Vec<String>>,
+        plan_path: &Path,
+    ) -> anyhow::Result<HashMap<usize, Job>> {
+        let pipeline = &self.pipeline;
+        let exe = std::env::current_exe().context("cannot find swift's own executable")?;
+        let _lock = dir.submit_lock().context("cannot take the cache's Slurm submission lock")?;
+        let live = slurm.live_jobs("swift-", &dir.runs())?;
+        let mut jobs: HashMap<usize, Job> = HashMap::new();
+        for &i in pipeline.order.iter().filter(|i| misses.contains(i)) {
+            let node = &pipeline.nodes[i];
+            let recipe = recipes[&i].to_hex();
+            let name = job_name(&node.name, &recipes[&i]);
+            let pattern = dir.log_pattern(&node.name, &recipe[..12]);
+            let log_of = |id: &str| PathBuf::from(pattern.display().to_string().replace("%j", id));
+            if let (Some(id), false) = (live.get(&name), self.forced.contains(&i)) {
+                self.reporter.note(&format!("{}: waiting on job {id}, which another `swift run` submitted", node.name));
+                jobs.insert(i, Job { id: id.clone(), log: log_of(id), adopted: true, seen_running: false });
+                continue;
+            }
+            let script = plan_path.with_file_name(format!("{}.sh", node.name));
+            std::fs::write(&script, batch_script(&exe, &std::path::absolute(self.store.root())?, self.options.offline, plan_path, &node.name, &pipeline.manifest.name))
+                .with_context(|| format!("cannot write {}", script.display()))?;
+            let mut args = resource_args[&i].clone();
+            args.push(format!("--job-name={name}"));
+            args.push(format!("--output={}", pattern.display()));
+            args.push(format!("--chdir={}", pipeline.manifest.root.display()));
+            args.push("--kill-on-invalid-dep=yes".to_string());
+            let parents: Vec<&str> = node.deps().filter_map(|d| jobs.get(&d)).map(|j| j.id.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+            if !parents.is_empty() {
+                args.push(format!("--dependency=afterok:{}", parents.join(":")));
+            }
+            std::fs::create_dir_all(pattern.parent().expect("logs folder"))?;
+            match slurm.submit(&args, &script) {
+                Ok(id) => {
+                    self.reporter.note(&format!("{}: submitted job {id}", node.name));
+                    jobs.insert(i, Job { log: log_of(&id), id, adopted: false, seen_running: false });
+                }
+                Err(error) => {
+                    slurm.cancel(&own_ids(&jobs));
+                    return Err(error.context(format!("cannot submit stage `{}` (jobs this run had submitted are cancelled)", node.name)));
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Polls the cache and the queue until every job settled; `true` if Ctrl-C stopped it.
+    #[allow(clippy::too_many_arguments)]
+    async fn wait(
+        &self,
+        slurm: &Slurm,
+        dir: &SlurmDir,
+        mut jobs: HashMap<usize, Job>,
+        states: &mut [State],
+        outputs: &mut [Option<indexmap::IndexMap<String, Artifact>>],
+        signals: &mut Signals,
+        journal: &Journal,
+    ) -> bool {
+        let pipeline = self.pipeline.clone();
+        let poll = pipeline.manifest.pipeline.slurm.poll.unwrap_or(DEFAULT_POLL);
+        loop {
+            let pending: Vec<usize> = pipeline.order.iter().copied().filter(|i| jobs.contains_key(i) && matches!(states[*i], State::Pending)).collect();
+            if pending.is_empty() {
+                return false;
+            }
+            let ids: Vec<String> = pending.iter().map(|i| jobs[i].id.clone()).collect();
+            let queue = match slurm.states(&ids) {
+                Ok(queue) => Some(queue),
+                Err(e) => {
+                    self.reporter.note(&format!("squeue failed (trying again): {e:#}"));
+                    None
+                }
+            };
+            let mut failed: Option<String> = None;
+            for &i in &pending {
+                let node = &pipeline.nodes[i];
+                if let Some(dep) = node.deps().find(|&d| matches!(states[d], State::Failed { .. } | State::Skipped(_))) {
+                    let why = format!("upstream stage `{}` did not complete", pipeline.nodes[dep].name);
+                    self.settle(i, State::Skipped(why), states, outputs);
+                    continue;
+                }
+                let ready = node.deps().all(|d| matches!(states[d], State::Done { .. }));
+                let key = ready.then(|| self.key(i, outputs));
+                let job = jobs.get_mut(&i).expect("pending stages have jobs");
+                if let Some(state) = key.and_then(|key| self.completed(dir, job, &key, journal, i)) {
+                    self.settle(i, state, states, outputs);
+                    continue;
+                }
+                let Some(queue) = &queue else { continue };
+                match queue.get(&job.id) {
+                    Some(state) if state.is_live() => {
+                        if state.is_running() && !job.seen_running {
+                            job.seen_running = true;
+                            self.reporter.stage_started(&node.name, &node.kind);
+                        }
+                    }
+                    ended => {
+                        // The entry may have landed between the lookup and squeue.
+                        if let Some(state) = key.and_then(|key| self.completed(dir, job, &key, journal, i)) {
+                            self.settle(i, state, states, outputs);
+                            continue;
+                        }
+                        let how = match ended {
+                            Some(state) => format!("{} ({})", state.state, state.reason),
+                            None => slurm.describe(&job.id).unwrap_or_else(|| "and Slurm no longer knows it".to_string()),
+                        };
+                        let error = match dir.result(&job.id) {
+                            Some(result) if result.status == "failed" => result.error.unwrap_or_default(),
+                            _ => format!("Slurm job {} ended {how} without storing the stage", job.id),
+                        };
+                        let error = format!("{error}\n  log: {}{}", job.log.display(), log_tail(&job.log));
+                        let seconds = dir.result(&job.id).map_or(0.0, |r| r.seconds);
+                        self.settle(i, State::Failed { key, error, seconds }, states, outputs);
+                        failed.get_or_insert_with(|| node.name.clone());
+                    }
+                }
+            }
+            if let Some(stage) = failed {
+                self.cancel_rest(slurm, &mut jobs, states, &format!("cancelled: stage `{stage}` failed"));
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = signals.next() => {
+                    self.reporter.note("interrupted: cancelling this run's Slurm jobs");
+                    self.cancel_rest(slurm, &mut jobs, states, "");
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// The stage's state if its entry is in the cache.
+    fn completed(&self, dir: &SlurmDir, job: &Job, key: &StageKey, journal: &Journal, i: usize) -> Option<State> {
+        let (entry, paths) = lookup(&self.store, key)?;
+        let result = dir.result(&job.id);
+        let cached = result.as_ref().is_some_and(|r| r.status == "cached");
+        let seconds = result.map_or(entry.provenance.seconds, |r| r.seconds);
+        let status = if cached { StageStatus::Cached } else { StageStatus::Ran };
+        if status == StageStatus::Ran {
+            if let Err(e) = journal.stage_ran(&self.pipeline.nodes[i], &entry, seconds) {
+                self.reporter.note(&format!("could not update the run record: {e}"));
+            }
+        }
+        Some(State::Done { status, entry, paths, seconds })
+    }
+
+    /// Cancels the unfinished jobs this run submitted; their stages are
+    /// skipped with `why` (or left pending, reported as interrupted, when empty).
+    fn cancel_rest(&self, slurm: &Slurm, jobs: &mut HashMap<usize, Job>, states: &mut [State], why: &str) {
+        jobs.retain(|&i, _| matches!(states[i], State::Pending));
+        slurm.cancel(&own_ids(jobs));
+        if !why.is_empty() {
+            for &i in jobs.keys() {
+                states[i] = State::Skipped(why.to_string());
+                announce(&self.pipeline, &*self.reporter, i, &states[i]);
+            }
+        }
+    }
+}
+
+fn own_ids(jobs: &HashMap<usize, Job>) -> Vec<String> {
+    jobs.values().filter(|j| !j.adopted).map(|j| j.id.clone()).collect()
+}
+
+/// `swift-STAGE-RECIPE12`: what `squeue` shows, and how a second run finds the job.
+fn job_name(stage: &str, recipe: &StageKey) -> String {
+    format!("swift-{stage}-{}", &recipe.to_hex()[..12])
+}
+
+/// The batch script of a stage's job: swift itself on that one stage.
+fn batch_script(exe: &Path, cache: &Path, offline: bool, plan: &Path, stage: &str, pipeline: &str) -> String {
+    let q = |p: &Path| shell_quote(&p.display().to_string());
+    format!(
+        "#!/bin/sh\n# swift: stage `{stage}` of pipeline `{pipeline}`\nexec {} --cache {}{} exec-stage {} {}\n",
+        q(exe),
+        q(cache),
+        if offline { " --offline" } else { "" },
+        q(plan),
+        shell_quote(stage)
+    )
+}
+
+/// `'text'` for sh, with `'` escaped.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// The last lines of a log, indented, or nothing if it cannot be read.
+fn log_tail(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else { return String::new() };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    tail.iter().map(|l| format!("\n    | {l}")).collect()
+}
+
+/// A manifest's last submission and what Slurm (or the jobs' own records)
+/// say of each job now: `PENDING`, `RUNNING`, … while Slurm knows the job,
+/// else `ran`, `cached` or `failed` from the job's record, else `ended`.
+pub fn last_submission(store: &Store, manifest: &Path) -> Option<(Submission, Vec<String>)> {
+    let dir = SlurmDir::of(store);
+    let submission = dir.submission(manifest)?;
+    let ids: Vec<String> = submission.jobs.iter().map(|j| j.job.clone()).collect();
+    let queue = Slurm::find().ok().and_then(|s| s.states(&ids).ok()).unwrap_or_default();
+    let states = submission
+        .jobs
+        .iter()
+        .map(|j| match (queue.get(&j.job), dir.result(&j.job)) {
+            (Some(state), _) if state.is_live() => state.state.clone(),
+            (_, Some(result)) => result.status,
+            (Some(state), None) => state.state.clone(),
+            (None, None) => "ended".to_string(),
+        })
+        .collect();
+    Some((submission, states))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_scripts_quote_every_path() {
+        let script = batch_script(Path::new("/opt/sw ift/swift"), Path::new("/shared/it's"), true, Path::new("/c/plan.json"), "fine", "law");
+        assert!(script.starts_with("#!/bin/sh\n"));
+        assert!(script.contains("exec '/opt/sw ift/swift' --cache '/shared/it'\\''s' --offline exec-stage '/c/plan.json' 'fine'\n"));
+    }
+
+    #[test]
+    fn log_tails_keep_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        std::fs::write(&log, (0..40).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
+        let tail = log_tail(&log);
+        assert!(tail.starts_with("\n    | line 25"), "{tail}");
+        assert!(tail.ends_with("| line 39"));
+        assert_eq!(log_tail(&dir.path().join("missing")), "");
+    }
+}

@@ -1,0 +1,39 @@
+//! `swift exec-stage PLAN STAGE` (hidden): what a Slurm job runs. It computes
+//! one stage of a run that `swift run --executor slurm` submitted, writing into
+//! the shared cache with the same protocol as a local run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use swift_engine::slurm::{job, JobPlan};
+use swift_engine::{LoadOptions, Manifest, Pipeline};
+
+use super::{open_store, Exit};
+use crate::reporters;
+
+/// Arguments of `swift exec-stage`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The run's plan (`slurm/runs/RUN/plan.json` in the cache).
+    plan: PathBuf,
+    /// The stage to compute.
+    stage: String,
+}
+
+pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
+    let text = std::fs::read(&args.plan).with_context(|| format!("cannot read the run plan {}", args.plan.display()))?;
+    let plan: JobPlan = serde_json::from_slice(&text).with_context(|| format!("{} is not a swift run plan", args.plan.display()))?;
+    let manifest = Manifest::load(&plan.manifest, &LoadOptions { sets: plan.sets.clone(), env: None })?;
+    let pipeline = Arc::new(Pipeline::compile(manifest, &swift_stages::registry())?);
+    let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
+    eprintln!("swift: stage `{}` of pipeline `{}` on {}", args.stage, pipeline.manifest.name, hostname());
+    let result = job::run_job(pipeline, store, &plan, &args.stage, reporters::for_terminal());
+    job::check(&result)?;
+    eprintln!("swift: stage `{}` {} in {:.1}s", args.stage, result.status, result.seconds);
+    Ok(Exit::Success)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "this node".to_string())
+}

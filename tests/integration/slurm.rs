@@ -1,0 +1,266 @@
+//! The Slurm executor against a real one-host Slurm cluster
+//! (`scripts/slurm-local.sh`: Debian's slurm-wlm and munge on loopback). It
+//! needs root and apt; where they are missing these tests fail, never skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::util::Project;
+
+/// `SLURM_CONF` of the cluster, started once per test binary.
+fn cluster() -> &'static str {
+    static CONF: OnceLock<String> = OnceLock::new();
+    CONF.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm-local.sh");
+        let up = Command::new("bash").arg(&script).arg("up").output().expect("bash");
+        assert!(
+            up.status.success(),
+            "scripts/slurm-local.sh up failed (it needs root and apt):\n{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let env = Command::new("bash").arg(&script).arg("env").output().expect("bash");
+        let text = String::from_utf8_lossy(&env.stdout);
+        text.trim().strip_prefix("export SLURM_CONF=").expect("slurm-local.sh env prints SLURM_CONF").to_string()
+    })
+}
+
+/// A project whose swift commands reach the test cluster.
+fn slurm_project(manifest: &str) -> Project {
+    let p = Project::new();
+    p.set_env("SLURM_CONF", cluster());
+    p.write("pipelines/micro.toml", manifest);
+    p.write("data/input.txt", "input v1\n");
+    p
+}
+
+/// a → b → c, and d on its own; polled every 200 ms.
+const MICRO: &str = r#"
+[pipeline]
+name = "micro"
+executor = "slurm"
+
+[pipeline.slurm]
+poll = "200ms"
+
+[stages.a]
+kind = "test-step"
+text = "alpha"
+files = ["data/input.txt"]
+trace = "trace.log"
+
+[stages.b]
+kind = "test-step"
+text = "beta"
+inputs = ["a"]
+trace = "trace.log"
+
+[stages.c]
+kind = "test-step"
+text = "gamma"
+inputs = ["b"]
+trace = "trace.log"
+
+[stages.d]
+kind = "test-step"
+text = "delta"
+trace = "trace.log"
+"#;
+
+/// Live swift jobs of this project's cache (their logs live under it).
+fn live_jobs(p: &Project) -> Vec<String> {
+    let out = Command::new("squeue").env("SLURM_CONF", cluster()).args(["-h", "-o", "%i %j %o"]).output().unwrap();
+    let logs = p.path(".swift/slurm").display().to_string();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&logs)).map(str::to_string).collect()
+}
+
+/// How many times each stage started, from the trace.
+fn starts(p: &Project) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for stage in p.started() {
+        *counts.entry(stage).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn a_micro_pipeline_under_slurm_matches_a_local_run_and_reruns_submit_nothing() {
+    let p = slurm_project(MICRO);
+    let local = p.run("pipelines/micro.toml", &["--executor", "local", "--cache", ".local-cache"], 0);
+    assert!(local.statuses().iter().all(|(_, s)| s == "ran"), "{local}");
+    let local_lock = p.read("pipelines/micro.lock");
+
+    let first = p.run("pipelines/micro.toml", &[], 0);
+    assert!(first.statuses().iter().all(|(_, s)| s == "ran"), "{first}");
+    assert_eq!(p.read("pipelines/micro.lock"), local_lock, "Slurm jobs stored other outputs than the local run");
+    for stage in ["a", "b", "c", "d"] {
+        assert!(first.stderr.contains(&format!("{stage}: submitted job")), "{first}");
+        let log = std::fs::read_dir(p.path(".swift/slurm/logs")).unwrap().find_map(|e| {
+            let path = e.unwrap().path();
+            path.file_name().unwrap().to_str().unwrap().starts_with(&format!("{stage}-")).then_some(path)
+        });
+        let log = std::fs::read_to_string(log.expect("a log per stage")).unwrap();
+        assert!(log.contains(&format!("stage `{stage}` ran")), "{log}");
+    }
+
+    let again = p.run("pipelines/micro.toml", &[], 0);
+    assert!(again.statuses().iter().all(|(_, s)| s == "cached"), "{again}");
+    assert!(!again.stderr.contains("submitted"), "{again}");
+    // The Slurm run's entries are ordinary cache entries.
+    let local_rerun = p.run("pipelines/micro.toml", &["--executor", "local"], 0);
+    assert!(local_rerun.statuses().iter().all(|(_, s)| s == "cached"), "{local_rerun}");
+    assert_eq!(starts(&p).values().copied().collect::<Vec<_>>(), [2, 2, 2, 2], "each stage ran once per cache");
+}
+
+#[test]
+fn a_failing_stage_cancels_what_remains_and_shows_its_log() {
+    let manifest = MICRO.replace("text = \"beta\"", "text = \"beta\"\nfail = true").replace("text = \"delta\"", "text = \"delta\"\nsleep_ms = 60000");
+    let p = slurm_project(&manifest);
+    let started = Instant::now();
+    let run = p.run("pipelines/micro.toml", &[], 1);
+    assert!(started.elapsed() < Duration::from_secs(50), "the sleeping stage was not cancelled\n{run}");
+    assert_eq!(run.status("a"), "ran", "{run}");
+    assert_eq!(run.status("b"), "failed", "{run}");
+    let error = run.stage("b")["error"].as_str().unwrap().to_string();
+    assert!(error.contains("test-step failed because `fail = true`"), "{error}");
+    assert!(error.contains("log: ") && error.contains("| "), "the error shows the log's path and tail: {error}");
+    assert_eq!(run.status("c"), "skipped", "{run}");
+    assert_eq!(run.status("d"), "skipped", "{run}");
+    assert!(run.stage("d")["error"].as_str().unwrap().contains("cancelled: stage `b` failed"), "{run}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !live_jobs(&p).is_empty() {
+        assert!(Instant::now() < deadline, "jobs left in the queue: {:?}", live_jobs(&p));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn kill_9_while_jobs_are_queued_then_rerun_resumes_without_duplicate_work() {
+    let manifest = MICRO.replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 3000");
+    let p = slurm_project(&manifest);
+    let mut child = p.spawn(&["run", "pipelines/micro.toml"]);
+    p.wait_for("the submission record", |p| p.path(".swift/slurm/pipelines").read_dir().is_ok_and(|mut d| d.next().is_some()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!live_jobs(&p).is_empty(), "the jobs outlive the killed run");
+
+    let rerun = p.run("pipelines/micro.toml", &[], 0);
+    assert!(rerun.stderr.contains("waiting on job"), "the rerun adopts the queued jobs\n{rerun}");
+    assert!(!rerun.stderr.contains("submitted job"), "{rerun}");
+    assert_eq!(starts(&p).values().copied().collect::<Vec<_>>(), [1, 1, 1, 1], "{rerun}");
+}
+
+#[test]
+fn two_concurrent_submissions_never_compute_a_stage_twice() {
+    let manifest = MICRO.replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 1500");
+    let p = slurm_project(&manifest);
+    let one = p.spawn(&["run", "pipelines/micro.toml", "--json"]);
+    let two = p.spawn(&["run", "pipelines/micro.toml", "--json"]);
+    for child in [one, two] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(starts(&p).values().copied().collect::<Vec<_>>(), [1, 1, 1, 1]);
+}
+
+#[test]
+fn detach_returns_after_submission_and_status_shows_the_jobs() {
+    let manifest = MICRO.replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 2000");
+    let p = slurm_project(&manifest);
+    let detached = p.run("pipelines/micro.toml", &["--detach"], 0);
+    for (stage, status) in detached.statuses() {
+        assert!(status == "queued" || status == "running", "{stage}: {status}\n{detached}");
+        assert!(detached.stage(&stage)["job"].as_str().is_some(), "{detached}");
+    }
+    let status = p.swift(&["status", "pipelines/micro.toml", "--json"]);
+    let jobs = status.json()["slurm_jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 4, "{status}");
+    let text = p.swift(&["status", "pipelines/micro.toml"]);
+    assert!(text.stdout.contains("Slurm jobs of the last submission"), "{text}");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !live_jobs(&p).is_empty() {
+        assert!(Instant::now() < deadline, "jobs never finished: {:?}", live_jobs(&p));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = p.swift(&["status", "pipelines/micro.toml", "--json"]);
+    let states: Vec<String> = after.json()["slurm_jobs"].as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap().to_string()).collect();
+    assert_eq!(states, ["ran", "ran", "ran", "ran"], "{after}");
+    let rerun = p.run("pipelines/micro.toml", &[], 0);
+    assert!(rerun.statuses().iter().all(|(_, s)| s == "cached"), "{rerun}");
+}
+
+#[test]
+fn bad_clusters_and_resources_fail_before_anything_is_submitted() {
+    let p = slurm_project(MICRO);
+    let empty = p.path("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    p.set_env("PATH", &empty.display().to_string());
+    let run = p.run("pipelines/micro.toml", &[], 1);
+    assert!(run.stderr.contains("`sbatch`, and it is not on PATH"), "{run}");
+    p.set_env("PATH", &std::env::var("PATH").unwrap());
+
+    let partition = MICRO.replace("[stages.d]\n", "[stages.d]\nresources = { partition = \"nope\" }\n");
+    p.write("pipelines/micro.toml", &partition);
+    let run = p.run("pipelines/micro.toml", &[], 1);
+    assert!(run.stderr.contains("stage `d`: Slurm would not accept its job") && run.stderr.contains("--partition=nope"), "{run}");
+    assert!(run.stderr.to_lowercase().contains("invalid partition"), "{run}");
+
+    let greedy = MICRO.replace("[pipeline.slurm]", "[pipeline.resources]\ncpus = 512\n\n[pipeline.slurm]");
+    p.write("pipelines/micro.toml", &greedy);
+    let run = p.run("pipelines/micro.toml", &[], 1);
+    assert!(run.stderr.contains("Slurm would not accept its job") && run.stderr.contains("--cpus-per-task=512"), "{run}");
+
+    let bad_mem = MICRO.replace("[stages.d]\n", "[stages.d]\nresources = { mem = \"16GB\" }\n");
+    p.write("pipelines/micro.toml", &bad_mem);
+    let run = p.run("pipelines/micro.toml", &[], 2);
+    assert!(run.stderr.contains("micro.toml:") && run.stderr.contains("not Slurm's memory syntax"), "{run}");
+
+    assert!(!p.path(".swift/slurm/pipelines").exists(), "nothing was submitted");
+    assert!(starts(&p).is_empty());
+}
+
+/// Slurm tools that accept every job and run none of them: a cache that
+/// compute nodes cannot see looks like this to swift.
+fn fake_slurm(dir: &Path) -> PathBuf {
+    let bin = dir.join("fake-slurm");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (tool, body) in [
+        ("sbatch", "echo 4242"),
+        ("squeue", "exit 0"),
+        ("scontrol", "echo 'JobId=4242 JobState=COMPLETED Reason=None ExitCode=0:0'"),
+        ("sinfo", "echo 2"),
+        ("scancel", "exit 0"),
+    ] {
+        let path = bin.join(tool);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+#[test]
+fn a_cache_the_compute_nodes_cannot_see_is_refused() {
+    let p = Project::new();
+    p.write("pipelines/micro.toml", MICRO);
+    p.write("data/input.txt", "input v1\n");
+    let bin = fake_slurm(p.root());
+    p.set_env("PATH", &format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()));
+    let run = p.run("pipelines/micro.toml", &[], 1);
+    assert!(run.stderr.contains("is not shared with the compute nodes: probe job 4242 ended"), "{run}");
+    assert!(run.stderr.contains("--cache DIR"), "{run}");
+    assert!(starts(&p).is_empty());
+}
+
+#[test]
+fn the_ci_sized_demo_completes_under_slurm() {
+    let p = crate::demo::demo_project();
+    p.set_env("SLURM_CONF", cluster());
+    let run = p.run("pipelines/demo-ci.toml", &["--executor", "slurm"], 0);
+    assert!(run.statuses().iter().all(|(_, s)| s == "ran"), "{run}");
+    assert!(p.path("exports/demo-ci/merged/model.safetensors").exists(), "{run}");
+    let local = p.run("pipelines/demo-ci.toml", &["--executor", "local"], 0);
+    assert!(local.statuses().iter().all(|(_, s)| s == "cached"), "{local}");
+}
