@@ -86,6 +86,11 @@ pub trait StageKind: Send + Sync {
     fn version(&self) -> u32;
     /// Every output the kind can produce.
     fn outputs(&self) -> &'static [OutputDecl];
+    /// Whether its stages compute on a device (`device`, `[pipeline] device`
+    /// and `--device` apply to them; other kinds refuse a `device` key).
+    fn uses_device(&self) -> bool {
+        false
+    }
     /// Types the stage's parameters, declares its inputs, and returns its plan.
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError>;
 }
@@ -186,6 +191,22 @@ impl<'a> CompileCtx<'a> {
     /// The pipeline's name (`[pipeline] name`, else the manifest's file stem).
     pub fn pipeline_name(&self) -> &str {
         &self.manifest.name
+    }
+
+    /// The device this stage computes on (see [`Manifest::device_of`]); only
+    /// for kinds whose [`StageKind::uses_device`] is true.
+    pub fn device(&self) -> crate::placement::DeviceSpec {
+        self.manifest.device_of(self.stage).0
+    }
+
+    /// An error about the stage's device, located where the device was chosen.
+    pub fn device_error(&self, message: impl Into<String>) -> ManifestError {
+        let (_, at) = self.manifest.device_of(self.stage);
+        if at.is_empty() {
+            ManifestError::new("--device", 1, 1, message.into())
+        } else {
+            self.manifest.locator().error(&at, false, message)
+        }
     }
 
     /// The pipeline seed. A kind that uses it puts it in its resolved

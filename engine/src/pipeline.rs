@@ -10,7 +10,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use crate::error::{did_you_mean, ManifestError};
 use crate::kind::{CompileCtx, InputSource, Registry, StagePlan};
 use crate::manifest::Manifest;
-use crate::placement::Resources;
+use crate::placement::{DeviceSpec, Resources};
 
 /// Where a compiled input comes from.
 #[derive(Clone, Debug)]
@@ -57,6 +57,8 @@ pub struct StageNode {
     /// The Slurm resources its manifest asks for: the stage's `resources` over
     /// `[pipeline.resources]` (the kind's defaults fill the rest at submission).
     pub resources: Resources,
+    /// The device it computes on, for kinds that compute on one.
+    pub device: Option<DeviceSpec>,
 }
 
 impl StageNode {
@@ -96,13 +98,20 @@ impl Pipeline {
                     None => error.with_help(format!("known kinds: {}", known.join(", "))),
                 });
             };
+            if decl.placement.device.is_some() && !kind.uses_device() {
+                let at = ["stages", decl.name.as_str(), "device"].map(String::from);
+                return Err(locator
+                    .error(&at, true, format!("a `{}` stage does not compute on a device", decl.kind))
+                    .with_help("remove `device`; it applies to finetune, quantize and eval stages"));
+            }
             let mut ctx = CompileCtx::new(&manifest, &decl.name);
             let plan = kind.compile(&mut ctx, &decl.params)?;
-            compiled.push((decl.name.clone(), kind.name().to_string(), kind.version(), plan, ctx.into_inputs()));
+            let device = kind.uses_device().then(|| manifest.device_of(&decl.name).0);
+            compiled.push((decl.name.clone(), kind.name().to_string(), kind.version(), plan, ctx.into_inputs(), device));
         }
 
         let mut resolved_inputs = Vec::new();
-        for (name, _, _, _, inputs) in &compiled {
+        for (name, _, _, _, inputs, _) in &compiled {
             let mut resolved = Vec::new();
             for input in inputs {
                 let source = match &input.source {
@@ -139,9 +148,9 @@ impl Pipeline {
         let nodes: Vec<StageNode> = compiled
             .into_iter()
             .zip(resolved_inputs)
-            .map(|((name, kind, kind_version, plan, _), inputs)| {
+            .map(|((name, kind, kind_version, plan, _, device), inputs)| {
                 let resources = manifest.stages[&name].placement.resources.over(&manifest.pipeline.resources);
-                StageNode { name, kind, kind_version, plan, inputs, resources }
+                StageNode { name, kind, kind_version, plan, inputs, resources, device }
             })
             .collect();
 

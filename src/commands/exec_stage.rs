@@ -24,7 +24,7 @@ pub struct Args {
 pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let text = std::fs::read(&args.plan).with_context(|| format!("cannot read the run plan {}", args.plan.display()))?;
     let plan: JobPlan = serde_json::from_slice(&text).with_context(|| format!("{} is not a swift run plan", args.plan.display()))?;
-    let manifest = Manifest::load(&plan.manifest, &LoadOptions { sets: plan.sets.clone(), env: None })?;
+    let manifest = Manifest::load(&plan.manifest, &LoadOptions { sets: plan.sets.clone(), env: None, device: plan.device.clone() })?;
     let pipeline = Arc::new(Pipeline::compile(manifest, &swift_stages::registry())?);
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
     eprintln!("swift: stage `{}` of pipeline `{}` on {}", args.stage, pipeline.manifest.name, hostname());

@@ -127,7 +127,7 @@ fn resolve_model(cache: Option<&Path>, offline: bool, spec: &str) -> anyhow::Res
     let Some((manifest, stage)) = spec.rsplit_once(':') else {
         bail!("--model {spec}: not a folder; give a model folder or MANIFEST:STAGE");
     };
-    let args = ManifestArgs { manifest: PathBuf::from(manifest), sets: Vec::new() };
+    let args = ManifestArgs { manifest: PathBuf::from(manifest), sets: Vec::new(), device: None };
     let pipeline = match args.compile() {
         Ok(pipeline) => pipeline,
         Err(error) => return Ok(Err(super::invalid(&error, false))),

@@ -118,12 +118,16 @@ pub struct ManifestArgs {
     /// Override a manifest key, e.g. `--set stages.coarse.lora.rank=32`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// The device of every stage that computes on one: `auto`, `cpu`, `cuda:N`
+    /// (over the manifest's `device` keys).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
 }
 
 impl ManifestArgs {
     /// Loads and compiles the manifest.
     pub fn compile(&self) -> Result<Pipeline, ManifestError> {
-        let options = LoadOptions { sets: self.sets.clone(), env: None };
+        let options = LoadOptions { sets: self.sets.clone(), env: None, device: self.device.clone() };
         let manifest = Manifest::load(&self.manifest, &options)?;
         Pipeline::compile(manifest, &swift_stages::registry())
     }

@@ -91,3 +91,21 @@ fn unknown_stage_on_the_command_line_is_a_usage_error() {
     let run = p.run("pipelines/ok.toml", &["--only", "alpah"], 2);
     assert!(run.stderr.contains("did you mean `alpha`?"), "{run}");
 }
+
+#[test]
+fn devices_are_refused_where_they_were_chosen() {
+    let eval = "[stages.e]\nkind = \"eval\"\nmodels = [\"m\"]\nsuites = { mmlu = \"data/present.txt\" }\n";
+    // A CUDA device on a CPU-only build, at the stage's own key…
+    rejects(&format!("{eval}device = \"cuda:0\"\n"), &[], 5, 10, "computes on the CPU only");
+    // …at [pipeline] device…
+    rejects(&format!("[pipeline]\ndevice = \"cuda:1\"\n{eval}"), &[], 2, 10, "computes on the CPU only");
+    // …a device on a kind that computes on none…
+    rejects("[stages.d]\nkind = \"test-step\"\ndevice = \"cpu\"\n", &[], 3, 1, "does not compute on a device");
+    // …and a bad --device.
+    let p = Project::new();
+    p.write("pipelines/x.toml", "[stages.d]\nkind = \"test-step\"\n");
+    let run = p.run("pipelines/x.toml", &["--device", "tpu"], 2);
+    assert!(run.stderr.contains("--device") && run.stderr.contains("is not a device"), "{run}");
+    let run = p.run("pipelines/x.toml", &["--device", "cpu"], 0);
+    assert_eq!(run.status("d"), "ran", "{run}");
+}

@@ -26,6 +26,9 @@ pub struct LoadOptions {
     pub sets: Vec<String>,
     /// Environment variables for `${VAR}` (the process environment when `None`).
     pub env: Option<std::collections::HashMap<String, String>>,
+    /// `--device`: the device of every stage that computes on one, over the
+    /// manifest's `device` keys.
+    pub device: Option<String>,
 }
 
 /// The `[pipeline]` section.
@@ -121,6 +124,8 @@ pub struct Manifest {
     pub pipeline: PipelineSection,
     /// Stages in file order.
     pub stages: IndexMap<String, StageDecl>,
+    /// `--device`, if given.
+    pub device_override: Option<String>,
     locator: Locator,
 }
 
@@ -246,7 +251,12 @@ impl Manifest {
         let table: toml::Table = toml::from_str(&doc.to_string()).map_err(|e| {
             ManifestError::new(path, 1, 1, format!("internal error re-reading the manifest after overrides: {e}"))
         })?;
-        Self::from_table(path, table, locator)
+        let mut manifest = Self::from_table(path, table, locator)?;
+        if let Some(device) = &options.device {
+            device.parse::<DeviceSpec>().map_err(|e| ManifestError::new("--device", 1, 1, e))?;
+            manifest.device_override = Some(device.clone());
+        }
+        Ok(manifest)
     }
 
     fn from_table(path: &Path, mut table: toml::Table, locator: Locator) -> Result<Self, ManifestError> {
@@ -316,12 +326,26 @@ impl Manifest {
             .clone()
             .unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline").to_string());
         let root = project_root(path.parent().unwrap_or(Path::new(".")));
-        Ok(Self { path: path.to_path_buf(), root, name, pipeline, stages, locator })
+        Ok(Self { path: path.to_path_buf(), root, name, pipeline, stages, device_override: None, locator })
     }
 
     /// The locator for errors in this manifest.
     pub fn locator(&self) -> &Locator {
         &self.locator
+    }
+
+    /// The device a stage computes on, and where that choice was made:
+    /// `--device`, else the stage's `device`, else `[pipeline] device`, else
+    /// `auto`. The returned key path is empty for `--device` and `auto`.
+    pub fn device_of(&self, stage: &str) -> (DeviceSpec, Vec<String>) {
+        let stage_key = || vec!["stages".to_string(), stage.to_string(), "device".to_string()];
+        let (text, at) = match (&self.device_override, self.stages.get(stage).and_then(|s| s.placement.device.as_ref()), &self.pipeline.device) {
+            (Some(cli), _, _) => (cli.as_str(), Vec::new()),
+            (None, Some(own), _) => (own.as_str(), stage_key()),
+            (None, None, Some(pipeline)) => (pipeline.as_str(), vec!["pipeline".to_string(), "device".to_string()]),
+            (None, None, None) => ("auto", Vec::new()),
+        };
+        (text.parse().expect("devices are checked when the manifest loads"), at)
     }
 
     /// The lock file beside the manifest (`NAME.lock` for `NAME.toml`).
@@ -387,6 +411,7 @@ mod tests {
         let options = LoadOptions {
             sets: sets.iter().map(|s| s.to_string()).collect(),
             env: Some([("DATA".to_string(), "law.jsonl".to_string())].into()),
+            device: None,
         };
         Manifest::parse(Path::new("/p/pipelines/x.toml"), text.to_string(), &options)
     }
@@ -412,6 +437,37 @@ mod tests {
         assert_eq!(e.help.as_deref(), Some("did you mean `stages`?"));
         let e = load("[stages.a]\nkind = \n", &[]).unwrap_err();
         assert_eq!(e.line, 2);
+    }
+
+    #[test]
+    fn devices_follow_command_line_then_stage_then_pipeline() {
+        let text = "[pipeline]\ndevice = \"cpu\"\n[stages.a]\nkind = \"finetune\"\ndevice = \"cuda:1\"\n[stages.b]\nkind = \"eval\"\n";
+        let m = load(text, &[]).unwrap();
+        assert_eq!(m.device_of("a"), (DeviceSpec::Cuda(vec![1]), vec!["stages".into(), "a".into(), "device".into()]));
+        assert_eq!(m.device_of("b"), (DeviceSpec::Cpu, vec!["pipeline".into(), "device".into()]));
+        let options = LoadOptions { device: Some("auto".into()), ..LoadOptions::default() };
+        let m = Manifest::parse(Path::new("/p/x.toml"), text.to_string(), &options).unwrap();
+        assert_eq!(m.device_of("a"), (DeviceSpec::Auto, vec![]));
+        let bare = load("[stages.a]\nkind = \"eval\"\n", &[]).unwrap();
+        assert_eq!(bare.device_of("a"), (DeviceSpec::Auto, vec![]));
+    }
+
+    #[test]
+    fn placement_keys_are_checked_where_they_are_written() {
+        let e = load("[stages.a]\nkind = \"eval\"\ndevice = \"gpu0\"\n", &[]).unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.message.contains("is not a device"), "{e}");
+        let e = load("[stages.a]\nkind = \"eval\"\ndevice = \"cuda:0-1\"\n", &[]).unwrap_err();
+        assert!(e.message.contains("names one device"), "{e}");
+        let e = load("[stages.a]\nkind = \"eval\"\nresources = { cpus = 2, memory = \"4G\" }\n", &[]).unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.message.contains("memory"), "{e}");
+        let e = load("[pipeline.resources]\ntime = \"2 hours\"\n[stages.a]\nkind = \"eval\"\n", &[]).unwrap_err();
+        assert_eq!(e.line, 2);
+        let e = load("[pipeline]\nexecutor = \"k8s\"\n[stages.a]\nkind = \"eval\"\n", &[]).unwrap_err();
+        assert_eq!(e.line, 2);
+        let e = load("[pipeline.slurm]\npoll = \"fast\"\n[stages.a]\nkind = \"eval\"\n", &[]).unwrap_err();
+        assert!(e.message.contains("not a duration"), "{e}");
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub struct JobPlan {
     pub manifest: PathBuf,
     /// Its `--set` overrides, in order.
     pub sets: Vec<String>,
+    /// Its `--device`.
+    pub device: Option<String>,
     /// `--offline`.
     pub offline: bool,
     /// Each stage's resolved upstream revision.

@@ -33,7 +33,7 @@ use swift_cache::{Artifact, StageKey, Store};
 
 use crate::exec::{announce, publish, unix_ms, Journal, RunOptions, Signals, State, NOT_SELECTED};
 use crate::pipeline::Pipeline;
-use crate::placement::kind_defaults;
+use crate::placement::{kind_defaults, DeviceSpec};
 use crate::report::{Reporter, StageStatus};
 use crate::resolve::{input_artifacts, key_of, lookup, recipes, Locals};
 pub use cli::{JobState, Slurm};
@@ -126,6 +126,7 @@ impl SlurmRun<'_> {
         let plan = JobPlan {
             manifest: pipeline.manifest.path.clone(),
             sets: self.options.sets.clone(),
+            device: pipeline.manifest.device_override.clone(),
             offline: self.options.offline,
             revisions: self.selected.iter().map(|&i| (pipeline.nodes[i].name.clone(), self.revisions[i].clone())).collect(),
             recipes: misses.iter().map(|&i| (pipeline.nodes[i].name.clone(), recipes[&i].to_hex())).collect(),
@@ -189,6 +190,9 @@ impl SlurmRun<'_> {
         if resources.cpus.is_none() {
             let cap = *partition_cpus.entry(resources.partition.clone()).or_insert_with(|| slurm.node_cpus(resources.partition.as_deref()));
             resources.cpus = defaults.cpus.map(|c| cap.map_or(c, |cap| c.min(cap)));
+        }
+        if let (None, Some(DeviceSpec::Cuda(ids))) = (resources.gpus, &node.device) {
+            resources.gpus = Some(ids.len() as u32);
         }
         let resources = resources.over(&defaults);
         if resources.nodes.is_some_and(|n| n > 1) {

@@ -102,8 +102,12 @@ impl StageKind for Eval {
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
     }
+    fn uses_device(&self) -> bool {
+        true
+    }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         let mut config: Config = ctx.parse(params)?;
+        crate::llm::check_device(ctx)?;
         if config.models.is_empty() {
             return Err(ctx.error(&["models"], "models is empty: name at least one model stage or folder, e.g. models = [\"base\"]"));
         }

@@ -219,8 +219,12 @@ impl StageKind for Finetune {
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
     }
+    fn uses_device(&self) -> bool {
+        true
+    }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         let config: Config = ctx.parse(params)?;
+        crate::llm::check_device(ctx)?;
         check(ctx, &config)?;
         let source = ModelSource::declare(ctx, "model", &config.model)?;
         ctx.stage_input("data", &["data"], &config.data, OutputType::Tokens);

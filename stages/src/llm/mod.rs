@@ -88,6 +88,18 @@ impl LlmError {
     }
 }
 
+/// Checks the device a stage computes on (`device`, `[pipeline] device`,
+/// `--device`): this build computes on the CPU, so `auto` is the CPU and a
+/// CUDA device is refused where it was chosen.
+pub fn check_device(ctx: &swift_engine::kind::CompileCtx<'_>) -> Result<(), swift_engine::ManifestError> {
+    match ctx.device() {
+        swift_engine::placement::DeviceSpec::Auto | swift_engine::placement::DeviceSpec::Cpu => Ok(()),
+        cuda => Err(ctx
+            .device_error(format!("device `{cuda}`: this build of swift computes on the CPU only"))
+            .with_help("use `device = \"cpu\"` or `\"auto\"`")),
+    }
+}
+
 /// The default compute dtype for a device: f32 on CPU, bf16 on CUDA.
 pub fn default_dtype(device: &candle_core::Device) -> candle_core::DType {
     if device.is_cuda() {

@@ -147,8 +147,12 @@ impl StageKind for Quantize {
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
     }
+    fn uses_device(&self) -> bool {
+        true
+    }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         let config: Config = ctx.parse(params)?;
+        crate::llm::check_device(ctx)?;
         check(ctx, &config)?;
         let max_shard_bytes = save::parse_size(&config.max_shard_size).map_err(|e| ctx.error(&["max_shard_size"], e))?;
         let model = ModelSource::declare(ctx, "model", &config.model)?;
