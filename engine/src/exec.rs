@@ -330,6 +330,7 @@ impl Scheduler {
                                 force: self.forced.contains(&i),
                                 device: resource.device().to_string(),
                                 upstream: upstream(&self.pipeline, i, &states),
+                                world: crate::world::World::single(),
                                 cancel: cancel.clone(),
                             };
                             let tx = tx.clone();
@@ -491,6 +492,7 @@ pub(crate) struct StageTask {
     pub(crate) force: bool,
     pub(crate) device: String,
     pub(crate) upstream: Vec<Upstream>,
+    pub(crate) world: crate::world::World,
     pub(crate) cancel: Arc<AtomicBool>,
 }
 
@@ -551,31 +553,7 @@ impl StageTask {
         let started_unix_ms = unix_ms();
         let scratch_dir = self.store.scratch_dir(&self.key);
         let out_dir = scratch_dir.join("out");
-        remove_tree(&out_dir)?;
-        std::fs::create_dir_all(&out_dir)?;
-        let inputs = input_values(&self.pipeline, &self.store, self.index, &self.inputs, &self.locals)?;
-        let reporter = self.reporter.clone();
-        let name = node.name.clone();
-        let progress = move |done: u64, total: u64, message: &str| reporter.stage_progress(&name, done, total, message);
-        let parts = Mutex::new(Vec::new());
-        let ctx = RunCtx {
-            stage: &node.name,
-            inputs,
-            out_dir: out_dir.clone(),
-            scratch_dir: scratch_dir.clone(),
-            store: &self.store,
-            revision: self.revision.clone(),
-            offline: self.offline,
-            upstream: self.upstream.clone(),
-            cancel: &self.cancel,
-            progress: &progress,
-            parts: &parts,
-            force: self.force,
-            device: &self.device,
-            manifest: &self.pipeline.manifest.path,
-        };
-        let result = node.plan.run(&ctx)?;
-        drop(ctx);
+        let (result, parts) = self.run_plan(&out_dir, &scratch_dir)?;
         let mut outputs = IndexMap::new();
         let mut paths = IndexMap::new();
         for decl in node.plan.outputs() {
@@ -596,13 +574,56 @@ impl StageTask {
             inputs: self.inputs.iter().cloned().collect(),
             outputs,
             metrics: result.metrics,
-            parts: parts.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            parts,
             provenance: provenance(&self.device, &self.pipeline.manifest.path, started_unix_ms, clock.elapsed().as_secs_f64()),
         };
         // The entry is written last: only now does the stage count as done.
         self.store.write_action(&entry)?;
         remove_tree(&scratch_dir)?;
         Ok((entry, paths, false))
+    }
+
+    /// Runs the stage's plan with its outputs going to `out_dir` (emptied
+    /// first); returns its result and the parts it used.
+    fn run_plan(&self, out_dir: &Path, scratch_dir: &Path) -> anyhow::Result<(crate::kind::StageResult, Vec<StageKey>)> {
+        let node = &self.pipeline.nodes[self.index];
+        remove_tree(out_dir)?;
+        std::fs::create_dir_all(out_dir)?;
+        let inputs = input_values(&self.pipeline, &self.store, self.index, &self.inputs, &self.locals)?;
+        let reporter = self.reporter.clone();
+        let name = node.name.clone();
+        let progress = move |done: u64, total: u64, message: &str| reporter.stage_progress(&name, done, total, message);
+        let parts = Mutex::new(Vec::new());
+        let ctx = RunCtx {
+            stage: &node.name,
+            inputs,
+            out_dir: out_dir.to_path_buf(),
+            scratch_dir: scratch_dir.to_path_buf(),
+            store: &self.store,
+            revision: self.revision.clone(),
+            offline: self.offline,
+            upstream: self.upstream.clone(),
+            world: self.world.clone(),
+            cancel: &self.cancel,
+            progress: &progress,
+            parts: &parts,
+            force: self.force,
+            device: &self.device,
+            manifest: &self.pipeline.manifest.path,
+        };
+        let result = node.plan.run(&ctx)?;
+        drop(ctx);
+        Ok((result, parts.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())))
+    }
+
+    /// A data-parallel rank other than 0: computes alongside rank 0 (reading
+    /// the key's scratch folder, where rank 0 keeps checkpoints) and stores
+    /// nothing; its outputs go to a private folder that is removed after.
+    pub(crate) fn follow(&self) -> anyhow::Result<()> {
+        let private = self.store.scratch_dir(&self.key).with_extension(format!("rank{}", self.world.rank));
+        let result = self.run_plan(&private.join("out"), &self.store.scratch_dir(&self.key));
+        remove_tree(&private)?;
+        result.map(|_| ())
     }
 }
 

@@ -91,6 +91,11 @@ pub trait StageKind: Send + Sync {
     fn uses_device(&self) -> bool {
         false
     }
+    /// Whether a stage of this kind can run as several data-parallel
+    /// processes (a Slurm job of several tasks, see [`crate::world`]).
+    fn data_parallel(&self) -> bool {
+        false
+    }
     /// Types the stage's parameters, declares its inputs, and returns its plan.
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError>;
 }
@@ -341,6 +346,10 @@ pub struct RunCtx<'a> {
     pub offline: bool,
     /// Every stage this one depends on, directly or not, in run order.
     pub upstream: Vec<Upstream>,
+    /// This process's place among the stage's data-parallel processes (a
+    /// world of one unless a Slurm job started several). Only rank 0's
+    /// outputs are stored; other ranks write theirs to a private folder.
+    pub world: crate::world::World,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) progress: &'a (dyn Fn(u64, u64, &str) + Sync),
     pub(crate) parts: &'a Mutex<Vec<StageKey>>,

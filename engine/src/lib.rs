@@ -24,6 +24,7 @@ pub mod report;
 pub mod resolve;
 pub mod slurm;
 pub mod status;
+pub mod world;
 #[cfg(feature = "test-kinds")]
 pub mod testkinds;
 

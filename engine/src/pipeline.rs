@@ -59,6 +59,8 @@ pub struct StageNode {
     pub resources: Resources,
     /// The device it computes on, for kinds that compute on one.
     pub device: Option<DeviceSpec>,
+    /// Whether its kind can run as several data-parallel processes.
+    pub data_parallel: bool,
 }
 
 impl StageNode {
@@ -107,7 +109,8 @@ impl Pipeline {
             let mut ctx = CompileCtx::new(&manifest, &decl.name);
             let plan = kind.compile(&mut ctx, &decl.params)?;
             let device = kind.uses_device().then(|| manifest.device_of(&decl.name).0);
-            compiled.push((decl.name.clone(), kind.name().to_string(), kind.version(), plan, ctx.into_inputs(), device));
+            let placement = (device, kind.data_parallel());
+            compiled.push((decl.name.clone(), kind.name().to_string(), kind.version(), plan, ctx.into_inputs(), placement));
         }
 
         let mut resolved_inputs = Vec::new();
@@ -148,9 +151,9 @@ impl Pipeline {
         let nodes: Vec<StageNode> = compiled
             .into_iter()
             .zip(resolved_inputs)
-            .map(|((name, kind, kind_version, plan, _, device), inputs)| {
+            .map(|((name, kind, kind_version, plan, _, (device, data_parallel)), inputs)| {
                 let resources = manifest.stages[&name].placement.resources.over(&manifest.pipeline.resources);
-                StageNode { name, kind, kind_version, plan, inputs, resources, device }
+                StageNode { name, kind, kind_version, plan, inputs, resources, device, data_parallel }
             })
             .collect();
 

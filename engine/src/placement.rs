@@ -56,6 +56,10 @@ pub struct Resources {
     /// Nodes (`--nodes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<u32>,
+    /// Processes per node (`--ntasks-per-node`); default: `gpus`, else 1.
+    /// Several processes in all make a data-parallel fine-tune.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks_per_node: Option<u32>,
     /// The partition (`--partition`); default: the cluster's default partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<String>,
@@ -74,9 +78,15 @@ impl Resources {
             time: self.time.clone().or_else(|| lower.time.clone()),
             gpus: self.gpus.or(lower.gpus),
             nodes: self.nodes.or(lower.nodes),
+            tasks_per_node: self.tasks_per_node.or(lower.tasks_per_node),
             partition: self.partition.clone().or_else(|| lower.partition.clone()),
             sbatch: lower.sbatch.iter().chain(&self.sbatch).cloned().collect(),
         }
+    }
+
+    /// How many processes the job starts: nodes × tasks per node.
+    pub fn world_size(&self) -> u32 {
+        self.nodes.unwrap_or(1) * self.tasks_per_node.or(self.gpus.filter(|&g| g > 0)).unwrap_or(1)
     }
 
     /// Checks the values' syntax; the message names the field and the fix.
@@ -86,6 +96,9 @@ impl Resources {
         }
         if self.nodes == Some(0) {
             return Err(("nodes", "`nodes` must be at least 1".to_string()));
+        }
+        if self.tasks_per_node == Some(0) {
+            return Err(("tasks_per_node", "`tasks_per_node` must be at least 1".to_string()));
         }
         if let Some(mem) = &self.mem {
             let digits = mem.trim_end_matches(['K', 'M', 'G', 'T']);

@@ -27,7 +27,9 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let manifest = Manifest::load(&plan.manifest, &LoadOptions { sets: plan.sets.clone(), env: None, device: plan.device.clone() })?;
     let pipeline = Arc::new(Pipeline::compile(manifest, &swift_stages::registry())?);
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
-    eprintln!("swift: stage `{}` of pipeline `{}` on {}", args.stage, pipeline.manifest.name, hostname());
+    let world = swift_engine::world::World::from_slurm(&std::env::vars().collect()).unwrap_or_default();
+    let rank = if world.size > 1 { format!(", rank {} of {}", world.rank, world.size) } else { String::new() };
+    eprintln!("swift: stage `{}` of pipeline `{}` on {}{rank}", args.stage, pipeline.manifest.name, hostname());
     let result = job::run_job(pipeline, store, &plan, &args.stage, reporters::for_terminal());
     job::check(&result)?;
     eprintln!("swift: stage `{}` {} in {:.1}s", args.stage, result.status, result.seconds);

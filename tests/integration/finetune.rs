@@ -11,7 +11,7 @@ use crate::util::{copy_dir, fixtures, Project};
 
 /// A synthetic chat task with a learnable rule: the assistant always answers
 /// "Sure! The word was " and then repeats the user's word.
-fn task(samples: usize) -> String {
+pub(crate) fn task(samples: usize) -> String {
     let words = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano", "amber", "delta", "frost", "lemon"];
     let mut out = String::new();
     for i in 0..samples {
@@ -27,7 +27,7 @@ fn task(samples: usize) -> String {
 
 /// A project with the qwen2-tiny fixture, the task data, a preprocess stage and
 /// the given finetune stages.
-fn project(stages: &str) -> Project {
+pub(crate) fn project(stages: &str) -> Project {
     let p = Project::new();
     copy_dir(&fixtures().join("models/qwen2-tiny"), &p.path("models/qwen"));
     p.write("data/task.jsonl", &task(96));
@@ -41,7 +41,7 @@ fn project(stages: &str) -> Project {
     p
 }
 
-fn output_path(run: &crate::util::Run, stage: &str, output: &str) -> PathBuf {
+pub(crate) fn output_path(run: &crate::util::Run, stage: &str, output: &str) -> PathBuf {
     PathBuf::from(run.stage(stage)["outputs"][output].as_str().unwrap())
 }
 
@@ -49,7 +49,7 @@ fn log_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-fn adapter_bytes(run: &crate::util::Run, stage: &str) -> Vec<u8> {
+pub(crate) fn adapter_bytes(run: &crate::util::Run, stage: &str) -> Vec<u8> {
     std::fs::read(output_path(run, stage, "adapter").join("adapter_model.safetensors")).unwrap()
 }
 
@@ -100,7 +100,7 @@ fn qlora_learns_the_synthetic_task_and_writes_a_peft_adapter() {
     assert_eq!(again.status("tune"), "cached", "{again}");
 }
 
-fn checkpoint_step(root: &Path) -> Option<usize> {
+pub(crate) fn checkpoint_step(root: &Path) -> Option<usize> {
     let mut stack = vec![root.join(".swift")];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).ok()?.flatten() {

@@ -264,3 +264,61 @@ fn the_ci_sized_demo_completes_under_slurm() {
     let local = p.run("pipelines/demo-ci.toml", &["--executor", "local"], 0);
     assert!(local.statuses().iter().all(|(_, s)| s == "cached"), "{local}");
 }
+
+/// A LoRA fine-tune of the tiny Qwen2 with dropout, 4 rows per step.
+const TUNE: &str = "[stages.tune]\nkind = \"finetune\"\nmethod = \"lora\"\nmodel = \"base\"\ndata = \"prep\"\n\
+    lora = { rank = 4, alpha = 8, dropout = 0.1 }\nlr = 2e-3\nmax_steps = 40\nsave_every = 5\ngrad_accum = 2\nbatch_size = 2\n";
+
+/// The largest difference between two adapters' tensors.
+fn adapter_difference(a: &Path, b: &Path) -> f32 {
+    let load = |dir: &Path| candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (load(a), load(b));
+    assert_eq!(a.keys().collect::<std::collections::BTreeSet<_>>(), b.keys().collect());
+    a.iter()
+        .map(|(name, t)| {
+            let (x, y) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max)
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_finetune_trains_data_parallel_over_two_slurm_tasks_and_resumes_at_another_world_size() {
+    use crate::finetune::{checkpoint_step, output_path, project};
+    let single = project(TUNE);
+    let reference = single.run("pipelines/tune.toml", &[], 0);
+    let reference = output_path(&reference, "tune", "adapter");
+
+    // Two processes (one Slurm job, two srun tasks) train the same adapter.
+    let dp = TUNE.to_string() + "resources = { tasks_per_node = 2, cpus = 1 }\n";
+    let p = project(&dp);
+    p.set_env("SLURM_CONF", cluster());
+    let run = p.run("pipelines/tune.toml", &["--executor", "slurm"], 0);
+    assert_eq!(run.status("tune"), "ran", "{run}");
+    let difference = adapter_difference(&reference, &output_path(&run, "tune", "adapter"));
+    assert!(difference < 1e-4, "two ranks trained another adapter: max difference {difference}");
+    let logs = std::fs::read_dir(p.path(".swift/slurm/logs")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect::<String>();
+    assert!(logs.contains("rank 1 of 2") && logs.contains("rank 0 of 2"), "{logs}");
+
+    // Interrupted with two ranks, resumed with one.
+    let p = project(&dp);
+    p.set_env("SLURM_CONF", cluster());
+    p.run("pipelines/tune.toml", &["--until", "prep"], 0);
+    let child = p.spawn(&["run", "pipelines/tune.toml", "--executor", "slurm"]);
+    p.wait_for("a checkpoint at step 10", |p| checkpoint_step(p.root()).is_some_and(|s| s >= 10));
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let interrupted = child.wait_with_output().unwrap();
+    assert_eq!(interrupted.status.code(), Some(130), "{}", String::from_utf8_lossy(&interrupted.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !live_jobs(&p).is_empty() {
+        assert!(Instant::now() < deadline, "jobs left: {:?}", live_jobs(&p));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let saved = checkpoint_step(p.root()).expect("rank 0 saved a checkpoint");
+    assert!(saved < 40, "the run finished before it was interrupted");
+    let resumed = p.run("pipelines/tune.toml", &["--executor", "local"], 0);
+    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(output_path(&resumed, "tune", "metrics")).unwrap()).unwrap();
+    assert_eq!(metrics["resumed_from_step"].as_u64(), Some(saved as u64), "{metrics}");
+    let difference = adapter_difference(&reference, &output_path(&resumed, "tune", "adapter"));
+    assert!(difference < 1e-4, "resuming at another world size changed the adapter: max difference {difference}");
+}

@@ -16,18 +16,26 @@ use crate::exec::{upstream, Outcome, Signals, StageTask, State};
 use crate::pipeline::Pipeline;
 use crate::report::{Reporter, StageStatus};
 use crate::resolve::{hash_locals, input_artifacts, key_of, lookup, recipes};
+use crate::world::World;
 
 /// Runs `stage` of the run `plan` describes and returns how it ended; inside a
 /// Slurm job (`SLURM_JOB_ID` set) the result is also written where `swift run`
 /// looks for it.
+/// A job of several tasks (`srun`) runs this once per task: rank 0 stores
+/// the outputs and records the result; the other ranks compute alongside it
+/// (status `follower`) and record nothing.
 pub fn run_job(pipeline: Arc<Pipeline>, store: Store, plan: &JobPlan, stage: &str, reporter: Arc<dyn Reporter>) -> JobResult {
     let started = Instant::now();
-    let (status, key, error) = match compute(&pipeline, &store, plan, stage, reporter) {
+    let world = World::from_slurm(&std::env::vars().collect());
+    let leader = world.as_ref().map_or(true, World::is_leader);
+    let outcome = world.map_err(|e| (None, anyhow!("cannot place this task among the job's processes: {e}")))
+        .and_then(|world| compute(&pipeline, &store, plan, stage, reporter, world));
+    let (status, key, error) = match outcome {
         Ok((status, key)) => (status, Some(key), None),
         Err((key, error)) => ("failed", key, Some(format!("{error:#}"))),
     };
     let result = JobResult { stage: stage.to_string(), status: status.to_string(), key, error, seconds: started.elapsed().as_secs_f64() };
-    if let Ok(job) = std::env::var("SLURM_JOB_ID") {
+    if let (true, Ok(job)) = (leader, std::env::var("SLURM_JOB_ID")) {
         if let Err(e) = write_json(&SlurmDir::of(&store).result_path(&job), &result) {
             eprintln!("warning: cannot record the job's result: {e}");
         }
@@ -37,7 +45,14 @@ pub fn run_job(pipeline: Arc<Pipeline>, store: Store, plan: &JobPlan, stage: &st
 
 type Failure = (Option<String>, anyhow::Error);
 
-fn compute(pipeline: &Arc<Pipeline>, store: &Store, plan: &JobPlan, stage: &str, reporter: Arc<dyn Reporter>) -> Result<(&'static str, String), Failure> {
+fn compute(
+    pipeline: &Arc<Pipeline>,
+    store: &Store,
+    plan: &JobPlan,
+    stage: &str,
+    reporter: Arc<dyn Reporter>,
+    world: World,
+) -> Result<(&'static str, String), Failure> {
     let fail = |e: anyhow::Error| (None, e);
     let _guard = store.run_guard().map_err(|e| fail(e.into()))?;
     let index = pipeline.require(stage).map_err(|e| fail(anyhow!(e)))?;
@@ -91,8 +106,16 @@ fn compute(pipeline: &Arc<Pipeline>, store: &Store, plan: &JobPlan, stage: &str,
         force: plan.forced.iter().any(|s| s == stage),
         device: pipeline.nodes[index].plan.resource().device().to_string(),
         upstream: upstream(pipeline, index, &states),
+        world: world.clone(),
         cancel,
     };
+    if !world.is_leader() {
+        if lookup(store, &key).is_some() {
+            return Ok(("cached", key.to_hex()));
+        }
+        task.follow().map_err(|e| (Some(key.to_hex()), e))?;
+        return Ok(("follower", key.to_hex()));
+    }
     match task.execute() {
         Outcome::Done { reused, .. } => Ok((if reused { "cached" } else { "ran" }, key.to_hex())),
         Outcome::Failed { error, .. } => Err((Some(key.to_hex()), anyhow!(error))),
@@ -117,10 +140,11 @@ fn watch_signals(cancel: Arc<AtomicBool>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Fails unless `result` says the stage is in the cache.
+/// Fails unless `result` says the stage is in the cache (or, for a rank
+/// other than 0, that it computed its share).
 pub fn check(result: &JobResult) -> anyhow::Result<()> {
     match result.status.as_str() {
-        "ran" | "cached" => Ok(()),
+        "ran" | "cached" | "follower" => Ok(()),
         _ => bail!("{}", result.error.as_deref().unwrap_or("the stage failed")),
     }
 }

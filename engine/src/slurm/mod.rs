@@ -187,19 +187,23 @@ impl SlurmRun<'_> {
         let node = &self.pipeline.nodes[i];
         let mut resources = node.resources.clone();
         let defaults = kind_defaults(&node.kind);
-        if resources.cpus.is_none() {
-            let cap = *partition_cpus.entry(resources.partition.clone()).or_insert_with(|| slurm.node_cpus(resources.partition.as_deref()));
-            resources.cpus = defaults.cpus.map(|c| cap.map_or(c, |cap| c.min(cap)));
-        }
         if let (None, Some(DeviceSpec::Cuda(ids))) = (resources.gpus, &node.device) {
             resources.gpus = Some(ids.len() as u32);
         }
+        if resources.cpus.is_none() {
+            // The kind's default, shared by the tasks of a node, within what the partition's nodes have.
+            let cap = *partition_cpus.entry(resources.partition.clone()).or_insert_with(|| slurm.node_cpus(resources.partition.as_deref()));
+            let per_node = resources.world_size() / resources.nodes.unwrap_or(1);
+            resources.cpus = defaults.cpus.map(|c| cap.map_or(c, |cap| c.min((cap / per_node).max(1))));
+        }
         let resources = resources.over(&defaults);
-        if resources.nodes.is_some_and(|n| n > 1) {
+        let processes = resources.world_size();
+        if processes > 1 && !node.data_parallel {
             bail!(
-                "stage `{}` asks for {} nodes, but only data-parallel fine-tuning could use several and this swift does not do it yet; set `nodes = 1`",
+                "stage `{}` asks for {processes} processes (nodes × tasks_per_node), but a `{}` stage runs as one; \
+                 only finetune stages train data-parallel",
                 node.name,
-                resources.nodes.unwrap_or(1)
+                node.kind
             );
         }
         let mut args = Vec::new();
@@ -217,6 +221,9 @@ impl SlurmRun<'_> {
         }
         if let Some(nodes) = resources.nodes {
             args.push(format!("--nodes={nodes}"));
+        }
+        if processes > 1 {
+            args.push(format!("--ntasks-per-node={}", processes / resources.nodes.unwrap_or(1)));
         }
         if let Some(partition) = &resources.partition {
             args.push(format!("--partition={partition}"));
@@ -302,7 +309,9 @@ impl SlurmRun<'_> {
                 continue;
             }
             let script = plan_path.with_file_name(format!("{}.sh", node.name));
-            std::fs::write(&script, batch_script(&exe, &std::path::absolute(self.store.root())?, self.options.offline, plan_path, &node.name, &pipeline.manifest.name))
+            let processes = resource_args[&i].iter().any(|a| a.starts_with("--ntasks-per-node="));
+            let swift = Invocation { exe: &exe, cache: &std::path::absolute(self.store.root())?, offline: self.options.offline, plan: plan_path };
+            std::fs::write(&script, batch_script(&swift, &node.name, &pipeline.manifest.name, processes))
                 .with_context(|| format!("cannot write {}", script.display()))?;
             let mut args = resource_args[&i].clone();
             args.push(format!("--job-name={name}"));
@@ -452,15 +461,25 @@ fn job_name(stage: &str, recipe: &StageKey) -> String {
     format!("swift-{stage}-{}", &recipe.to_hex()[..12])
 }
 
-/// The batch script of a stage's job: swift itself on that one stage.
-fn batch_script(exe: &Path, cache: &Path, offline: bool, plan: &Path, stage: &str, pipeline: &str) -> String {
+/// How a job calls swift.
+struct Invocation<'a> {
+    exe: &'a Path,
+    cache: &'a Path,
+    offline: bool,
+    plan: &'a Path,
+}
+
+/// The batch script of a stage's job: swift itself on that one stage, once
+/// per task through `srun` when the job runs several processes.
+fn batch_script(swift: &Invocation<'_>, stage: &str, pipeline: &str, several: bool) -> String {
     let q = |p: &Path| shell_quote(&p.display().to_string());
     format!(
-        "#!/bin/sh\n# swift: stage `{stage}` of pipeline `{pipeline}`\nexec {} --cache {}{} exec-stage {} {}\n",
-        q(exe),
-        q(cache),
-        if offline { " --offline" } else { "" },
-        q(plan),
+        "#!/bin/sh\n# swift: stage `{stage}` of pipeline `{pipeline}`\nexec {}{} --cache {}{} exec-stage {} {}\n",
+        if several { "srun --kill-on-bad-exit=1 " } else { "" },
+        q(swift.exe),
+        q(swift.cache),
+        if swift.offline { " --offline" } else { "" },
+        q(swift.plan),
         shell_quote(stage)
     )
 }
@@ -505,9 +524,11 @@ mod tests {
 
     #[test]
     fn batch_scripts_quote_every_path() {
-        let script = batch_script(Path::new("/opt/sw ift/swift"), Path::new("/shared/it's"), true, Path::new("/c/plan.json"), "fine", "law");
+        let swift = Invocation { exe: Path::new("/opt/sw ift/swift"), cache: Path::new("/shared/it's"), offline: true, plan: Path::new("/c/plan.json") };
+        let script = batch_script(&swift, "fine", "law", false);
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(script.contains("exec '/opt/sw ift/swift' --cache '/shared/it'\\''s' --offline exec-stage '/c/plan.json' 'fine'\n"));
+        assert!(batch_script(&swift, "fine", "law", true).contains("exec srun --kill-on-bad-exit=1 '/opt/sw ift/swift' "));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   on Ctrl-C; a rerun resumes from the latest one, bit-identical on CPU.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod curve;
 pub mod data;
 pub mod memory;
@@ -35,6 +36,7 @@ use swift_engine::kind::{
 };
 use swift_engine::ManifestError;
 
+use self::collective::{Parallel, JOIN_TIMEOUT};
 use self::optim::{AdamWConfig, Schedule};
 use self::targets::{Layers, Selection, Targets};
 use self::train::{Hooks, Settings, Trainer};
@@ -222,6 +224,9 @@ impl StageKind for Finetune {
     fn uses_device(&self) -> bool {
         true
     }
+    fn data_parallel(&self) -> bool {
+        true
+    }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         let config: Config = ctx.parse(params)?;
         crate::llm::check_device(ctx)?;
@@ -379,10 +384,20 @@ impl StagePlan for FinetunePlan {
             seed: self.resolved.seed,
             activation_checkpointing: c.activation_checkpointing,
         };
+        if !rows_per_step.is_multiple_of(ctx.world.size) {
+            bail!(
+                "{}: the global batch (batch_size × grad_accum = {rows_per_step} rows) does not divide among the job's {} processes: \
+                 pick a process count that divides it, or change batch_size/grad_accum (which changes the result)",
+                field("resources"),
+                ctx.world.size
+            );
+        }
+        let mut parallel = Parallel::join(&ctx.world, JOIN_TIMEOUT)?;
         let trainer = Trainer::new(decoder, &adapters, loader.dropout_state(), settings);
         let progress = |done: u64, total: u64, message: &str| ctx.progress(done, total, message);
         let cancelled = || ctx.cancelled();
-        let outcome = trainer.run(&train, val.as_ref(), &ctx.scratch_dir, &Hooks { progress: &progress, cancelled: &cancelled })?;
+        let hooks = Hooks { progress: &progress, cancelled: &cancelled };
+        let outcome = trainer.run(&train, val.as_ref(), &ctx.scratch_dir, &hooks, &mut parallel)?;
 
         let adapter_dir = ctx.out_dir.join("adapter");
         let spec = AdapterSpec {

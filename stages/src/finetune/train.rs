@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use serde_json::json;
 
 use super::checkpoint::{self, Checkpoint};
+use super::collective::Parallel;
 use super::data::{Example, RowOrder};
 use super::optim::{clip, AdamW, AdamWConfig, Schedule};
 use swift_engine::kind::Cancelled;
@@ -108,9 +109,14 @@ impl Trainer {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
-    /// Runs (or resumes) training to the last step.
-    pub fn run(&self, train: &Split, val: Option<&Split>, scratch: &Path, hooks: &Hooks<'_>) -> anyhow::Result<Outcome> {
+    /// Runs (or resumes) training to the last step. With several ranks, each
+    /// computes its shard of every step's rows ([`swift_engine::world::World::shard`]),
+    /// the summed gradients are shared before the update, and only rank 0
+    /// validates and writes checkpoints (every rank resumes from them).
+    pub fn run(&self, train: &Split, val: Option<&Split>, scratch: &Path, hooks: &Hooks<'_>, parallel: &mut Parallel) -> anyhow::Result<Outcome> {
         let s = &self.settings;
+        let leader = parallel.world.is_leader();
+        let val = val.filter(|_| leader);
         let sizes: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
         let mut optimizer = AdamW::new(s.adamw, &sizes);
         let mut log: Vec<serde_json::Value> = Vec::new();
@@ -152,11 +158,14 @@ impl Trainer {
             let step_tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
             let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
             let mut loss_sum = 0.0;
-            for (micro, example) in examples.iter().enumerate() {
+            for micro in parallel.world.shard(examples.len()) {
+                let example = &examples[micro];
                 if (hooks.cancelled)() {
                     // Before any row, or mid-step: nothing of this step is applied yet.
                     self.dropout.eval();
-                    self.save(scratch, step, &optimizer, &log)?;
+                    if leader {
+                        self.save(scratch, step, &optimizer, &log)?;
+                    }
                     return Err(Cancelled.into());
                 }
                 if example.targets.is_empty() {
@@ -175,6 +184,15 @@ impl Trainer {
                 }
             }
             self.dropout.eval();
+            if parallel.world.size > 1 {
+                let mut flat: Vec<f32> = grads.iter().flatten().copied().chain([loss_sum as f32]).collect();
+                parallel.collective.all_reduce_sum(&mut flat).with_context(|| format!("sharing the gradients of step {}", step + 1))?;
+                let mut values = flat.iter();
+                for grad in &mut grads {
+                    grad.iter_mut().for_each(|g| *g = *values.next().expect("as many values as sent"));
+                }
+                loss_sum = *values.next().expect("the loss follows the gradients") as f64;
+            }
             let loss = if labelled > 0 { loss_sum / labelled as f64 } else { 0.0 };
             let grad_norm = clip(&mut grads, s.max_grad_norm);
             let lr = s.lr * s.schedule.factor(step, s.total_steps, s.warmup);
@@ -218,7 +236,7 @@ impl Trainer {
                     log.push(json!({"step": done, "val_loss": val_loss, "val_accuracy": accuracy}));
                 }
             }
-            if !last && s.save_every > 0 && done % s.save_every == 0 {
+            if leader && !last && s.save_every > 0 && done % s.save_every == 0 {
                 self.save(scratch, done, &optimizer, &log)?;
                 last_saved = Some(done);
             }

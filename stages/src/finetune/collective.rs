@@ -1,0 +1,214 @@
+//! Summing gradients across the ranks of a data-parallel world.
+//!
+//! A world of one does nothing. CPU ranks meet over TCP at rank 0's address
+//! ([`World::master`]): every rank sends its buffer to rank 0, which adds them
+//! in rank order and sends the sum back, so every rank applies the same
+//! update and the sum's rounding does not depend on which rank finished first.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use swift_engine::world::World;
+
+/// The first bytes every rank sends rank 0: the protocol and its version.
+const HELLO: &[u8; 8] = b"swiftdp1";
+
+/// How long ranks wait for each other to start (Slurm starts a job's tasks
+/// together, but loading a large model takes a while).
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// This process's place in a data-parallel world and its link to the others.
+pub struct Parallel {
+    /// Rank and size.
+    pub world: World,
+    /// The link.
+    pub collective: Collective,
+}
+
+impl Parallel {
+    /// A world of one.
+    pub fn single() -> Self {
+        Self { world: World::single(), collective: Collective::Solo }
+    }
+
+    /// Joins `world` (see [`Collective::join`]).
+    pub fn join(world: &World, timeout: Duration) -> anyhow::Result<Self> {
+        Ok(Self { world: world.clone(), collective: Collective::join(world, timeout)? })
+    }
+}
+
+/// How the ranks of a world sum their buffers.
+pub enum Collective {
+    /// A world of one.
+    Solo,
+    /// Rank 0 of a TCP group: streams to ranks 1.. in rank order.
+    Leader(Vec<TcpStream>),
+    /// Another rank of a TCP group: the stream to rank 0.
+    Follower(TcpStream),
+}
+
+impl Collective {
+    /// Joins the world: rank 0 waits for every other rank, the others connect
+    /// to it (retrying while it starts), each within `timeout`.
+    pub fn join(world: &World, timeout: Duration) -> anyhow::Result<Self> {
+        if world.size <= 1 {
+            return Ok(Self::Solo);
+        }
+        let (host, port) = &world.master;
+        let deadline = Instant::now() + timeout;
+        if world.is_leader() {
+            let listener = TcpListener::bind(("0.0.0.0", *port)).with_context(|| format!("rank 0 cannot listen on port {port}"))?;
+            listener.set_nonblocking(true)?;
+            let mut peers: Vec<Option<TcpStream>> = (1..world.size).map(|_| None).collect();
+            while peers.iter().any(Option::is_none) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false)?;
+                        stream.set_nodelay(true)?;
+                        let (rank, size) = read_hello(&mut stream)?;
+                        if size != world.size || rank == 0 || rank >= world.size || peers[rank - 1].is_some() {
+                            bail!("a process joined as rank {rank} of {size}, but this world has {} ranks", world.size);
+                        }
+                        peers[rank - 1] = Some(stream);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            let missing: Vec<String> = peers.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
+                            bail!("ranks {} did not join rank 0 on port {port} within {}s", missing.join(", "), timeout.as_secs());
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e).context("accepting a rank"),
+                }
+            }
+            Ok(Self::Leader(peers.into_iter().map(|p| p.expect("every rank joined")).collect()))
+        } else {
+            let address = (host.as_str(), *port)
+                .to_socket_addrs()
+                .with_context(|| format!("cannot resolve rank 0's host `{host}`"))?
+                .next()
+                .with_context(|| format!("`{host}` has no address"))?;
+            let mut stream = loop {
+                match TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
+                    Ok(stream) => break stream,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(e).with_context(|| format!("rank {} cannot reach rank 0 at {host}:{port}", world.rank))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            stream.set_nodelay(true)?;
+            stream.write_all(HELLO)?;
+            stream.write_all(&(world.rank as u64).to_le_bytes())?;
+            stream.write_all(&(world.size as u64).to_le_bytes())?;
+            Ok(Self::Follower(stream))
+        }
+    }
+
+    /// Replaces `values` on every rank by the sum over all ranks.
+    pub fn all_reduce_sum(&mut self, values: &mut [f32]) -> anyhow::Result<()> {
+        match self {
+            Self::Solo => Ok(()),
+            Self::Leader(peers) => {
+                let mut incoming = vec![0f32; values.len()];
+                for (i, peer) in peers.iter_mut().enumerate() {
+                    read_floats(peer, &mut incoming).with_context(|| format!("receiving rank {}'s gradients", i + 1))?;
+                    values.iter_mut().zip(&incoming).for_each(|(v, x)| *v += x);
+                }
+                for (i, peer) in peers.iter_mut().enumerate() {
+                    write_floats(peer, values).with_context(|| format!("sending rank {} the summed gradients", i + 1))?;
+                }
+                Ok(())
+            }
+            Self::Follower(leader) => {
+                write_floats(leader, values).context("sending gradients to rank 0")?;
+                read_floats(leader, values).context("receiving the summed gradients from rank 0")
+            }
+        }
+    }
+}
+
+fn read_hello(stream: &mut TcpStream) -> anyhow::Result<(usize, usize)> {
+    let mut hello = [0u8; 24];
+    stream.read_exact(&mut hello).context("reading a rank's greeting")?;
+    if &hello[..8] != HELLO {
+        bail!("something other than a swift rank connected to rank 0's port");
+    }
+    let number = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("8 bytes")) as usize;
+    Ok((number(&hello[8..16]), number(&hello[16..24])))
+}
+
+fn write_floats(stream: &mut TcpStream, values: &[f32]) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(8 + values.len() * 4);
+    bytes.extend_from_slice(&(values.len() as u64).to_le_bytes());
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    stream.write_all(&bytes)
+}
+
+fn read_floats(stream: &mut TcpStream, values: &mut [f32]) -> anyhow::Result<()> {
+    let mut len = [0u8; 8];
+    stream.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len) as usize;
+    if len != values.len() {
+        bail!("a rank sent {len} values where {} were expected: the ranks train different adapters", values.len());
+    }
+    let mut bytes = vec![0u8; len * 4];
+    stream.read_exact(&mut bytes)?;
+    for (v, chunk) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+        *v = f32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A free loopback port.
+    pub(crate) fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn every_rank_gets_the_sum_in_rank_order() {
+        let port = free_port();
+        let size = 3;
+        let handles: Vec<_> = (0..size)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let world = World { rank, size, local_rank: rank, master: ("localhost".into(), port) };
+                    let mut group = Collective::join(&world, Duration::from_secs(20)).unwrap();
+                    let mut values = vec![rank as f32 + 1.0, 0.1 * rank as f32, 1e8];
+                    group.all_reduce_sum(&mut values).unwrap();
+                    let mut again = vec![1.0; 2];
+                    // A mismatched length is an error, not a hang or garbage
+                    // (only ranks 0 and 1 send a wrong length here).
+                    let mismatch = if rank == 2 { vec![1.0; 3] } else { again.clone() };
+                    let result = if rank == 2 { group.all_reduce_sum(&mut mismatch.clone()) } else { group.all_reduce_sum(&mut again) };
+                    (values, result.is_ok())
+                })
+            })
+            .collect();
+        let results: Vec<(Vec<f32>, bool)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let expected = vec![6.0, (0.0f32 + 0.1) + 0.2, (1e8f32 + 1e8) + 1e8];
+        for (values, _) in &results {
+            assert_eq!(values, &expected);
+        }
+        assert!(!results[0].1, "rank 0 notices rank 2's wrong length");
+    }
+
+    #[test]
+    fn a_world_of_one_changes_nothing_and_a_missing_rank_times_out() {
+        let mut solo = Collective::join(&World::single(), Duration::from_secs(1)).unwrap();
+        let mut values = vec![1.5, -2.0];
+        solo.all_reduce_sum(&mut values).unwrap();
+        assert_eq!(values, [1.5, -2.0]);
+        let world = World { rank: 0, size: 2, local_rank: 0, master: ("localhost".into(), free_port()) };
+        let error = Collective::join(&world, Duration::from_millis(300)).err().unwrap();
+        assert!(format!("{error:#}").contains("ranks 1 did not join"), "{error:#}");
+    }
+}
