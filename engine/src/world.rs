@@ -66,6 +66,25 @@ impl World {
         Ok(Self { rank, size, local_rank, master: (host, port) })
     }
 
+    /// Rank 0's socket address: its host name resolved, or, for a node name
+    /// the resolver does not know, the `NodeAddr` Slurm has for that node.
+    pub fn master_address(&self) -> Result<std::net::SocketAddr, String> {
+        use std::net::ToSocketAddrs;
+        let (host, port) = (&self.master.0, self.master.1);
+        if let Some(address) = (host.as_str(), port).to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            return Ok(address);
+        }
+        let out = std::process::Command::new("scontrol")
+            .args(["show", "node", "-o", host])
+            .output()
+            .map_err(|e| format!("cannot resolve rank 0's host `{host}`, and cannot ask Slurm for its address: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let node_addr = text.split_whitespace().find_map(|f| f.strip_prefix("NodeAddr="));
+        node_addr
+            .and_then(|a| (a, port).to_socket_addrs().ok()?.next())
+            .ok_or_else(|| format!("cannot resolve rank 0's host `{host}` (not by name, not by Slurm's NodeAddr)"))
+    }
+
     /// Which of a step's `rows` rows (indices `0..rows` within the step) this
     /// rank computes: every `size`-th, starting at its rank. Together the ranks
     /// cover each row exactly once, so the step's summed gradient is the one a
@@ -136,6 +155,8 @@ mod tests {
         assert!(!world.is_leader());
         let pinned = World::from_slurm(&vars(&[("SLURM_NTASKS", "2"), ("SLURM_PROCID", "0"), ("SLURM_JOB_NODELIST", "n1"), ("SWIFT_DP_PORT", "4000")])).unwrap();
         assert_eq!(pinned.master, ("n1".into(), 4000));
+        let local = World { master: ("localhost".into(), 4000), ..pinned.clone() };
+        assert_eq!(local.master_address().unwrap().port(), 4000);
         // Outside a multi-task step (a plain sbatch job): a world of one.
         assert_eq!(World::from_slurm(&vars(&[("SLURM_JOB_ID", "7")])).unwrap(), World::single());
         assert_eq!(World::from_slurm(&vars(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])).unwrap(), World::single());

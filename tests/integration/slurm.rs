@@ -9,21 +9,31 @@ use std::time::{Duration, Instant};
 
 use crate::util::Project;
 
-/// `SLURM_CONF` of the cluster, started once per test binary.
+/// `SLURM_CONF` of the one-host cluster, started once per test binary.
 fn cluster() -> &'static str {
     static CONF: OnceLock<String> = OnceLock::new();
+    CONF.get_or_init(|| start_cluster(&[]))
+}
+
+/// `SLURM_CONF` of a second cluster emulating two nodes (`node1`, `node2`) on
+/// this host, with its own state folder and ports.
+fn two_node_cluster() -> &'static str {
+    static CONF: OnceLock<String> = OnceLock::new();
     CONF.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm-local.sh");
-        let up = Command::new("bash").arg(&script).arg("up").output().expect("bash");
-        assert!(
-            up.status.success(),
-            "scripts/slurm-local.sh up failed (it needs root and apt):\n{}",
-            String::from_utf8_lossy(&up.stderr)
-        );
-        let env = Command::new("bash").arg(&script).arg("env").output().expect("bash");
-        let text = String::from_utf8_lossy(&env.stdout);
-        text.trim().strip_prefix("export SLURM_CONF=").expect("slurm-local.sh env prints SLURM_CONF").to_string()
+        let root = std::env::temp_dir().join("swift-slurm-two-nodes");
+        let root = root.display().to_string();
+        start_cluster(&[("SLURM_LOCAL_ROOT", root.as_str()), ("SLURM_LOCAL_NODES", "2"), ("SLURMCTLD_PORT", "6827"), ("SLURMD_PORT", "6830")])
     })
+}
+
+fn start_cluster(vars: &[(&str, &str)]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm-local.sh");
+    let call = |command: &str| Command::new("bash").arg(&script).arg(command).envs(vars.iter().copied()).output().expect("bash");
+    let up = call("up");
+    assert!(up.status.success(), "scripts/slurm-local.sh up failed (it needs root and apt):\n{}", String::from_utf8_lossy(&up.stderr));
+    let env = call("env");
+    let text = String::from_utf8_lossy(&env.stdout);
+    text.trim().strip_prefix("export SLURM_CONF=").expect("slurm-local.sh env prints SLURM_CONF").to_string()
 }
 
 /// A project whose swift commands reach the test cluster.
@@ -68,7 +78,7 @@ text = "delta"
 trace = "trace.log"
 "#;
 
-/// Live swift jobs of this project's cache (their logs live under it).
+/// Live swift jobs of this project's cache (their batch scripts live under it).
 fn live_jobs(p: &Project) -> Vec<String> {
     let out = Command::new("squeue").env("SLURM_CONF", cluster()).args(["-h", "-o", "%i %j %o"]).output().unwrap();
     let logs = p.path(".swift/slurm").display().to_string();
@@ -321,4 +331,18 @@ fn a_finetune_trains_data_parallel_over_two_slurm_tasks_and_resumes_at_another_w
     assert_eq!(metrics["resumed_from_step"].as_u64(), Some(saved as u64), "{metrics}");
     let difference = adapter_difference(&reference, &output_path(&resumed, "tune", "adapter"));
     assert!(difference < 1e-4, "resuming at another world size changed the adapter: max difference {difference}");
+}
+
+#[test]
+fn a_finetune_trains_data_parallel_across_two_nodes() {
+    use crate::finetune::{output_path, project};
+    let reference = project(TUNE);
+    let reference = reference.run("pipelines/tune.toml", &[], 0);
+    let p = project(&(TUNE.to_string() + "resources = { nodes = 2, cpus = 1 }\n"));
+    p.set_env("SLURM_CONF", two_node_cluster());
+    let run = p.run("pipelines/tune.toml", &["--executor", "slurm"], 0);
+    let difference = adapter_difference(&output_path(&reference, "tune", "adapter"), &output_path(&run, "tune", "adapter"));
+    assert!(difference < 1e-4, "two nodes trained another adapter: max difference {difference}");
+    let logs = std::fs::read_dir(p.path(".swift/slurm/logs")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect::<String>();
+    assert!(logs.contains("rank 0 of 2") && logs.contains("rank 1 of 2"), "{logs}");
 }

@@ -6,7 +6,7 @@
 //! update and the sum's rounding does not depend on which rank finished first.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -85,11 +85,7 @@ impl Collective {
             }
             Ok(Self::Leader(peers.into_iter().map(|p| p.expect("every rank joined")).collect()))
         } else {
-            let address = (host.as_str(), *port)
-                .to_socket_addrs()
-                .with_context(|| format!("cannot resolve rank 0's host `{host}`"))?
-                .next()
-                .with_context(|| format!("`{host}` has no address"))?;
+            let address = world.master_address().map_err(|e| anyhow::anyhow!(e))?;
             let mut stream = loop {
                 match TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
                     Ok(stream) => break stream,
