@@ -144,6 +144,15 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
             remove_tree(&scratch)?;
         }
     }
+    // The Slurm executor's run folders, job logs and job results, once idle
+    // as long as scratch folders may be.
+    for folder in ["runs", "logs", "results"] {
+        for item in read_dir_sorted(&store.root().join("slurm").join(folder))? {
+            if newest_mtime(&item).and_then(|t| now.duration_since(t).ok()).is_some_and(|age| age > SCRATCH_GRACE) {
+                remove_tree(&item)?;
+            }
+        }
+    }
     // No run holds the cache now, so every temporary file is an orphan.
     for tmp in read_dir_sorted(&store.root().join("tmp"))? {
         remove_tree(&tmp)?;

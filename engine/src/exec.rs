@@ -619,11 +619,31 @@ impl StageTask {
     /// A data-parallel rank other than 0: computes alongside rank 0 (reading
     /// the key's scratch folder, where rank 0 keeps checkpoints) and stores
     /// nothing; its outputs go to a private folder that is removed after.
+    /// Should the stage's entry appear meanwhile (rank 0 found it cached and
+    /// will never train), the rank is stopped and counts as done.
     pub(crate) fn follow(&self) -> anyhow::Result<()> {
         let private = self.store.scratch_dir(&self.key).with_extension(format!("rank{}", self.world.rank));
+        let finished = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (store, key, cancel, finished) = (self.store.clone(), self.key, self.cancel.clone(), finished.clone());
+            std::thread::spawn(move || {
+                while !finished.load(Ordering::Relaxed) {
+                    if store.read_action(&key).ok().flatten().is_some() {
+                        cancel.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            })
+        };
         let result = self.run_plan(&private.join("out"), &self.store.scratch_dir(&self.key));
+        finished.store(true, Ordering::Relaxed);
+        let _ = watcher.join();
         remove_tree(&private)?;
-        result.map(|_| ())
+        match result {
+            Err(_) if lookup(&self.store, &self.key).is_some() => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! wherever they are computed (the device is recorded in provenance).
 //!
 //! Precedence, highest first: the command line (`--executor`, `--device`), the
-//! stage's table (`device`/`devices`, `resources`), `[pipeline]` (`executor`,
+//! stage's table (`device`, `resources`), `[pipeline]` (`executor`,
 //! `device`, `[pipeline.resources]`), then the defaults of the stage's kind.
 
 use std::fmt;
@@ -56,8 +56,9 @@ pub struct Resources {
     /// Nodes (`--nodes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<u32>,
-    /// Processes per node (`--ntasks-per-node`); default: `gpus`, else 1.
-    /// Several processes in all make a data-parallel fine-tune.
+    /// Processes per node (`--ntasks-per-node`); default 1, or for a
+    /// data-parallel fine-tune one per GPU (`gpus`). Several processes in all
+    /// make a data-parallel fine-tune.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tasks_per_node: Option<u32>,
     /// The partition (`--partition`); default: the cluster's default partition.
@@ -84,9 +85,16 @@ impl Resources {
         }
     }
 
+    /// Processes per node: `tasks_per_node`, else one per GPU for a stage
+    /// that trains data-parallel, else 1.
+    pub fn tasks_per_node(&self, data_parallel: bool) -> u32 {
+        let per_gpu = self.gpus.filter(|&g| g > 0 && data_parallel);
+        self.tasks_per_node.or(per_gpu).unwrap_or(1)
+    }
+
     /// How many processes the job starts: nodes × tasks per node.
-    pub fn world_size(&self) -> u32 {
-        self.nodes.unwrap_or(1) * self.tasks_per_node.or(self.gpus.filter(|&g| g > 0)).unwrap_or(1)
+    pub fn world_size(&self, data_parallel: bool) -> u32 {
+        self.nodes.unwrap_or(1) * self.tasks_per_node(data_parallel)
     }
 
     /// Checks the values' syntax; the message names the field and the fix.
@@ -238,6 +246,9 @@ mod tests {
         assert_eq!(merged.time.as_deref(), Some("2-00:00:00"));
         assert_eq!(merged.sbatch, vec!["--account=lab", "--qos=high"]);
         assert!(merged.validate().is_ok());
+        let gpus = Resources { gpus: Some(4), nodes: Some(2), ..Default::default() };
+        assert_eq!((gpus.world_size(true), gpus.world_size(false)), (8, 2));
+        assert_eq!(Resources { tasks_per_node: Some(2), ..gpus }.world_size(true), 4);
         for (bad, field) in [
             (Resources { mem: Some("16GB".into()), ..Default::default() }, "mem"),
             (Resources { time: Some("2h".into()), ..Default::default() }, "time"),

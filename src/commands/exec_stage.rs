@@ -19,6 +19,10 @@ pub struct Args {
     plan: PathBuf,
     /// The stage to compute.
     stage: String,
+    /// This is one of several tasks `srun` started: take the rank from
+    /// Slurm's variables and train data-parallel.
+    #[arg(long)]
+    data_parallel: bool,
 }
 
 pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
@@ -27,10 +31,10 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let manifest = Manifest::load(&plan.manifest, &LoadOptions { sets: plan.sets.clone(), env: None, device: plan.device.clone() })?;
     let pipeline = Arc::new(Pipeline::compile(manifest, &swift_stages::registry())?);
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
-    let world = swift_engine::world::World::from_slurm(&std::env::vars().collect()).unwrap_or_default();
+    let world = if args.data_parallel { swift_engine::world::World::from_slurm(&std::env::vars().collect()).unwrap_or_default() } else { Default::default() };
     let rank = if world.size > 1 { format!(", rank {} of {}", world.rank, world.size) } else { String::new() };
     eprintln!("swift: stage `{}` of pipeline `{}` on {}{rank}", args.stage, pipeline.manifest.name, hostname());
-    let result = job::run_job(pipeline, store, &plan, &args.stage, reporters::for_terminal());
+    let result = job::run_job(pipeline, store, &plan, &args.stage, reporters::for_terminal(), args.data_parallel);
     job::check(&result)?;
     eprintln!("swift: stage `{}` {} in {:.1}s", args.stage, result.status, result.seconds);
     Ok(Exit::Success)

@@ -70,6 +70,24 @@ fn gc_keeps_what_the_lock_file_needs() {
 }
 
 #[test]
+fn gc_drops_slurm_bookkeeping_idle_for_a_week() {
+    let p = chain_project();
+    p.run("pipelines/chain.toml", &[], 0);
+    let week_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(8 * 24 * 3600);
+    for (path, old) in [("runs/1-1/plan.json", true), ("logs/a-1.log", true), ("results/1.json", true), ("logs/b-2.log", false)] {
+        p.write(&format!(".swift/slurm/{path}"), "x");
+        if old {
+            std::fs::File::options().write(true).open(p.path(&format!(".swift/slurm/{path}"))).unwrap().set_modified(week_ago).unwrap();
+        }
+    }
+    std::fs::File::open(p.path(".swift/slurm/runs/1-1")).unwrap().set_modified(week_ago).unwrap();
+    assert_eq!(p.swift(&["gc"]).code, 0);
+    assert!(!p.path(".swift/slurm/runs/1-1").exists() && !p.path(".swift/slurm/logs/a-1.log").exists());
+    assert!(!p.path(".swift/slurm/results/1.json").exists());
+    assert!(p.path(".swift/slurm/logs/b-2.log").exists(), "a recent log stays");
+}
+
+#[test]
 fn cache_verify_quarantines_corrupt_objects_and_the_stage_reruns() {
     let p = chain_project();
     p.run("pipelines/chain.toml", &[], 0);

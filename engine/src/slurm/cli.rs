@@ -147,15 +147,26 @@ impl Slurm {
         }
     }
 
-    /// The fewest CPUs a node of the partition has (`None` if unknown).
+    /// The fewest CPUs a node of the partition (default: the cluster's
+    /// default partition) has; `None` if unknown.
     pub fn node_cpus(&self, partition: Option<&str>) -> Option<u32> {
-        let mut args = vec!["-h".to_string(), "-o".to_string(), "%c".to_string()];
-        if let Some(p) = partition {
-            args.push(format!("--partition={p}"));
-        }
-        let out = self.call("sinfo", &args).ok()?;
-        out.lines().filter_map(|l| l.trim().trim_end_matches('+').parse::<u32>().ok()).min()
+        let out = self.call("sinfo", &["-h".to_string(), "-o".to_string(), "%P|%c".to_string()]).ok()?;
+        fewest_cpus(&out, partition)
     }
+}
+
+/// From `sinfo -o "%P|%c"` lines: the fewest CPUs per node in `partition`, or
+/// in the default partition (marked `*`) when none is named.
+fn fewest_cpus(sinfo: &str, partition: Option<&str>) -> Option<u32> {
+    sinfo
+        .lines()
+        .filter_map(|l| l.trim().split_once('|'))
+        .filter(|(name, _)| match partition {
+            Some(p) => name.trim_end_matches('*') == p,
+            None => name.ends_with('*'),
+        })
+        .filter_map(|(_, cpus)| cpus.trim_end_matches('+').parse::<u32>().ok())
+        .min()
 }
 
 /// The id in `sbatch --parsable`'s output (`ID` or `ID;CLUSTER`).
@@ -187,6 +198,14 @@ mod tests {
         assert_eq!(parse_job_id("1234;gpucluster\n").as_deref(), Some("1234"));
         assert_eq!(parse_job_id("Submitted batch job 12"), None);
         assert_eq!(parse_job_id(""), None);
+    }
+
+    #[test]
+    fn cpus_come_from_the_named_or_default_partition() {
+        let sinfo = "gpu|64\nbatch*|8\nbatch*|16+\ndebug|2\n";
+        assert_eq!(fewest_cpus(sinfo, None), Some(8));
+        assert_eq!(fewest_cpus(sinfo, Some("gpu")), Some(64));
+        assert_eq!(fewest_cpus(sinfo, Some("nope")), None);
     }
 
     #[test]

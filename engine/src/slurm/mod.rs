@@ -117,8 +117,13 @@ impl SlurmRun<'_> {
             }
             resource_args.insert(i, args);
         }
-        let first_partition = misses.iter().find_map(|&i| pipeline.nodes[i].resources.partition.clone());
-        self.check_shared(&slurm, &dir, first_partition.as_deref()).await?;
+        let first = &pipeline.nodes[*misses.first().expect("misses is not empty")].resources;
+        let probe_args: Vec<String> = first.partition.iter().map(|p| format!("--partition={p}")).chain(first.sbatch.iter().cloned()).collect();
+        self.check_shared(&slurm, &dir, &probe_args).await?;
+        if signals.pending() {
+            self.reporter.note("interrupted before anything was submitted");
+            return Ok((states, true));
+        }
 
         let recipes = recipes(&pipeline, self.selected, self.revisions, self.locals);
         let run_id = format!("{}-{}", unix_ms(), std::process::id());
@@ -135,10 +140,14 @@ impl SlurmRun<'_> {
         let plan_path = run_dir.join("plan.json");
         files::write_json(&plan_path, &plan).context("cannot write the Slurm run plan")?;
 
-        let jobs = self.submit(&slurm, &dir, &misses, &recipes, &resource_args, &plan_path)?;
+        let submitted_unix_ms = unix_ms();
+        let Some(jobs) = self.submit(&slurm, &dir, &misses, &recipes, &resource_args, &plan_path, &mut || signals.pending())? else {
+            self.reporter.note("interrupted: the jobs submitted so far are cancelled");
+            return Ok((states, true));
+        };
         let submission = Submission {
             run: run_id,
-            submitted_unix_ms: unix_ms(),
+            submitted_unix_ms,
             jobs: pipeline
                 .order
                 .iter()
@@ -162,7 +171,7 @@ impl SlurmRun<'_> {
             }
             return Ok((states, false));
         }
-        let interrupted = self.wait(&slurm, &dir, jobs, &mut states, &mut outputs, &mut signals, journal).await;
+        let interrupted = self.wait(&slurm, &dir, jobs, submitted_unix_ms, &mut states, &mut outputs, &mut signals, journal).await;
         Ok((states, interrupted))
     }
 
@@ -193,11 +202,11 @@ impl SlurmRun<'_> {
         if resources.cpus.is_none() {
             // The kind's default, shared by the tasks of a node, within what the partition's nodes have.
             let cap = *partition_cpus.entry(resources.partition.clone()).or_insert_with(|| slurm.node_cpus(resources.partition.as_deref()));
-            let per_node = resources.world_size() / resources.nodes.unwrap_or(1);
+            let per_node = resources.tasks_per_node(node.data_parallel);
             resources.cpus = defaults.cpus.map(|c| cap.map_or(c, |cap| c.min((cap / per_node).max(1))));
         }
         let resources = resources.over(&defaults);
-        let processes = resources.world_size();
+        let processes = resources.world_size(node.data_parallel);
         if processes > 1 && !node.data_parallel {
             bail!(
                 "stage `{}` asks for {processes} processes (nodes × tasks_per_node), but a `{}` stage runs as one; \
@@ -223,7 +232,7 @@ impl SlurmRun<'_> {
             args.push(format!("--nodes={nodes}"));
         }
         if processes > 1 {
-            args.push(format!("--ntasks-per-node={}", processes / resources.nodes.unwrap_or(1)));
+            args.push(format!("--ntasks-per-node={}", resources.tasks_per_node(node.data_parallel)));
         }
         if let Some(partition) = &resources.partition {
             args.push(format!("--partition={partition}"));
@@ -233,8 +242,9 @@ impl SlurmRun<'_> {
     }
 
     /// Proves once per cache that a job on a compute node can write into it
-    /// and this machine can read that back.
-    async fn check_shared(&self, slurm: &Slurm, dir: &SlurmDir, partition: Option<&str>) -> anyhow::Result<()> {
+    /// and this machine can read that back. `extra` are the first stage's
+    /// partition and `sbatch` arguments (an account the cluster requires).
+    async fn check_shared(&self, slurm: &Slurm, dir: &SlurmDir, extra: &[String]) -> anyhow::Result<()> {
         if dir.shared_marker().exists() {
             return Ok(());
         }
@@ -245,9 +255,7 @@ impl SlurmRun<'_> {
         let quoted = shell_quote(&marker.display().to_string());
         let command = format!("hostname > {quoted}.tmp && mv {quoted}.tmp {quoted}");
         let mut args = vec!["--job-name=swift-probe".to_string(), "--output=/dev/null".into(), "--time=5".into(), "--cpus-per-task=1".into(), "--chdir=/".into()];
-        if let Some(p) = partition {
-            args.push(format!("--partition={p}"));
-        }
+        args.extend_from_slice(extra);
         let id = slurm.submit_wrap(&args, &command).context("cannot submit the shared-cache probe job")?;
         let timeout = self.pipeline.manifest.pipeline.slurm.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT);
         let started = Instant::now();
@@ -282,7 +290,9 @@ impl SlurmRun<'_> {
     }
 
     /// Submits every miss in run order (or adopts a live job computing the
-    /// same recipe), holding the cache's submission lock.
+    /// same recipe), holding the cache's submission lock. `None` if
+    /// `interrupted` said so on the way (what was submitted is cancelled).
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         slurm: &Slurm,
@@ -291,13 +301,18 @@ impl SlurmRun<'_> {
         recipes: &HashMap<usize, StageKey>,
         resource_args: &HashMap<usize, Vec<String>>,
         plan_path: &Path,
-    ) -> anyhow::Result<HashMap<usize, Job>> {
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> anyhow::Result<Option<HashMap<usize, Job>>> {
         let pipeline = &self.pipeline;
         let exe = std::env::current_exe().context("cannot find swift's own executable")?;
         let _lock = dir.submit_lock().context("cannot take the cache's Slurm submission lock")?;
         let live = slurm.live_jobs("swift-", &dir.runs())?;
         let mut jobs: HashMap<usize, Job> = HashMap::new();
         for &i in pipeline.order.iter().filter(|i| misses.contains(i)) {
+            if interrupted() {
+                slurm.cancel(&own_ids(&jobs));
+                return Ok(None);
+            }
             let node = &pipeline.nodes[i];
             let recipe = recipes[&i].to_hex();
             let name = job_name(&node.name, &recipes[&i]);
@@ -334,7 +349,7 @@ impl SlurmRun<'_> {
                 }
             }
         }
-        Ok(jobs)
+        Ok(Some(jobs))
     }
 
     /// Polls the cache and the queue until every job settled; `true` if Ctrl-C stopped it.
@@ -344,6 +359,7 @@ impl SlurmRun<'_> {
         slurm: &Slurm,
         dir: &SlurmDir,
         mut jobs: HashMap<usize, Job>,
+        submitted_unix_ms: u64,
         states: &mut [State],
         outputs: &mut [Option<indexmap::IndexMap<String, Artifact>>],
         signals: &mut Signals,
@@ -375,7 +391,7 @@ impl SlurmRun<'_> {
                 let ready = node.deps().all(|d| matches!(states[d], State::Done { .. }));
                 let key = ready.then(|| self.key(i, outputs));
                 let job = jobs.get_mut(&i).expect("pending stages have jobs");
-                if let Some(state) = key.and_then(|key| self.completed(dir, job, &key, journal, i)) {
+                if let Some(state) = key.and_then(|key| self.completed(dir, job, &key, submitted_unix_ms, journal, i)) {
                     self.settle(i, state, states, outputs);
                     continue;
                 }
@@ -389,17 +405,17 @@ impl SlurmRun<'_> {
                     }
                     ended => {
                         // The entry may have landed between the lookup and squeue.
-                        if let Some(state) = key.and_then(|key| self.completed(dir, job, &key, journal, i)) {
+                        if let Some(state) = key.and_then(|key| self.completed(dir, job, &key, submitted_unix_ms, journal, i)) {
                             self.settle(i, state, states, outputs);
                             continue;
                         }
-                        let how = match ended {
-                            Some(state) => format!("{} ({})", state.state, state.reason),
-                            None => slurm.describe(&job.id).unwrap_or_else(|| "and Slurm no longer knows it".to_string()),
+                        let how = match ended.map(|state| format!("{} ({})", state.state, state.reason)).or_else(|| slurm.describe(&job.id)) {
+                            Some(state) => format!("ended {state}"),
+                            None => "is gone from Slurm's memory".to_string(),
                         };
                         let error = match dir.result(&job.id) {
                             Some(result) if result.status == "failed" => result.error.unwrap_or_default(),
-                            _ => format!("Slurm job {} ended {how} without storing the stage", job.id),
+                            _ => format!("Slurm job {} {how} without storing the stage", job.id),
                         };
                         let error = format!("{error}\n  log: {}{}", job.log.display(), log_tail(&job.log));
                         let seconds = dir.result(&job.id).map_or(0.0, |r| r.seconds);
@@ -423,11 +439,15 @@ impl SlurmRun<'_> {
         }
     }
 
-    /// The stage's state if its entry is in the cache.
-    fn completed(&self, dir: &SlurmDir, job: &Job, key: &StageKey, journal: &Journal, i: usize) -> Option<State> {
+    /// The stage's state if its entry is in the cache: `ran` if its job
+    /// stored it, `cached` if it was there before (the job then finds it too).
+    fn completed(&self, dir: &SlurmDir, job: &Job, key: &StageKey, submitted_unix_ms: u64, journal: &Journal, i: usize) -> Option<State> {
         let (entry, paths) = lookup(&self.store, key)?;
         let result = dir.result(&job.id);
-        let cached = result.as_ref().is_some_and(|r| r.status == "cached");
+        let cached = match &result {
+            Some(result) => result.status == "cached",
+            None => entry.provenance.started_unix_ms < submitted_unix_ms,
+        };
         let seconds = result.map_or(entry.provenance.seconds, |r| r.seconds);
         let status = if cached { StageStatus::Cached } else { StageStatus::Ran };
         if status == StageStatus::Ran {
@@ -444,8 +464,13 @@ impl SlurmRun<'_> {
         jobs.retain(|&i, _| matches!(states[i], State::Pending));
         slurm.cancel(&own_ids(jobs));
         if !why.is_empty() {
-            for &i in jobs.keys() {
-                states[i] = State::Skipped(why.to_string());
+            for (&i, job) in jobs.iter() {
+                let why = if job.adopted {
+                    format!("not waited for ({why}); its job {} belongs to another `swift run` and keeps running", job.id)
+                } else {
+                    why.to_string()
+                };
+                states[i] = State::Skipped(why);
                 announce(&self.pipeline, &*self.reporter, i, &states[i]);
             }
         }
@@ -474,11 +499,12 @@ struct Invocation<'a> {
 fn batch_script(swift: &Invocation<'_>, stage: &str, pipeline: &str, several: bool) -> String {
     let q = |p: &Path| shell_quote(&p.display().to_string());
     format!(
-        "#!/bin/sh\n# swift: stage `{stage}` of pipeline `{pipeline}`\nexec {}{} --cache {}{} exec-stage {} {}\n",
+        "#!/bin/sh\n# swift: stage `{stage}` of pipeline `{pipeline}`\nexec {}{} --cache {}{} exec-stage{} {} {}\n",
         if several { "srun --kill-on-bad-exit=1 " } else { "" },
         q(swift.exe),
         q(swift.cache),
         if swift.offline { " --offline" } else { "" },
+        if several { " --data-parallel" } else { "" },
         q(swift.plan),
         shell_quote(stage)
     )
@@ -528,7 +554,8 @@ mod tests {
         let script = batch_script(&swift, "fine", "law", false);
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(script.contains("exec '/opt/sw ift/swift' --cache '/shared/it'\\''s' --offline exec-stage '/c/plan.json' 'fine'\n"));
-        assert!(batch_script(&swift, "fine", "law", true).contains("exec srun --kill-on-bad-exit=1 '/opt/sw ift/swift' "));
+        let several = batch_script(&swift, "fine", "law", true);
+        assert!(several.contains("exec srun --kill-on-bad-exit=1 '/opt/sw ift/swift' ") && several.contains(" exec-stage --data-parallel "), "{several}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use swift_engine::kind::Cancelled;
 use swift_engine::world::World;
 
 /// The first bytes every rank sends rank 0: the protocol and its version.
@@ -34,8 +35,8 @@ impl Parallel {
     }
 
     /// Joins `world` (see [`Collective::join`]).
-    pub fn join(world: &World, timeout: Duration) -> anyhow::Result<Self> {
-        Ok(Self { world: world.clone(), collective: Collective::join(world, timeout)? })
+    pub fn join(world: &World, timeout: Duration, cancelled: &dyn Fn() -> bool) -> anyhow::Result<Self> {
+        Ok(Self { world: world.clone(), collective: Collective::join(world, timeout, cancelled)? })
     }
 }
 
@@ -51,8 +52,9 @@ pub enum Collective {
 
 impl Collective {
     /// Joins the world: rank 0 waits for every other rank, the others connect
-    /// to it (retrying while it starts), each within `timeout`.
-    pub fn join(world: &World, timeout: Duration) -> anyhow::Result<Self> {
+    /// to it (retrying while it starts), each within `timeout`; returns
+    /// [`Cancelled`] as soon as `cancelled` says so.
+    pub fn join(world: &World, timeout: Duration, cancelled: &dyn Fn() -> bool) -> anyhow::Result<Self> {
         if world.size <= 1 {
             return Ok(Self::Solo);
         }
@@ -74,6 +76,9 @@ impl Collective {
                         peers[rank - 1] = Some(stream);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if cancelled() {
+                            return Err(Cancelled.into());
+                        }
                         if Instant::now() > deadline {
                             let missing: Vec<String> = peers.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| (i + 1).to_string()).collect();
                             bail!("ranks {} did not join rank 0 on port {port} within {}s", missing.join(", "), timeout.as_secs());
@@ -89,6 +94,7 @@ impl Collective {
             let mut stream = loop {
                 match TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
                     Ok(stream) => break stream,
+                    Err(_) if cancelled() => return Err(Cancelled.into()),
                     Err(e) if Instant::now() > deadline => {
                         return Err(e).with_context(|| format!("rank {} cannot reach rank 0 at {host}:{port}", world.rank))
                     }
@@ -177,7 +183,7 @@ mod tests {
             .map(|rank| {
                 std::thread::spawn(move || {
                     let world = World { rank, size, local_rank: rank, master: ("localhost".into(), port) };
-                    let mut group = Collective::join(&world, Duration::from_secs(20)).unwrap();
+                    let mut group = Collective::join(&world, Duration::from_secs(20), &|| false).unwrap();
                     let mut values = vec![rank as f32 + 1.0, 0.1 * rank as f32, 1e8];
                     group.all_reduce_sum(&mut values).unwrap();
                     let mut again = vec![1.0; 2];
@@ -199,12 +205,15 @@ mod tests {
 
     #[test]
     fn a_world_of_one_changes_nothing_and_a_missing_rank_times_out() {
-        let mut solo = Collective::join(&World::single(), Duration::from_secs(1)).unwrap();
+        let mut solo = Collective::join(&World::single(), Duration::from_secs(1), &|| false).unwrap();
         let mut values = vec![1.5, -2.0];
         solo.all_reduce_sum(&mut values).unwrap();
         assert_eq!(values, [1.5, -2.0]);
         let world = World { rank: 0, size: 2, local_rank: 0, master: ("localhost".into(), free_port()) };
-        let error = Collective::join(&world, Duration::from_millis(300)).err().unwrap();
+        let error = Collective::join(&world, Duration::from_millis(300), &|| false).err().unwrap();
         assert!(format!("{error:#}").contains("ranks 1 did not join"), "{error:#}");
+        let follower = World { rank: 1, ..world };
+        let error = Collective::join(&follower, Duration::from_secs(60), &|| true).err().unwrap();
+        assert!(error.is::<Cancelled>(), "{error:#}");
     }
 }

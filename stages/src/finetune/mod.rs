@@ -392,7 +392,7 @@ impl StagePlan for FinetunePlan {
                 ctx.world.size
             );
         }
-        let mut parallel = Parallel::join(&ctx.world, JOIN_TIMEOUT)?;
+        let mut parallel = Parallel::join(&ctx.world, JOIN_TIMEOUT, &|| ctx.cancelled())?;
         let trainer = Trainer::new(decoder, &adapters, loader.dropout_state(), settings);
         let progress = |done: u64, total: u64, message: &str| ctx.progress(done, total, message);
         let cancelled = || ctx.cancelled();
