@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::util::Project;
+use crate::util::{Project, CHAIN};
 
 /// `SLURM_CONF` of the one-host cluster, started once per test binary.
 fn cluster() -> &'static str {
@@ -45,38 +45,12 @@ fn slurm_project(manifest: &str) -> Project {
     p
 }
 
-/// a → b → c, and d on its own; polled every 200 ms.
-const MICRO: &str = r#"
-[pipeline]
-name = "micro"
-executor = "slurm"
-
-[pipeline.slurm]
-poll = "200ms"
-
-[stages.a]
-kind = "test-step"
-text = "alpha"
-files = ["data/input.txt"]
-trace = "trace.log"
-
-[stages.b]
-kind = "test-step"
-text = "beta"
-inputs = ["a"]
-trace = "trace.log"
-
-[stages.c]
-kind = "test-step"
-text = "gamma"
-inputs = ["b"]
-trace = "trace.log"
-
-[stages.d]
-kind = "test-step"
-text = "delta"
-trace = "trace.log"
-"#;
+/// The chain a → b → c plus d of the other tests, under the Slurm executor,
+/// polled every 200 ms.
+fn micro() -> String {
+    let slurm = "name = \"micro\"\nexecutor = \"slurm\"\n\n[pipeline.slurm]\npoll = \"200ms\"\n";
+    CHAIN.replacen("name = \"chain\"\n", slurm, 1)
+}
 
 /// Live swift jobs of this project's cache (their batch scripts live under it).
 fn live_jobs(p: &Project) -> Vec<String> {
@@ -96,7 +70,7 @@ fn starts(p: &Project) -> std::collections::BTreeMap<String, usize> {
 
 #[test]
 fn a_micro_pipeline_under_slurm_matches_a_local_run_and_reruns_submit_nothing() {
-    let p = slurm_project(MICRO);
+    let p = slurm_project(&micro());
     let local = p.run("pipelines/micro.toml", &["--executor", "local", "--cache", ".local-cache"], 0);
     assert!(local.statuses().iter().all(|(_, s)| s == "ran"), "{local}");
     let local_lock = p.read("pipelines/micro.lock");
@@ -125,7 +99,7 @@ fn a_micro_pipeline_under_slurm_matches_a_local_run_and_reruns_submit_nothing() 
 
 #[test]
 fn a_failing_stage_cancels_what_remains_and_shows_its_log() {
-    let manifest = MICRO.replace("text = \"beta\"", "text = \"beta\"\nfail = true").replace("text = \"delta\"", "text = \"delta\"\nsleep_ms = 60000");
+    let manifest = micro().replace("text = \"beta\"", "text = \"beta\"\nfail = true").replace("text = \"delta\"", "text = \"delta\"\nsleep_ms = 60000");
     let p = slurm_project(&manifest);
     let started = Instant::now();
     let run = p.run("pipelines/micro.toml", &[], 1);
@@ -147,7 +121,7 @@ fn a_failing_stage_cancels_what_remains_and_shows_its_log() {
 
 #[test]
 fn kill_9_while_jobs_are_queued_then_rerun_resumes_without_duplicate_work() {
-    let manifest = MICRO.replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 3000");
+    let manifest = micro().replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 3000");
     let p = slurm_project(&manifest);
     let mut child = p.spawn(&["run", "pipelines/micro.toml"]);
     p.wait_for("the submission record", |p| p.path(".swift/slurm/pipelines").read_dir().is_ok_and(|mut d| d.next().is_some()));
@@ -163,7 +137,7 @@ fn kill_9_while_jobs_are_queued_then_rerun_resumes_without_duplicate_work() {
 
 #[test]
 fn two_concurrent_submissions_never_compute_a_stage_twice() {
-    let manifest = MICRO.replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 1500");
+    let manifest = micro().replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 1500");
     let p = slurm_project(&manifest);
     let one = p.spawn(&["run", "pipelines/micro.toml", "--json"]);
     let two = p.spawn(&["run", "pipelines/micro.toml", "--json"]);
@@ -176,7 +150,7 @@ fn two_concurrent_submissions_never_compute_a_stage_twice() {
 
 #[test]
 fn detach_returns_after_submission_and_status_shows_the_jobs() {
-    let manifest = MICRO.replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 2000");
+    let manifest = micro().replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 2000");
     let p = slurm_project(&manifest);
     let detached = p.run("pipelines/micro.toml", &["--detach"], 0);
     for (stage, status) in detached.statuses() {
@@ -203,7 +177,7 @@ fn detach_returns_after_submission_and_status_shows_the_jobs() {
 
 #[test]
 fn bad_clusters_and_resources_fail_before_anything_is_submitted() {
-    let p = slurm_project(MICRO);
+    let p = slurm_project(&micro());
     let empty = p.path("empty-bin");
     std::fs::create_dir_all(&empty).unwrap();
     p.set_env("PATH", &empty.display().to_string());
@@ -211,18 +185,18 @@ fn bad_clusters_and_resources_fail_before_anything_is_submitted() {
     assert!(run.stderr.contains("`sbatch`, and it is not on PATH"), "{run}");
     p.set_env("PATH", &std::env::var("PATH").unwrap());
 
-    let partition = MICRO.replace("[stages.d]\n", "[stages.d]\nresources = { partition = \"nope\" }\n");
+    let partition = micro().replace("[stages.d]\n", "[stages.d]\nresources = { partition = \"nope\" }\n");
     p.write("pipelines/micro.toml", &partition);
     let run = p.run("pipelines/micro.toml", &[], 1);
     assert!(run.stderr.contains("stage `d`: Slurm would not accept its job") && run.stderr.contains("--partition=nope"), "{run}");
     assert!(run.stderr.to_lowercase().contains("invalid partition"), "{run}");
 
-    let greedy = MICRO.replace("[pipeline.slurm]", "[pipeline.resources]\ncpus = 512\n\n[pipeline.slurm]");
+    let greedy = micro().replace("[pipeline.slurm]", "[pipeline.resources]\ncpus = 512\n\n[pipeline.slurm]");
     p.write("pipelines/micro.toml", &greedy);
     let run = p.run("pipelines/micro.toml", &[], 1);
     assert!(run.stderr.contains("Slurm would not accept its job") && run.stderr.contains("--cpus-per-task=512"), "{run}");
 
-    let bad_mem = MICRO.replace("[stages.d]\n", "[stages.d]\nresources = { mem = \"16GB\" }\n");
+    let bad_mem = micro().replace("[stages.d]\n", "[stages.d]\nresources = { mem = \"16GB\" }\n");
     p.write("pipelines/micro.toml", &bad_mem);
     let run = p.run("pipelines/micro.toml", &[], 2);
     assert!(run.stderr.contains("micro.toml:") && run.stderr.contains("not Slurm's memory syntax"), "{run}");
@@ -254,7 +228,7 @@ fn fake_slurm(dir: &Path) -> PathBuf {
 #[test]
 fn a_cache_the_compute_nodes_cannot_see_is_refused() {
     let p = Project::new();
-    p.write("pipelines/micro.toml", MICRO);
+    p.write("pipelines/micro.toml", &micro());
     p.write("data/input.txt", "input v1\n");
     let bin = fake_slurm(p.root());
     p.set_env("PATH", &format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()));
