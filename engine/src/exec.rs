@@ -10,6 +10,10 @@
 //!    folder, moves its outputs into the store and writes the action entry last.
 //! 5. The lock file is rewritten if its text changed; a run record is appended.
 //!
+//! With the Slurm executor (`--executor slurm`), steps 3 and 4 happen in
+//! [`crate::slurm`]: hits settle here, misses become jobs that run step 4 on a
+//! compute node; steps 1, 2 and 5 are the same.
+//!
 //! Ctrl-C (or SIGTERM) stops launching stages and asks running ones to stop; a
 //! second Ctrl-C exits at once. Either way nothing half-done is ever recorded:
 //! an entry exists only once all of a stage's outputs are stored, so an
