@@ -95,6 +95,11 @@ fn a_micro_pipeline_under_slurm_matches_a_local_run_and_reruns_submit_nothing() 
     let local_rerun = p.run("pipelines/micro.toml", &["--executor", "local"], 0);
     assert!(local_rerun.statuses().iter().all(|(_, s)| s == "cached"), "{local_rerun}");
     assert_eq!(starts(&p).values().copied().collect::<Vec<_>>(), [2, 2, 2, 2], "each stage ran once per cache");
+
+    // `--force` waits for the forced job's own entry, not the one already stored.
+    let forced = p.run("pipelines/micro.toml", &["--force", "b"], 0);
+    assert_eq!(forced.statuses(), [("a", "cached"), ("b", "ran"), ("c", "cached"), ("d", "cached")].map(|(s, t)| (s.to_string(), t.to_string())));
+    assert_eq!(starts(&p)["b"], 3, "{forced}");
 }
 
 #[test]

@@ -444,9 +444,13 @@ impl SlurmRun<'_> {
     fn completed(&self, dir: &SlurmDir, job: &Job, key: &StageKey, submitted_unix_ms: u64, journal: &Journal, i: usize) -> Option<State> {
         let (entry, paths) = lookup(&self.store, key)?;
         let result = dir.result(&job.id);
+        let earlier = entry.provenance.started_unix_ms < submitted_unix_ms;
+        if earlier && self.forced.contains(&i) && result.is_none() {
+            return None; // `--force`: wait for the entry its job writes
+        }
         let cached = match &result {
             Some(result) => result.status == "cached",
-            None => entry.provenance.started_unix_ms < submitted_unix_ms,
+            None => earlier,
         };
         let seconds = result.map_or(entry.provenance.seconds, |r| r.seconds);
         let status = if cached { StageStatus::Cached } else { StageStatus::Ran };
