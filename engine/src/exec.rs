@@ -627,12 +627,16 @@ impl StageTask {
     /// will never train), the rank is stopped and counts as done.
     pub(crate) fn follow(&self) -> anyhow::Result<()> {
         let private = self.store.scratch_dir(&self.key).with_extension(format!("rank{}", self.world.rank));
+        // Under `--force` an entry exists already: only a newer one means rank 0 is done.
+        let started = |store: &Store, key: &StageKey| store.read_action(key).ok().flatten().map(|e| e.provenance.started_unix_ms);
+        let before = started(&self.store, &self.key);
+        let stored = move |store: &Store, key: &StageKey| started(store, key).is_some_and(|t| before.is_none_or(|b| t > b));
         let finished = Arc::new(AtomicBool::new(false));
         let watcher = {
             let (store, key, cancel, finished) = (self.store.clone(), self.key, self.cancel.clone(), finished.clone());
             std::thread::spawn(move || {
                 while !finished.load(Ordering::Relaxed) {
-                    if store.read_action(&key).ok().flatten().is_some() {
+                    if stored(&store, &key) {
                         cancel.store(true, Ordering::Relaxed);
                         return;
                     }
@@ -645,7 +649,7 @@ impl StageTask {
         let _ = watcher.join();
         remove_tree(&private)?;
         match result {
-            Err(_) if lookup(&self.store, &self.key).is_some() => Ok(()),
+            Err(_) if stored(&self.store, &self.key) => Ok(()),
             other => other.map(|_| ()),
         }
     }

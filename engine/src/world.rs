@@ -6,8 +6,8 @@
 //! task by `srun`; each task reads its place from Slurm's variables:
 //! `SLURM_PROCID` (rank), `SLURM_NTASKS` (size), `SLURM_LOCALID` (rank on its
 //! node), and the first host of `SLURM_JOB_NODELIST` as rank 0's address. The
-//! port is `SWIFT_DP_PORT` if set, else derived from `SLURM_JOB_ID` so that two
-//! jobs sharing a node do not collide.
+//! port is `SWIFT_DP_PORT` if set, else 20000 + `SLURM_JOB_ID` mod 10000, so
+//! that two jobs sharing a node rarely collide (ranks also check the job id).
 
 use std::collections::HashMap;
 
@@ -22,6 +22,9 @@ pub struct World {
     pub local_rank: usize,
     /// Where rank 0 listens: host and port.
     pub master: (String, u16),
+    /// What the ranks of one job share and other jobs do not (the Slurm job
+    /// id): a rank of another job that reaches this port is turned away.
+    pub job: u64,
 }
 
 impl Default for World {
@@ -33,7 +36,7 @@ impl Default for World {
 impl World {
     /// A world of one: this process alone.
     pub fn single() -> Self {
-        Self { rank: 0, size: 1, local_rank: 0, master: ("127.0.0.1".to_string(), 0) }
+        Self { rank: 0, size: 1, local_rank: 0, master: ("127.0.0.1".to_string(), 0), job: 0 }
     }
 
     /// Whether this process writes results (rank 0).
@@ -59,19 +62,26 @@ impl World {
         let local_rank = number("SLURM_LOCALID")?.unwrap_or(0);
         let nodes = get("SLURM_STEP_NODELIST").or(get("SLURM_JOB_NODELIST")).ok_or("SLURM_JOB_NODELIST is not set")?;
         let host = first_host(nodes).ok_or_else(|| format!("cannot read the first host of the node list `{nodes}`"))?;
+        let job = number("SLURM_JOB_ID")?.unwrap_or(0) as u64;
         let port = match get("SWIFT_DP_PORT") {
             Some(p) => p.parse::<u16>().map_err(|_| format!("SWIFT_DP_PORT={p} is not a port"))?,
-            None => 29500 + (number("SLURM_JOB_ID")?.unwrap_or(0) % 10000) as u16,
+            // Below Linux's ephemeral ports (32768 and up).
+            None => 20000 + (job % 10000) as u16,
         };
-        Ok(Self { rank, size, local_rank, master: (host, port) })
+        Ok(Self { rank, size, local_rank, master: (host, port), job })
     }
 
-    /// Rank 0's socket address: its host name resolved, or, for a node name
-    /// the resolver does not know, the `NodeAddr` Slurm has for that node.
+    /// Rank 0's socket address (IPv4 first: rank 0 listens on IPv4): its host
+    /// name resolved, or, for a node name the resolver does not know, the
+    /// `NodeAddr` Slurm has for that node.
     pub fn master_address(&self) -> Result<std::net::SocketAddr, String> {
         use std::net::ToSocketAddrs;
         let (host, port) = (&self.master.0, self.master.1);
-        if let Some(address) = (host.as_str(), port).to_socket_addrs().ok().and_then(|mut a| a.next()) {
+        let first = |addresses: std::vec::IntoIter<std::net::SocketAddr>| {
+            let all: Vec<_> = addresses.collect();
+            all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
+        };
+        if let Some(address) = (host.as_str(), port).to_socket_addrs().ok().and_then(first) {
             return Ok(address);
         }
         let out = std::process::Command::new("scontrol")
@@ -81,7 +91,7 @@ impl World {
         let text = String::from_utf8_lossy(&out.stdout);
         let node_addr = text.split_whitespace().find_map(|f| f.strip_prefix("NodeAddr="));
         node_addr
-            .and_then(|a| (a, port).to_socket_addrs().ok()?.next())
+            .and_then(|a| first((a, port).to_socket_addrs().ok()?))
             .ok_or_else(|| format!("cannot resolve rank 0's host `{host}` (not by name, not by Slurm's NodeAddr)"))
     }
 
@@ -151,7 +161,7 @@ mod tests {
             ("SLURM_JOB_ID", "123456"),
         ]))
         .unwrap();
-        assert_eq!(world, World { rank: 5, size: 8, local_rank: 1, master: ("gpu01".into(), 29500 + 3456) });
+        assert_eq!(world, World { rank: 5, size: 8, local_rank: 1, master: ("gpu01".into(), 20000 + 3456), job: 123456 });
         assert!(!world.is_leader());
         let pinned = World::from_slurm(&vars(&[("SLURM_NTASKS", "2"), ("SLURM_PROCID", "0"), ("SLURM_JOB_NODELIST", "n1"), ("SWIFT_DP_PORT", "4000")])).unwrap();
         assert_eq!(pinned.master, ("n1".into(), 4000));
@@ -169,7 +179,7 @@ mod tests {
         for size in 1..=4 {
             for rows in [0, 1, 4, 7, 8] {
                 let mut seen: Vec<usize> = (0..size)
-                    .flat_map(|rank| World { rank, size, local_rank: 0, master: ("h".into(), 1) }.shard(rows).collect::<Vec<_>>())
+                    .flat_map(|rank| World { rank, size, local_rank: 0, master: ("h".into(), 1), job: 1 }.shard(rows).collect::<Vec<_>>())
                     .collect();
                 seen.sort_unstable();
                 assert_eq!(seen, (0..rows).collect::<Vec<_>>(), "{size} ranks over {rows} rows");

@@ -35,6 +35,11 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let rank = if world.size > 1 { format!(", rank {} of {}", world.rank, world.size) } else { String::new() };
     eprintln!("swift: stage `{}` of pipeline `{}` on {}{rank}", args.stage, pipeline.manifest.name, hostname());
     let result = job::run_job(pipeline, store, &plan, &args.stage, reporters::for_terminal(), args.data_parallel);
+    if result.status == "failed" && world.rank != 0 {
+        // Every rank may fail alike: let rank 0 record why before `srun
+        // --kill-on-bad-exit` stops it.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
     job::check(&result)?;
     eprintln!("swift: stage `{}` {} in {:.1}s", args.stage, result.status, result.seconds);
     Ok(Exit::Success)

@@ -288,6 +288,11 @@ fn a_finetune_trains_data_parallel_over_two_slurm_tasks_and_resumes_at_another_w
     assert!(difference < 1e-4, "two ranks trained another adapter: max difference {difference}");
     let logs = std::fs::read_dir(p.path(".swift/slurm/logs")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect::<String>();
     assert!(logs.contains("rank 1 of 2") && logs.contains("rank 0 of 2"), "{logs}");
+    // Forced, both ranks train again (the entry already stored does not stop rank 1).
+    let started = Instant::now();
+    let forced = p.run("pipelines/tune.toml", &["--executor", "slurm", "--force", "tune"], 0);
+    assert_eq!(forced.status("tune"), "ran", "{forced}");
+    assert!(started.elapsed() < Duration::from_secs(120), "{forced}");
 
     // Interrupted with two ranks, resumed with one.
     let p = project(&dp);

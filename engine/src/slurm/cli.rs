@@ -26,6 +26,11 @@ impl JobState {
         )
     }
 
+    /// Whether another run may wait on it: queued or running, not on its way out.
+    pub fn is_adoptable(&self) -> bool {
+        matches!(self.state.as_str(), "PENDING" | "RUNNING" | "CONFIGURING" | "SUSPENDED" | "REQUEUED")
+    }
+
     /// Whether it is running now.
     pub fn is_running(&self) -> bool {
         matches!(self.state.as_str(), "RUNNING" | "COMPLETING")
@@ -110,7 +115,7 @@ impl Slurm {
         }
     }
 
-    /// Live jobs whose names start with `prefix` and whose batch scripts lie
+    /// Queued or running jobs whose names start with `prefix` and whose batch scripts lie
     /// under `scripts` (so jobs of another cache never match): name → id.
     pub fn live_jobs(&self, prefix: &str, scripts: &Path) -> anyhow::Result<HashMap<String, String>> {
         let out = self.call("squeue", &["-h".to_string(), "-o".to_string(), "%i|%j|%T|%o".to_string()])?;
@@ -119,7 +124,7 @@ impl Slurm {
             let fields: Vec<&str> = line.trim().splitn(4, '|').collect();
             if let [id, name, state, command] = fields[..] {
                 let state = JobState { state: state.to_string(), reason: String::new() };
-                if name.starts_with(prefix) && state.is_live() && Path::new(command).starts_with(scripts) {
+                if name.starts_with(prefix) && state.is_adoptable() && Path::new(command).starts_with(scripts) {
                     jobs.insert(name.to_string(), id.to_string());
                 }
             }

@@ -111,7 +111,7 @@ fn compute(
         cancel,
     };
     if !world.is_leader() {
-        if lookup(store, &key).is_some() {
+        if !task.force && lookup(store, &key).is_some() {
             return Ok(("cached", key.to_hex()));
         }
         task.follow().map_err(|e| (Some(key.to_hex()), e))?;

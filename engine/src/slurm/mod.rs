@@ -43,6 +43,13 @@ const DEFAULT_POLL: Duration = Duration::from_secs(2);
 const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Lines of a failed job's log shown in the error.
 const LOG_TAIL_LINES: usize = 15;
+/// How long a file a job says it wrote may take to show on a shared
+/// filesystem (NFS caches directory listings for up to a minute).
+const VISIBILITY_GRACE: Duration = Duration::from_secs(60);
+/// How long a completed probe's marker may take to show here.
+const PROBE_VISIBILITY_GRACE: Duration = Duration::from_secs(5);
+/// `squeue` failures in a row before the run gives up.
+const MAX_SQUEUE_FAILURES: usize = 30;
 
 /// One `swift run` under the Slurm executor.
 pub(crate) struct SlurmRun<'a> {
@@ -62,6 +69,8 @@ struct Job {
     log: PathBuf,
     adopted: bool,
     seen_running: bool,
+    /// When the waiter first saw it ended without an entry.
+    ended: Option<Instant>,
 }
 
 impl SlurmRun<'_> {
@@ -117,10 +126,10 @@ impl SlurmRun<'_> {
             }
             resource_args.insert(i, args);
         }
-        let first = &pipeline.nodes[*misses.first().expect("misses is not empty")].resources;
+        let first_miss = pipeline.order.iter().find(|i| misses.contains(i)).expect("misses is not empty");
+        let first = &pipeline.nodes[*first_miss].resources;
         let probe_args: Vec<String> = first.partition.iter().map(|p| format!("--partition={p}")).chain(first.sbatch.iter().cloned()).collect();
-        self.check_shared(&slurm, &dir, &probe_args).await?;
-        if signals.pending() {
+        if !self.check_shared(&slurm, &dir, &probe_args, &mut signals).await? || signals.pending() {
             self.reporter.note("interrupted before anything was submitted");
             return Ok((states, true));
         }
@@ -161,7 +170,9 @@ impl SlurmRun<'_> {
                 })
                 .collect(),
         };
-        files::write_json(&dir.submission_path(&pipeline.manifest.path), &submission).context("cannot record the submission")?;
+        if let Err(e) = files::write_json(&dir.submission_path(&pipeline.manifest.path), &submission) {
+            self.reporter.note(&format!("could not record the submission for `swift status` (the jobs run regardless): {e}"));
+        }
 
         if self.options.detach {
             let queued = slurm.states(&jobs.values().map(|j| j.id.clone()).collect::<Vec<_>>()).unwrap_or_default();
@@ -171,7 +182,7 @@ impl SlurmRun<'_> {
             }
             return Ok((states, false));
         }
-        let interrupted = self.wait(&slurm, &dir, jobs, submitted_unix_ms, &mut states, &mut outputs, &mut signals, journal).await;
+        let interrupted = self.wait(&slurm, &dir, jobs, submitted_unix_ms, &mut states, &mut outputs, &mut signals, journal).await?;
         Ok((states, interrupted))
     }
 
@@ -244,9 +255,10 @@ impl SlurmRun<'_> {
     /// Proves once per cache that a job on a compute node can write into it
     /// and this machine can read that back. `extra` are the first stage's
     /// partition and `sbatch` arguments (an account the cluster requires).
-    async fn check_shared(&self, slurm: &Slurm, dir: &SlurmDir, extra: &[String]) -> anyhow::Result<()> {
+    /// `false` if interrupted (the probe job is cancelled).
+    async fn check_shared(&self, slurm: &Slurm, dir: &SlurmDir, extra: &[String], signals: &mut Signals) -> anyhow::Result<bool> {
         if dir.shared_marker().exists() {
-            return Ok(());
+            return Ok(true);
         }
         let root = self.store.root().display().to_string();
         self.reporter.note("checking that the compute nodes see this cache (one short probe job, once per cache)");
@@ -259,34 +271,42 @@ impl SlurmRun<'_> {
         let id = slurm.submit_wrap(&args, &command).context("cannot submit the shared-cache probe job")?;
         let timeout = self.pipeline.manifest.pipeline.slurm.probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT);
         let started = Instant::now();
-        loop {
-            if marker.exists() {
-                break;
-            }
-            let live = slurm.states(std::slice::from_ref(&id))?.get(&id).is_some_and(JobState::is_live);
-            if !live {
-                if marker.exists() {
-                    break;
+        let mut ended: Option<(Instant, String)> = None;
+        while !marker.exists() {
+            if ended.is_none() && !slurm.states(std::slice::from_ref(&id))?.get(&id).is_some_and(JobState::is_live) {
+                let how = slurm.describe(&id).unwrap_or_else(|| "Slurm no longer knows it".to_string());
+                if !how.starts_with("COMPLETED") {
+                    bail!("the shared-cache probe job {id} did not complete: {how}\n  the first stage's partition and `sbatch` arguments were used; check them with `sbatch --wrap true`");
                 }
-                bail!(
-                    "the cache at {root} is not shared with the compute nodes: probe job {id} ended ({}), but what it wrote into the cache \
-                     cannot be seen from this machine\n  put the cache on a filesystem every node mounts at the same path (`--cache DIR` or SWIFT_CACHE)",
-                    slurm.describe(&id).unwrap_or_else(|| "Slurm no longer knows it".to_string())
-                );
+                ended = Some((Instant::now(), how));
             }
-            if started.elapsed() > timeout {
-                slurm.cancel(std::slice::from_ref(&id));
-                bail!(
-                    "the shared-cache probe job {id} did not run within {}: the queue is busy\n  run again later, or raise `[pipeline.slurm] probe_timeout`",
-                    humantime::format_duration(timeout)
-                );
+            match &ended {
+                // A completed probe's file may show late on a shared filesystem.
+                Some((when, how)) if when.elapsed() >= PROBE_VISIBILITY_GRACE => bail!(
+                    "the cache at {root} is not shared with the compute nodes: probe job {id} ended ({how}), but what it wrote into the cache \
+                     cannot be seen from this machine\n  put the cache on a filesystem every node mounts at the same path (`--cache DIR` or SWIFT_CACHE)"
+                ),
+                None if started.elapsed() > timeout => {
+                    slurm.cancel(std::slice::from_ref(&id));
+                    bail!(
+                        "the shared-cache probe job {id} did not run within {}: the queue is busy\n  run again later, or raise `[pipeline.slurm] probe_timeout`",
+                        humantime::format_duration(timeout)
+                    );
+                }
+                _ => {}
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                _ = signals.next() => {
+                    slurm.cancel(std::slice::from_ref(&id));
+                    return Ok(false);
+                }
+            }
         }
         let node = std::fs::read_to_string(&marker).unwrap_or_default().trim().to_string();
         let _ = std::fs::remove_file(&marker);
         files::write_json(&dir.shared_marker(), &serde_json::json!({"checked_unix_ms": unix_ms(), "job": id, "node": node}))?;
-        Ok(())
+        Ok(true)
     }
 
     /// Submits every miss in run order (or adopts a live job computing the
@@ -318,9 +338,11 @@ impl SlurmRun<'_> {
             let name = job_name(&node.name, &recipes[&i]);
             let pattern = dir.log_pattern(&node.name, &recipe[..12]);
             let log_of = |id: &str| PathBuf::from(pattern.display().to_string().replace("%j", id));
-            if let (Some(id), false) = (live.get(&name), self.forced.contains(&i)) {
+            // A live job is adopted only if it waits on nothing this run submits anew.
+            let parents_adopted = node.deps().all(|d| jobs.get(&d).is_none_or(|j| j.adopted));
+            if let (Some(id), false, true) = (live.get(&name), self.forced.contains(&i), parents_adopted) {
                 self.reporter.note(&format!("{}: waiting on job {id}, which another `swift run` submitted", node.name));
-                jobs.insert(i, Job { id: id.clone(), log: log_of(id), adopted: true, seen_running: false });
+                jobs.insert(i, Job { id: id.clone(), log: log_of(id), adopted: true, seen_running: false, ended: None });
                 continue;
             }
             let script = plan_path.with_file_name(format!("{}.sh", node.name));
@@ -341,7 +363,7 @@ impl SlurmRun<'_> {
             match slurm.submit(&args, &script) {
                 Ok(id) => {
                     self.reporter.note(&format!("{}: submitted job {id}", node.name));
-                    jobs.insert(i, Job { log: log_of(&id), id, adopted: false, seen_running: false });
+                    jobs.insert(i, Job { log: log_of(&id), id, adopted: false, seen_running: false, ended: None });
                 }
                 Err(error) => {
                     slurm.cancel(&own_ids(&jobs));
@@ -364,26 +386,40 @@ impl SlurmRun<'_> {
         outputs: &mut [Option<indexmap::IndexMap<String, Artifact>>],
         signals: &mut Signals,
         journal: &Journal,
-    ) -> bool {
+    ) -> anyhow::Result<bool> {
         let pipeline = self.pipeline.clone();
         let poll = pipeline.manifest.pipeline.slurm.poll.unwrap_or(DEFAULT_POLL);
+        let mut squeue_failures = 0;
         loop {
             let pending: Vec<usize> = pipeline.order.iter().copied().filter(|i| jobs.contains_key(i) && matches!(states[*i], State::Pending)).collect();
             if pending.is_empty() {
-                return false;
+                return Ok(false);
             }
             let ids: Vec<String> = pending.iter().map(|i| jobs[i].id.clone()).collect();
             let queue = match slurm.states(&ids) {
-                Ok(queue) => Some(queue),
-                Err(e) => {
+                Ok(queue) => {
+                    squeue_failures = 0;
+                    Some(queue)
+                }
+                Err(e) if squeue_failures < MAX_SQUEUE_FAILURES => {
+                    squeue_failures += 1;
                     self.reporter.note(&format!("squeue failed (trying again): {e:#}"));
                     None
+                }
+                Err(e) => {
+                    self.cancel_rest(slurm, &mut jobs, states, "");
+                    return Err(e.context(format!("squeue failed {MAX_SQUEUE_FAILURES} times in a row; this run's jobs are cancelled")));
                 }
             };
             let mut failed: Option<String> = None;
             for &i in &pending {
                 let node = &pipeline.nodes[i];
                 if let Some(dep) = node.deps().find(|&d| matches!(states[d], State::Failed { .. } | State::Skipped(_))) {
+                    // Slurm drops a job whose parent failed; a parent that
+                    // failed only in swift's eyes (publish) needs a cancel.
+                    if !jobs[&i].adopted {
+                        slurm.cancel(std::slice::from_ref(&jobs[&i].id));
+                    }
                     let why = format!("upstream stage `{}` did not complete", pipeline.nodes[dep].name);
                     self.settle(i, State::Skipped(why), states, outputs);
                     continue;
@@ -391,61 +427,89 @@ impl SlurmRun<'_> {
                 let ready = node.deps().all(|d| matches!(states[d], State::Done { .. }));
                 let key = ready.then(|| self.key(i, outputs));
                 let job = jobs.get_mut(&i).expect("pending stages have jobs");
-                if let Some(state) = key.and_then(|key| self.completed(dir, job, &key, submitted_unix_ms, journal, i)) {
-                    self.settle(i, state, states, outputs);
-                    continue;
-                }
-                let Some(queue) = &queue else { continue };
-                match queue.get(&job.id) {
-                    Some(state) if state.is_live() => {
-                        if state.is_running() && !job.seen_running {
-                            job.seen_running = true;
-                            self.reporter.stage_started(&node.name, &node.kind);
+                let state = match key.and_then(|key| self.completed(dir, job, &key, submitted_unix_ms, journal, i)) {
+                    Some(state) => state,
+                    None => {
+                        let Some(queue) = &queue else { continue };
+                        match queue.get(&job.id) {
+                            Some(state) if state.is_live() => {
+                                if state.is_running() && !job.seen_running {
+                                    job.seen_running = true;
+                                    self.reporter.stage_started(&node.name, &node.kind);
+                                }
+                                continue;
+                            }
+                            ended => {
+                                let ended = ended.map(|state| format!("{} ({})", state.state, state.reason)).or_else(|| slurm.describe(&job.id));
+                                match self.ended_without_entry(dir, job, key, ended) {
+                                    Some(state) => state,
+                                    None => continue,
+                                }
+                            }
                         }
                     }
-                    ended => {
-                        // The entry may have landed between the lookup and squeue.
-                        if let Some(state) = key.and_then(|key| self.completed(dir, job, &key, submitted_unix_ms, journal, i)) {
-                            self.settle(i, state, states, outputs);
-                            continue;
-                        }
-                        let how = match ended.map(|state| format!("{} ({})", state.state, state.reason)).or_else(|| slurm.describe(&job.id)) {
-                            Some(state) => format!("ended {state}"),
-                            None => "is gone from Slurm's memory".to_string(),
-                        };
-                        let error = match dir.result(&job.id) {
-                            Some(result) if result.status == "failed" => result.error.unwrap_or_default(),
-                            _ => format!("Slurm job {} {how} without storing the stage", job.id),
-                        };
-                        let error = format!("{error}\n  log: {}{}", job.log.display(), log_tail(&job.log));
-                        let seconds = dir.result(&job.id).map_or(0.0, |r| r.seconds);
-                        self.settle(i, State::Failed { key, error, seconds }, states, outputs);
-                        failed.get_or_insert_with(|| node.name.clone());
-                    }
+                };
+                self.settle(i, state, states, outputs);
+                if matches!(states[i], State::Failed { .. }) {
+                    failed.get_or_insert_with(|| node.name.clone());
                 }
             }
             if let Some(stage) = failed {
                 self.cancel_rest(slurm, &mut jobs, states, &format!("cancelled: stage `{stage}` failed"));
-                return false;
+                return Ok(false);
             }
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
                 _ = signals.next() => {
                     self.reporter.note("interrupted: cancelling this run's Slurm jobs");
                     self.cancel_rest(slurm, &mut jobs, states, "");
-                    return true;
+                    return Ok(true);
                 }
             }
         }
     }
 
+    /// A job Slurm says ended (`how`: its state, or `None` once Slurm forgot
+    /// it) while its entry is not to be seen: the stage failed, unless the job
+    /// says it stored the entry, which a shared filesystem may show late
+    /// (then `None`: look again, for up to [`VISIBILITY_GRACE`]).
+    fn ended_without_entry(&self, dir: &SlurmDir, job: &mut Job, key: Option<StageKey>, how: Option<String>) -> Option<State> {
+        let result = dir.result(&job.id);
+        let stored = result.as_ref().is_some_and(|r| r.status == "ran" || r.status == "cached")
+            || how.as_deref().is_some_and(|h| h.starts_with("COMPLETED"));
+        let ended = *job.ended.get_or_insert_with(Instant::now);
+        if stored && ended.elapsed() < VISIBILITY_GRACE {
+            return None;
+        }
+        let how = match how {
+            Some(state) => format!("ended {state}"),
+            None => "is gone from Slurm's memory".to_string(),
+        };
+        let error = match &result {
+            Some(result) if result.status == "failed" => result.error.clone().unwrap_or_default(),
+            Some(_) if stored => format!(
+                "Slurm job {} {how} and says it stored the stage, but its entry is not in the cache {}s later (is the cache on a shared filesystem every node sees at once?)",
+                job.id,
+                VISIBILITY_GRACE.as_secs()
+            ),
+            _ => format!("Slurm job {} {how} without storing the stage", job.id),
+        };
+        let error = format!("{error}\n  log: {}{}", job.log.display(), log_tail(&job.log));
+        Some(State::Failed { key, error, seconds: result.map_or(0.0, |r| r.seconds) })
+    }
+
     /// The stage's state if its entry is in the cache: `ran` if its job
     /// stored it, `cached` if it was there before (the job then finds it too).
+    /// A job that recorded a failure is not done, whatever entry exists; a
+    /// forced stage waits for an entry its job wrote.
     fn completed(&self, dir: &SlurmDir, job: &Job, key: &StageKey, submitted_unix_ms: u64, journal: &Journal, i: usize) -> Option<State> {
-        let (entry, paths) = lookup(&self.store, key)?;
         let result = dir.result(&job.id);
+        if result.as_ref().is_some_and(|r| r.status == "failed") {
+            return None;
+        }
+        let (entry, paths) = lookup(&self.store, key)?;
         let earlier = entry.provenance.started_unix_ms < submitted_unix_ms;
-        if earlier && self.forced.contains(&i) && result.is_none() {
+        if earlier && self.forced.contains(&i) {
             return None; // `--force`: wait for the entry its job writes
         }
         let cached = match &result {
@@ -502,9 +566,13 @@ struct Invocation<'a> {
 /// per task through `srun` when the job runs several processes.
 fn batch_script(swift: &Invocation<'_>, stage: &str, pipeline: &str, several: bool) -> String {
     let q = |p: &Path| shell_quote(&p.display().to_string());
+    let pipeline: String = pipeline.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     format!(
-        "#!/bin/sh\n# swift: stage `{stage}` of pipeline `{pipeline}`\nexec {}{} --cache {}{} exec-stage{} {} {}\n",
-        if several { "srun --kill-on-bad-exit=1 " } else { "" },
+        "#!/bin/sh\n# swift: stage `{stage}` of pipeline `{pipeline}`\n\
+         # compute with the CPUs the job was given (srun does not pass --cpus-per-task on since Slurm 22.05)\n\
+         if [ -n \"$SLURM_CPUS_PER_TASK\" ]; then export RAYON_NUM_THREADS=\"$SLURM_CPUS_PER_TASK\"; fi\n\
+         exec {}{} --cache {}{} exec-stage{} {} {}\n",
+        if several { "srun --kill-on-bad-exit=1 --cpus-per-task=\"$SLURM_CPUS_PER_TASK\" " } else { "" },
         q(swift.exe),
         q(swift.cache),
         if swift.offline { " --offline" } else { "" },
@@ -559,7 +627,9 @@ mod tests {
         assert!(script.starts_with("#!/bin/sh\n"));
         assert!(script.contains("exec '/opt/sw ift/swift' --cache '/shared/it'\\''s' --offline exec-stage '/c/plan.json' 'fine'\n"));
         let several = batch_script(&swift, "fine", "law", true);
-        assert!(several.contains("exec srun --kill-on-bad-exit=1 '/opt/sw ift/swift' ") && several.contains(" exec-stage --data-parallel "), "{several}");
+        assert!(several.contains("exec srun --kill-on-bad-exit=1 --cpus-per-task=\"$SLURM_CPUS_PER_TASK\" '/opt/sw ift/swift' "), "{several}");
+        assert!(several.contains(" exec-stage --data-parallel "), "{several}");
+        assert!(batch_script(&swift, "fine", "la\nw", false).contains("of pipeline `la w`"));
     }
 
     #[test]

@@ -186,7 +186,17 @@ impl Trainer {
             self.dropout.eval();
             if parallel.world.size > 1 {
                 let mut flat: Vec<f32> = grads.iter().flatten().copied().chain([loss_sum as f32]).collect();
-                parallel.collective.all_reduce_sum(&mut flat).with_context(|| format!("sharing the gradients of step {}", step + 1))?;
+                if let Err(error) = parallel.collective.all_reduce_sum(step as u64, &mut flat) {
+                    // A rank that stopped for Ctrl-C or scancel breaks the exchange:
+                    // stop cleanly too, nothing of this step applied yet.
+                    if (hooks.cancelled)() {
+                        if leader {
+                            self.save(scratch, step, &optimizer, &log)?;
+                        }
+                        return Err(Cancelled.into());
+                    }
+                    return Err(error.context(format!("sharing the gradients of step {}", step + 1)));
+                }
                 let mut values = flat.iter();
                 for grad in &mut grads {
                     grad.iter_mut().for_each(|g| *g = *values.next().expect("as many values as sent"));
