@@ -330,3 +330,26 @@ fn a_finetune_trains_data_parallel_across_two_nodes() {
     let logs = std::fs::read_dir(p.path(".swift/slurm/logs")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect::<String>();
     assert!(logs.contains("rank 0 of 2") && logs.contains("rank 1 of 2"), "{logs}");
 }
+
+#[test]
+fn jobs_adopted_from_a_run_that_is_then_interrupted_are_submitted_again() {
+    let manifest = micro().replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 4000");
+    let p = slurm_project(&manifest);
+    let record = |p: &Project| {
+        let dir = p.path(".swift/slurm/pipelines");
+        std::fs::read_dir(dir).ok().and_then(|mut d| d.next()).map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default()).unwrap_or_default()
+    };
+    let owner = p.spawn(&["run", "pipelines/micro.toml"]);
+    p.wait_for("the owner's submission", |p| record(p).contains("\"adopted\": false"));
+    let adopter = p.spawn(&["run", "pipelines/micro.toml", "--json"]);
+    p.wait_for("the second run to adopt the jobs", |p| record(p).contains("\"adopted\": true"));
+    Command::new("kill").args(["-INT", &owner.id().to_string()]).status().unwrap();
+    let owner = owner.wait_with_output().unwrap();
+    assert_eq!(owner.status.code(), Some(130), "{}", String::from_utf8_lossy(&owner.stderr));
+    let adopter = adopter.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&adopter.stderr);
+    assert!(adopter.status.success(), "{stderr}");
+    assert!(stderr.contains("submitting it again"), "{stderr}");
+    let rerun = p.run("pipelines/micro.toml", &[], 0);
+    assert!(rerun.statuses().iter().all(|(_, s)| s == "cached"), "{rerun}");
+}

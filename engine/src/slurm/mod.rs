@@ -150,7 +150,16 @@ impl SlurmRun<'_> {
         files::write_json(&plan_path, &plan).context("cannot write the Slurm run plan")?;
 
         let submitted_unix_ms = unix_ms();
-        let Some(jobs) = self.submit(&slurm, &dir, &misses, &recipes, &resource_args, &plan_path, &mut || signals.pending())? else {
+        let sub = Submitter {
+            slurm: &slurm,
+            dir: &dir,
+            recipes: &recipes,
+            resource_args: &resource_args,
+            plan: &plan_path,
+            exe: std::env::current_exe().context("cannot find swift's own executable")?,
+            stage_names: pipeline.nodes.iter().map(|n| n.name.clone()).collect(),
+        };
+        let Some(jobs) = self.submit(&sub, &misses, &mut || signals.pending())? else {
             self.reporter.note("interrupted: the jobs submitted so far are cancelled");
             return Ok((states, true));
         };
@@ -182,7 +191,7 @@ impl SlurmRun<'_> {
             }
             return Ok((states, false));
         }
-        let interrupted = self.wait(&slurm, &dir, jobs, submitted_unix_ms, &mut states, &mut outputs, &mut signals, journal).await?;
+        let interrupted = self.wait(&sub, jobs, submitted_unix_ms, &mut states, &mut outputs, &mut signals, journal).await?;
         Ok((states, interrupted))
     }
 
@@ -312,61 +321,31 @@ impl SlurmRun<'_> {
     /// Submits every miss in run order (or adopts a live job computing the
     /// same recipe), holding the cache's submission lock. `None` if
     /// `interrupted` said so on the way (what was submitted is cancelled).
-    #[allow(clippy::too_many_arguments)]
-    fn submit(
-        &self,
-        slurm: &Slurm,
-        dir: &SlurmDir,
-        misses: &BTreeSet<usize>,
-        recipes: &HashMap<usize, StageKey>,
-        resource_args: &HashMap<usize, Vec<String>>,
-        plan_path: &Path,
-        interrupted: &mut dyn FnMut() -> bool,
-    ) -> anyhow::Result<Option<HashMap<usize, Job>>> {
+    fn submit(&self, sub: &Submitter<'_>, misses: &BTreeSet<usize>, interrupted: &mut dyn FnMut() -> bool) -> anyhow::Result<Option<HashMap<usize, Job>>> {
         let pipeline = &self.pipeline;
-        let exe = std::env::current_exe().context("cannot find swift's own executable")?;
-        let _lock = dir.submit_lock().context("cannot take the cache's Slurm submission lock")?;
-        let live = slurm.live_jobs("swift-", &dir.runs())?;
+        let _lock = sub.dir.submit_lock().context("cannot take the cache's Slurm submission lock")?;
+        let live = sub.slurm.live_jobs("swift-", &sub.dir.runs())?;
         let mut jobs: HashMap<usize, Job> = HashMap::new();
         for &i in pipeline.order.iter().filter(|i| misses.contains(i)) {
             if interrupted() {
-                slurm.cancel(&own_ids(&jobs));
+                sub.slurm.cancel(&own_ids(&jobs));
                 return Ok(None);
             }
             let node = &pipeline.nodes[i];
-            let recipe = recipes[&i].to_hex();
-            let name = job_name(&node.name, &recipes[&i]);
-            let pattern = dir.log_pattern(&node.name, &recipe[..12]);
-            let log_of = |id: &str| PathBuf::from(pattern.display().to_string().replace("%j", id));
             // A live job is adopted only if it waits on nothing this run submits anew.
             let parents_adopted = node.deps().all(|d| jobs.get(&d).is_none_or(|j| j.adopted));
-            if let (Some(id), false, true) = (live.get(&name), self.forced.contains(&i), parents_adopted) {
+            if let (Some(id), false, true) = (live.get(&sub.name(i)), self.forced.contains(&i), parents_adopted) {
                 self.reporter.note(&format!("{}: waiting on job {id}, which another `swift run` submitted", node.name));
-                jobs.insert(i, Job { id: id.clone(), log: log_of(id), adopted: true, seen_running: false, ended: None });
+                jobs.insert(i, Job { id: id.clone(), log: sub.log(i, id), adopted: true, seen_running: false, ended: None });
                 continue;
             }
-            let script = plan_path.with_file_name(format!("{}.sh", node.name));
-            let processes = resource_args[&i].iter().any(|a| a.starts_with("--ntasks-per-node="));
-            let swift = Invocation { exe: &exe, cache: &std::path::absolute(self.store.root())?, offline: self.options.offline, plan: plan_path };
-            std::fs::write(&script, batch_script(&swift, &node.name, &pipeline.manifest.name, processes))
-                .with_context(|| format!("cannot write {}", script.display()))?;
-            let mut args = resource_args[&i].clone();
-            args.push(format!("--job-name={name}"));
-            args.push(format!("--output={}", pattern.display()));
-            args.push(format!("--chdir={}", pipeline.manifest.root.display()));
-            args.push("--kill-on-invalid-dep=yes".to_string());
-            let parents: Vec<&str> = node.deps().filter_map(|d| jobs.get(&d)).map(|j| j.id.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
-            if !parents.is_empty() {
-                args.push(format!("--dependency=afterok:{}", parents.join(":")));
-            }
-            std::fs::create_dir_all(pattern.parent().expect("logs folder"))?;
-            match slurm.submit(&args, &script) {
-                Ok(id) => {
-                    self.reporter.note(&format!("{}: submitted job {id}", node.name));
-                    jobs.insert(i, Job { log: log_of(&id), id, adopted: false, seen_running: false, ended: None });
+            let parents: Vec<String> = node.deps().filter_map(|d| jobs.get(&d)).map(|j| j.id.clone()).collect();
+            match self.submit_one(sub, i, &parents) {
+                Ok(job) => {
+                    jobs.insert(i, job);
                 }
                 Err(error) => {
-                    slurm.cancel(&own_ids(&jobs));
+                    sub.slurm.cancel(&own_ids(&jobs));
                     return Err(error.context(format!("cannot submit stage `{}` (jobs this run had submitted are cancelled)", node.name)));
                 }
             }
@@ -374,12 +353,49 @@ impl SlurmRun<'_> {
         Ok(Some(jobs))
     }
 
+    /// Writes a stage's batch script and submits it after `parents` (job ids).
+    fn submit_one(&self, sub: &Submitter<'_>, i: usize, parents: &[String]) -> anyhow::Result<Job> {
+        let node = &self.pipeline.nodes[i];
+        let script = sub.plan.with_file_name(format!("{}.sh", node.name));
+        let processes = sub.resource_args[&i].iter().any(|a| a.starts_with("--ntasks-per-node="));
+        let swift = Invocation { exe: &sub.exe, cache: &std::path::absolute(self.store.root())?, offline: self.options.offline, plan: sub.plan };
+        std::fs::write(&script, batch_script(&swift, &node.name, &self.pipeline.manifest.name, processes))
+            .with_context(|| format!("cannot write {}", script.display()))?;
+        let pattern = sub.log(i, "%j");
+        let mut args = sub.resource_args[&i].clone();
+        args.push(format!("--job-name={}", sub.name(i)));
+        args.push(format!("--output={}", pattern.display()));
+        args.push(format!("--chdir={}", self.pipeline.manifest.root.display()));
+        args.push("--kill-on-invalid-dep=yes".to_string());
+        let parents: BTreeSet<&String> = parents.iter().collect();
+        if !parents.is_empty() {
+            args.push(format!("--dependency=afterok:{}", parents.into_iter().cloned().collect::<Vec<_>>().join(":")));
+        }
+        std::fs::create_dir_all(pattern.parent().expect("logs folder"))?;
+        let id = sub.slurm.submit(&args, &script)?;
+        self.reporter.note(&format!("{}: submitted job {id}", node.name));
+        Ok(Job { log: sub.log(i, &id), id, adopted: false, seen_running: false, ended: None })
+    }
+
+    /// An adopted job ended without the stage (its own run cancelled it):
+    /// submit the stage again as this run's own, after its parents' pending
+    /// jobs, unless another run already did (then wait on that one).
+    fn take_over(&self, sub: &Submitter<'_>, i: usize, jobs: &HashMap<usize, Job>, states: &[State]) -> anyhow::Result<Job> {
+        let _lock = sub.dir.submit_lock().context("cannot take the cache's Slurm submission lock")?;
+        if let Some(id) = sub.slurm.live_jobs("swift-", &sub.dir.runs())?.get(&sub.name(i)) {
+            return Ok(Job { id: id.clone(), log: sub.log(i, id), adopted: true, seen_running: false, ended: None });
+        }
+        let node = &self.pipeline.nodes[i];
+        let parents: Vec<String> = node.deps().filter(|&d| matches!(states[d], State::Pending)).filter_map(|d| jobs.get(&d)).map(|j| j.id.clone()).collect();
+        self.reporter.note(&format!("{}: the job this run waited on ended without it; submitting it again", node.name));
+        self.submit_one(sub, i, &parents)
+    }
+
     /// Polls the cache and the queue until every job settled; `true` if Ctrl-C stopped it.
     #[allow(clippy::too_many_arguments)]
     async fn wait(
         &self,
-        slurm: &Slurm,
-        dir: &SlurmDir,
+        sub: &Submitter<'_>,
         mut jobs: HashMap<usize, Job>,
         submitted_unix_ms: u64,
         states: &mut [State],
@@ -388,6 +404,7 @@ impl SlurmRun<'_> {
         journal: &Journal,
     ) -> anyhow::Result<bool> {
         let pipeline = self.pipeline.clone();
+        let (slurm, dir) = (sub.slurm, sub.dir);
         let poll = pipeline.manifest.pipeline.slurm.poll.unwrap_or(DEFAULT_POLL);
         let mut squeue_failures = 0;
         loop {
@@ -441,9 +458,22 @@ impl SlurmRun<'_> {
                             }
                             ended => {
                                 let ended = ended.map(|state| format!("{} ({})", state.state, state.reason)).or_else(|| slurm.describe(&job.id));
-                                match self.ended_without_entry(dir, job, key, ended) {
-                                    Some(state) => state,
-                                    None => continue,
+                                let recorded = dir.result(&job.id).is_some();
+                                if job.adopted && !recorded && !ended.as_deref().is_some_and(|h| h.starts_with("COMPLETED")) {
+                                    // Cancelled by the run that owned it: this run carries on alone.
+                                    let taken = self.take_over(sub, i, &jobs, states);
+                                    match taken {
+                                        Ok(new) => {
+                                            jobs.insert(i, new);
+                                            continue;
+                                        }
+                                        Err(error) => State::Failed { key, error: format!("{error:#}"), seconds: 0.0 },
+                                    }
+                                } else {
+                                    match self.ended_without_entry(dir, job, key, ended) {
+                                        Some(state) => state,
+                                        None => continue,
+                                    }
                                 }
                             }
                         }
@@ -542,6 +572,31 @@ impl SlurmRun<'_> {
                 announce(&self.pipeline, &*self.reporter, i, &states[i]);
             }
         }
+    }
+}
+
+/// What submitting a stage needs, shared by the first submission and a
+/// take-over while waiting.
+struct Submitter<'a> {
+    slurm: &'a Slurm,
+    dir: &'a SlurmDir,
+    recipes: &'a HashMap<usize, StageKey>,
+    resource_args: &'a HashMap<usize, Vec<String>>,
+    plan: &'a Path,
+    exe: PathBuf,
+    stage_names: Vec<String>,
+}
+
+impl Submitter<'_> {
+    /// The job name of stage `i`.
+    fn name(&self, i: usize) -> String {
+        job_name(&self.stage_names[i], &self.recipes[&i])
+    }
+
+    /// Stage `i`'s log for job `id` (`%j`: Slurm's pattern).
+    fn log(&self, i: usize, id: &str) -> PathBuf {
+        let pattern = self.dir.log_pattern(&self.stage_names[i], &self.recipes[&i].to_hex()[..12]);
+        PathBuf::from(pattern.display().to_string().replace("%j", id))
     }
 }
 
