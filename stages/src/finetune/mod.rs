@@ -306,6 +306,15 @@ impl StagePlan for FinetunePlan {
         let started = Instant::now();
         let c = &self.resolved.config;
         let field = |key: &str| format!("stages.{}.{key}", ctx.stage);
+        let rows_per_step = c.batch_size * c.grad_accum;
+        if !rows_per_step.is_multiple_of(ctx.world.size) {
+            bail!(
+                "{}: the global batch (batch_size × grad_accum = {rows_per_step} rows) does not divide among the job's {} processes: \
+                 pick a process count that divides it, or change batch_size/grad_accum (which changes the result)",
+                field("resources"),
+                ctx.world.size
+            );
+        }
         let opened = self.source.open(ctx)?;
         let model_config = ModelConfig::load(&opened.folder)?;
         if model_config.quantization.is_some() {
@@ -356,7 +365,6 @@ impl StagePlan for FinetunePlan {
         let load_peak = memory::peak_rss_bytes();
         memory::reset_peak();
 
-        let rows_per_step = c.batch_size * c.grad_accum;
         let (total_steps, stream_rows) = match c.max_steps {
             Some(steps) => (steps, None),
             None => {
@@ -384,14 +392,6 @@ impl StagePlan for FinetunePlan {
             seed: self.resolved.seed,
             activation_checkpointing: c.activation_checkpointing,
         };
-        if !rows_per_step.is_multiple_of(ctx.world.size) {
-            bail!(
-                "{}: the global batch (batch_size × grad_accum = {rows_per_step} rows) does not divide among the job's {} processes: \
-                 pick a process count that divides it, or change batch_size/grad_accum (which changes the result)",
-                field("resources"),
-                ctx.world.size
-            );
-        }
         let mut parallel = Parallel::join(&ctx.world, JOIN_TIMEOUT, &|| ctx.cancelled())?;
         let trainer = Trainer::new(decoder, &adapters, loader.dropout_state(), settings);
         let progress = |done: u64, total: u64, message: &str| ctx.progress(done, total, message);
