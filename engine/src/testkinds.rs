@@ -2,8 +2,10 @@
 //! feature (the root package's dev-dependency turns it on for `cargo test`).
 //!
 //! `test-step` concatenates its text and its inputs into `out.txt`, and can sleep
-//! (checking for Ctrl-C), fail, claim a GPU slot, and append `start`/`end` lines
-//! with timestamps to a trace file so tests can see what ran and what overlapped.
+//! (checking for Ctrl-C), fail (always, or while a file exists, which a test
+//! creates to make a rerun of the same key fail), claim a GPU slot, and append
+//! `start`/`end` lines with timestamps to a trace file so tests can see what
+//! ran and what overlapped.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,6 +36,8 @@ struct Params {
     #[serde(default)]
     fail: bool,
     #[serde(default)]
+    fail_if_exists: Option<String>,
+    #[serde(default)]
     gpu: Option<String>,
     #[serde(default)]
     trace: Option<String>,
@@ -60,13 +64,14 @@ impl StageKind for TestStep {
             ctx.local_input(&format!("file{i}"), &["files", &i.to_string()], file)?;
         }
         let trace = params.trace.as_ref().map(|t| ctx.root().join(t));
-        Ok(Box::new(TestPlan { params, trace }))
+        Ok(Box::new(TestPlan { params, trace, root: ctx.root().to_path_buf() }))
     }
 }
 
 struct TestPlan {
     params: Params,
     trace: Option<std::path::PathBuf>,
+    root: std::path::PathBuf,
 }
 
 impl TestPlan {
@@ -103,6 +108,11 @@ impl StagePlan for TestPlan {
         }
         if self.params.fail {
             anyhow::bail!("test-step failed because `fail = true`");
+        }
+        if let Some(path) = &self.params.fail_if_exists {
+            if self.root.join(path).exists() {
+                anyhow::bail!("test-step failed because {path} exists");
+            }
         }
         let mut text = self.params.text.clone();
         for (name, input) in &ctx.inputs {

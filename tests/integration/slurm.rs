@@ -96,10 +96,17 @@ fn a_micro_pipeline_under_slurm_matches_a_local_run_and_reruns_submit_nothing() 
     assert!(local_rerun.statuses().iter().all(|(_, s)| s == "cached"), "{local_rerun}");
     assert_eq!(starts(&p).values().copied().collect::<Vec<_>>(), [2, 2, 2, 2], "each stage ran once per cache");
 
-    // `--force` waits for the forced job's own entry, not the one already stored.
+    // `--force` waits for the forced job's own entry, not the one already stored…
     let forced = p.run("pipelines/micro.toml", &["--force", "b"], 0);
     assert_eq!(forced.statuses(), [("a", "cached"), ("b", "ran"), ("c", "cached"), ("d", "cached")].map(|(s, t)| (s.to_string(), t.to_string())));
     assert_eq!(starts(&p)["b"], 3, "{forced}");
+    // …and a forced job that fails is a failure, whatever entry is stored.
+    p.write("pipelines/micro.toml", &micro().replace("text = \"beta\"", "text = \"beta\"\nfail_if_exists = \"broken\""));
+    p.run("pipelines/micro.toml", &[], 0);
+    p.write("broken", "");
+    let failed = p.run("pipelines/micro.toml", &["--force", "b"], 1);
+    assert_eq!(failed.status("b"), "failed", "{failed}");
+    assert!(failed.stage("b")["error"].as_str().unwrap().contains("broken exists"), "{failed}");
 }
 
 #[test]
@@ -333,7 +340,7 @@ fn a_finetune_trains_data_parallel_across_two_nodes() {
 
 #[test]
 fn jobs_adopted_from_a_run_that_is_then_interrupted_are_submitted_again() {
-    let manifest = micro().replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 4000");
+    let manifest = micro().replace("text = \"alpha\"", "text = \"alpha\"\nsleep_ms = 2000").replace("text = \"beta\"", "text = \"beta\"\nsleep_ms = 4000");
     let p = slurm_project(&manifest);
     let record = |p: &Project| {
         let dir = p.path(".swift/slurm/pipelines");
@@ -343,6 +350,8 @@ fn jobs_adopted_from_a_run_that_is_then_interrupted_are_submitted_again() {
     p.wait_for("the owner's submission", |p| record(p).contains("\"adopted\": false"));
     let adopter = p.spawn(&["run", "pipelines/micro.toml", "--json"]);
     p.wait_for("the second run to adopt the jobs", |p| record(p).contains("\"adopted\": true"));
+    // Interrupted once `a` is done and `b` runs: `b` and what waits on it are taken over.
+    p.wait_for("stage a to finish", |p| p.read("trace.log").contains("end a "));
     Command::new("kill").args(["-INT", &owner.id().to_string()]).status().unwrap();
     let owner = owner.wait_with_output().unwrap();
     assert_eq!(owner.status.code(), Some(130), "{}", String::from_utf8_lossy(&owner.stderr));

@@ -26,9 +26,11 @@ impl JobState {
         )
     }
 
-    /// Whether another run may wait on it: queued or running, not on its way out.
+    /// Whether another run may wait on it: queued or running, not on its way
+    /// out, and not waiting on a parent that failed (Slurm is about to drop it).
     pub fn is_adoptable(&self) -> bool {
         matches!(self.state.as_str(), "PENDING" | "RUNNING" | "CONFIGURING" | "SUSPENDED" | "REQUEUED")
+            && self.reason != "DependencyNeverSatisfied"
     }
 
     /// Whether it is running now.
@@ -118,12 +120,12 @@ impl Slurm {
     /// Queued or running jobs whose names start with `prefix` and whose batch scripts lie
     /// under `scripts` (so jobs of another cache never match): name → id.
     pub fn live_jobs(&self, prefix: &str, scripts: &Path) -> anyhow::Result<HashMap<String, String>> {
-        let out = self.call("squeue", &["-h".to_string(), "-o".to_string(), "%i|%j|%T|%o".to_string()])?;
+        let out = self.call("squeue", &["-h".to_string(), "-o".to_string(), "%i|%j|%T|%r|%o".to_string()])?;
         let mut jobs = HashMap::new();
         for line in out.lines() {
-            let fields: Vec<&str> = line.trim().splitn(4, '|').collect();
-            if let [id, name, state, command] = fields[..] {
-                let state = JobState { state: state.to_string(), reason: String::new() };
+            let fields: Vec<&str> = line.trim().splitn(5, '|').collect();
+            if let [id, name, state, reason, command] = fields[..] {
+                let state = JobState { state: state.to_string(), reason: reason.to_string() };
                 if name.starts_with(prefix) && state.is_adoptable() && Path::new(command).starts_with(scripts) {
                     jobs.insert(name.to_string(), id.to_string());
                 }
@@ -221,5 +223,8 @@ mod tests {
         assert_eq!(states[1].1.reason, "Dependency");
         assert!(states[1].1.is_live() && !states[1].1.is_running());
         assert!(!JobState { state: "COMPLETED".into(), reason: "None".into() }.is_live());
+        assert!(states[1].1.is_adoptable());
+        assert!(!JobState { state: "PENDING".into(), reason: "DependencyNeverSatisfied".into() }.is_adoptable());
+        assert!(!JobState { state: "COMPLETING".into(), reason: "None".into() }.is_adoptable());
     }
 }

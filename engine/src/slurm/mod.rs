@@ -460,7 +460,13 @@ impl SlurmRun<'_> {
                                 let ended = ended.map(|state| format!("{} ({})", state.state, state.reason)).or_else(|| slurm.describe(&job.id));
                                 let recorded = dir.result(&job.id).is_some();
                                 if job.adopted && !recorded && !ended.as_deref().is_some_and(|h| h.starts_with("COMPLETED")) {
-                                    // Cancelled by the run that owned it: this run carries on alone.
+                                    // Cancelled by the run that owned it: this run carries on alone,
+                                    // once no parent still waits on a job of that run (a new job
+                                    // must not depend on one that is going away).
+                                    let parent_adopted = node.deps().any(|d| matches!(states[d], State::Pending) && jobs.get(&d).is_some_and(|j| j.adopted));
+                                    if parent_adopted {
+                                        continue;
+                                    }
                                     let taken = self.take_over(sub, i, &jobs, states);
                                     match taken {
                                         Ok(new) => {
