@@ -173,7 +173,7 @@ impl SlurmRun<'_> {
                 .map(|(&i, job)| SubmittedJob {
                     stage: pipeline.nodes[i].name.clone(),
                     job: job.id.clone(),
-                    name: job_name(&pipeline.nodes[i].name, &recipes[&i]),
+                    name: sub.name(i),
                     log: job.log.clone(),
                     adopted: job.adopted,
                 })
@@ -458,11 +458,13 @@ impl SlurmRun<'_> {
                             }
                             ended => {
                                 let ended = ended.map(|state| format!("{} ({})", state.state, state.reason)).or_else(|| slurm.describe(&job.id));
-                                let recorded = dir.result(&job.id).is_some();
-                                if job.adopted && !recorded && !ended.as_deref().is_some_and(|h| h.starts_with("COMPLETED")) {
-                                    // Cancelled by the run that owned it: this run carries on alone,
-                                    // once no parent still waits on a job of that run (a new job
-                                    // must not depend on one that is going away).
+                                // Cancelled by the run that owned it (its stage then records
+                                // `interrupted`), or gone without a word: not this stage's failure.
+                                let cancelled = ended.as_deref().is_some_and(|h| h.starts_with("CANCELLED"));
+                                let silent = dir.result(&job.id).is_none() && !ended.as_deref().is_some_and(|h| h.starts_with("COMPLETED"));
+                                if job.adopted && (cancelled || silent) {
+                                    // This run carries on alone, once no parent still waits on a
+                                    // job of that run (a new job must not depend on one going away).
                                     let parent_adopted = node.deps().any(|d| matches!(states[d], State::Pending) && jobs.get(&d).is_some_and(|j| j.adopted));
                                     if parent_adopted {
                                         continue;
