@@ -816,7 +816,8 @@ pub(crate) fn provenance(device: &str, manifest: &Path, started_unix_ms: u64, se
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name (`unknown` if it cannot be read).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())

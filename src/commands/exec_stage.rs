@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use swift_engine::exec::hostname;
 use swift_engine::slurm::{job, JobPlan};
+use swift_engine::world::World;
 use swift_engine::{LoadOptions, Manifest, Pipeline};
 
 use super::{open_store, Exit};
@@ -31,11 +33,12 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let manifest = Manifest::load(&plan.manifest, &LoadOptions { sets: plan.sets.clone(), env: None, device: plan.device.clone() })?;
     let pipeline = Arc::new(Pipeline::compile(manifest, &swift_stages::registry())?);
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
-    let world = if args.data_parallel { swift_engine::world::World::from_slurm(&std::env::vars().collect()).unwrap_or_default() } else { Default::default() };
-    let rank = if world.size > 1 { format!(", rank {} of {}", world.rank, world.size) } else { String::new() };
-    eprintln!("swift: stage `{}` of pipeline `{}` on {}{rank}", args.stage, pipeline.manifest.name, hostname());
-    let result = job::run_job(pipeline, store, &plan, &args.stage, reporters::for_terminal(), args.data_parallel);
-    if result.status == "failed" && world.rank != 0 {
+    let world = if args.data_parallel { World::from_slurm(&std::env::vars().collect()) } else { Ok(World::single()) };
+    let (rank, size) = world.as_ref().map_or((0, 1), |w| (w.rank, w.size));
+    let place = if size > 1 { format!(", rank {rank} of {size}") } else { String::new() };
+    eprintln!("swift: stage `{}` of pipeline `{}` on {}{place}", args.stage, pipeline.manifest.name, hostname());
+    let result = job::run_job(pipeline, store, &plan, &args.stage, reporters::for_terminal(), world);
+    if result.status == "failed" && rank != 0 {
         // Every rank may fail alike: let rank 0 record why before `srun
         // --kill-on-bad-exit` stops it.
         std::thread::sleep(std::time::Duration::from_secs(2));
@@ -43,8 +46,4 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     job::check(&result)?;
     eprintln!("swift: stage `{}` {} in {:.1}s", args.stage, result.status, result.seconds);
     Ok(Exit::Success)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "this node".to_string())
 }

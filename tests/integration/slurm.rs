@@ -59,6 +59,20 @@ fn live_jobs(p: &Project) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&logs)).map(str::to_string).collect()
 }
 
+/// Waits (up to `seconds`) until no job of this project's cache is queued or running.
+fn wait_for_empty_queue(p: &Project, seconds: u64) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !live_jobs(p).is_empty() {
+        assert!(Instant::now() < deadline, "jobs left in the queue after {seconds}s: {:?}", live_jobs(p));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every job log of this project's cache, concatenated.
+fn all_logs(p: &Project) -> String {
+    std::fs::read_dir(p.path(".swift/slurm/logs")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect()
+}
+
 /// How many times each stage started, from the trace.
 fn starts(p: &Project) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
@@ -124,11 +138,7 @@ fn a_failing_stage_cancels_what_remains_and_shows_its_log() {
     assert_eq!(run.status("c"), "skipped", "{run}");
     assert_eq!(run.status("d"), "skipped", "{run}");
     assert!(run.stage("d")["error"].as_str().unwrap().contains("cancelled: stage `b` failed"), "{run}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !live_jobs(&p).is_empty() {
-        assert!(Instant::now() < deadline, "jobs left in the queue: {:?}", live_jobs(&p));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_empty_queue(&p, 20);
 }
 
 #[test]
@@ -175,11 +185,7 @@ fn detach_returns_after_submission_and_status_shows_the_jobs() {
     let text = p.swift(&["status", "pipelines/micro.toml"]);
     assert!(text.stdout.contains("Slurm jobs of the last submission"), "{text}");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !live_jobs(&p).is_empty() {
-        assert!(Instant::now() < deadline, "jobs never finished: {:?}", live_jobs(&p));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_empty_queue(&p, 60);
     let after = p.swift(&["status", "pipelines/micro.toml", "--json"]);
     let states: Vec<String> = after.json()["slurm_jobs"].as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap().to_string()).collect();
     assert_eq!(states, ["ran", "ran", "ran", "ran"], "{after}");
@@ -293,7 +299,7 @@ fn a_finetune_trains_data_parallel_over_two_slurm_tasks_and_resumes_at_another_w
     assert_eq!(run.status("tune"), "ran", "{run}");
     let difference = adapter_difference(&reference, &output_path(&run, "tune", "adapter"));
     assert!(difference < 1e-4, "two ranks trained another adapter: max difference {difference}");
-    let logs = std::fs::read_dir(p.path(".swift/slurm/logs")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect::<String>();
+    let logs = all_logs(&p);
     assert!(logs.contains("rank 1 of 2") && logs.contains("rank 0 of 2"), "{logs}");
     // Forced, both ranks train again (the entry already stored does not stop rank 1).
     let started = Instant::now();
@@ -310,11 +316,7 @@ fn a_finetune_trains_data_parallel_over_two_slurm_tasks_and_resumes_at_another_w
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let interrupted = child.wait_with_output().unwrap();
     assert_eq!(interrupted.status.code(), Some(130), "{}", String::from_utf8_lossy(&interrupted.stderr));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !live_jobs(&p).is_empty() {
-        assert!(Instant::now() < deadline, "jobs left: {:?}", live_jobs(&p));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_empty_queue(&p, 30);
     let saved = checkpoint_step(p.root()).expect("rank 0 saved a checkpoint");
     assert!(saved < 40, "the run finished before it was interrupted");
     let resumed = p.run("pipelines/tune.toml", &["--executor", "local"], 0);
@@ -334,7 +336,7 @@ fn a_finetune_trains_data_parallel_across_two_nodes() {
     let run = p.run("pipelines/tune.toml", &["--executor", "slurm"], 0);
     let difference = adapter_difference(&output_path(&reference, "tune", "adapter"), &output_path(&run, "tune", "adapter"));
     assert!(difference < 1e-4, "two nodes trained another adapter: max difference {difference}");
-    let logs = std::fs::read_dir(p.path(".swift/slurm/logs")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect::<String>();
+    let logs = all_logs(&p);
     assert!(logs.contains("rank 0 of 2") && logs.contains("rank 1 of 2"), "{logs}");
 }
 

@@ -78,18 +78,19 @@ impl Slurm {
     /// Submits a batch script; returns the job id (`sbatch --parsable` prints
     /// `ID` or `ID;CLUSTER`).
     pub fn submit(&self, args: &[String], script: &Path) -> anyhow::Result<String> {
-        let mut all = vec!["--parsable".to_string()];
-        all.extend_from_slice(args);
-        all.push(script.display().to_string());
-        let out = self.call("sbatch", &all)?;
-        parse_job_id(&out).with_context(|| format!("sbatch printed `{}`, not a job id", out.trim()))
+        self.submit_parsable(args, script.display().to_string())
     }
 
     /// Submits a one-line shell command as a job.
     pub fn submit_wrap(&self, args: &[String], command: &str) -> anyhow::Result<String> {
+        self.submit_parsable(args, format!("--wrap={command}"))
+    }
+
+    /// `sbatch --parsable ARGS WHAT`, and the job id it prints.
+    fn submit_parsable(&self, args: &[String], what: String) -> anyhow::Result<String> {
         let mut all = vec!["--parsable".to_string()];
         all.extend_from_slice(args);
-        all.push(format!("--wrap={command}"));
+        all.push(what);
         let out = self.call("sbatch", &all)?;
         parse_job_id(&out).with_context(|| format!("sbatch printed `{}`, not a job id", out.trim()))
     }

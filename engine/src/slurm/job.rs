@@ -21,13 +21,12 @@ use crate::world::World;
 /// Runs `stage` of the run `plan` describes and returns how it ended; inside a
 /// Slurm job (`SLURM_JOB_ID` set) the result is also written where `swift run`
 /// looks for it.
-/// With `data_parallel` (a job of several tasks started by `srun`) it runs
-/// once per task, its rank read from Slurm's variables: rank 0 stores the
-/// outputs and records the result; the other ranks compute alongside it
-/// (status `follower`) and record nothing.
-pub fn run_job(pipeline: Arc<Pipeline>, store: Store, plan: &JobPlan, stage: &str, reporter: Arc<dyn Reporter>, data_parallel: bool) -> JobResult {
+/// `world` is this process's place among the job's tasks (see
+/// [`World::from_slurm`]; a world of one for a single-process job): rank 0
+/// stores the outputs and records the result; the other ranks compute
+/// alongside it (status `follower`) and record nothing.
+pub fn run_job(pipeline: Arc<Pipeline>, store: Store, plan: &JobPlan, stage: &str, reporter: Arc<dyn Reporter>, world: Result<World, String>) -> JobResult {
     let started = Instant::now();
-    let world = if data_parallel { World::from_slurm(&std::env::vars().collect()) } else { Ok(World::single()) };
     let leader = world.as_ref().map_or(true, World::is_leader);
     let outcome = world.map_err(|e| (None, anyhow!("cannot place this task among the job's processes: {e}")))
         .and_then(|world| compute(&pipeline, &store, plan, stage, reporter, world));
