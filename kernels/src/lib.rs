@@ -11,11 +11,15 @@
 //! - [`rows`]: row-wise softmax and RMSNorm with their gradients, and a
 //!   vectorizable `exp`.
 //!
-//! CUDA versions of the kernels, behind a `cuda` feature, join as the GPU work
-//! lands.
+//! - [`cuda`] (with the `cuda` feature): the same kernels on an NVIDIA GPU,
+//!   as CUDA C (`cuda/*.cu`, compiled to PTX at build time) launched on
+//!   candle's CUDA device; each is checked against its CPU reference here by
+//!   `swift selftest --gpu`.
 #![deny(missing_docs)]
 
 pub mod awq;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gemv;
 pub mod loss;
 pub mod nf4;

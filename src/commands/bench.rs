@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Quantize(super::bench_quantize::QuantizeArgs),
     /// 5-shot MMLU scoring speed on CPU vs transformers.
     Eval(super::bench_eval::EvalArgs),
+    /// The GPU figures (a `cuda` build on a GPU): kernels, AWQ decode, LoRA/QLoRA, eval.
+    Gpu(super::bench_gpu::GpuArgs),
 }
 
 /// Arguments of `swift bench engine`.
@@ -77,6 +79,7 @@ pub fn exec(command: BenchCommand) -> anyhow::Result<Exit> {
         BenchCommand::Finetune(args) => super::bench_finetune::exec(args),
         BenchCommand::Quantize(args) => super::bench_quantize::exec(args),
         BenchCommand::Eval(args) => super::bench_eval::exec(args),
+        BenchCommand::Gpu(args) => super::bench_gpu::exec(args),
     }
 }
 

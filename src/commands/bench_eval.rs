@@ -15,6 +15,8 @@ use swift_stages::eval::prompt::{Template, TemplateName};
 use swift_stages::eval::score::ScoreOptions;
 use swift_stages::eval::suites::Suite;
 use swift_stages::eval::{PromptOptions, ScoringModel};
+use swift_engine::placement::DeviceSpec;
+use swift_stages::llm::Compute;
 use swift_stages::model_source::OpenedModel;
 
 use super::bench::{cpu_model, num_cores, timed, xorshift};
@@ -43,6 +45,9 @@ pub struct EvalArgs {
     /// questions side by side.
     #[arg(long)]
     python: Option<PathBuf>,
+    /// The device swift scores on: `cpu`, `cuda:N`, or `auto`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 const WORDS: [&str; 24] = [
@@ -79,10 +84,11 @@ pub fn exec(args: EvalArgs) -> anyhow::Result<Exit> {
     let data_dir = root.join(format!("data-{}q-{}w", args.questions, args.words));
     write_data(&data_dir, args.questions, args.words)?;
     println!("machine: {} ({} cores)", cpu_model(), num_cores());
-    println!("model: {} with {} layers (random bf16 weights, computed in f32); 5-shot lm-eval MMLU prompts\n", LARGE.name, args.layers);
+    println!("model: {} with {} layers (random bf16 weights); 5-shot lm-eval MMLU prompts\n", LARGE.name, args.layers);
 
+    let compute = args.device.parse::<DeviceSpec>().and_then(|spec| Compute::resolve(&spec)).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let started = Instant::now();
-    let model = ScoringModel::load(&OpenedModel { folder: model_dir.clone(), adapters: Vec::new() })?;
+    let model = ScoringModel::load(&OpenedModel { folder: model_dir.clone(), adapters: Vec::new() }, compute)?;
     let load_seconds = started.elapsed().as_secs_f64();
     let subjects = data::load(&data_dir, Suite::Mmlu, &[], None)?;
     let template = Template::of(TemplateName::LmEval, Suite::Mmlu);

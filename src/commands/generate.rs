@@ -5,13 +5,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use swift_engine::kind::OutputType;
 use swift_engine::status::assess;
 use swift_stages::llm::chat::Message;
 use swift_stages::llm::generate::{generate, GenerateOptions};
 use swift_stages::llm::awq;
-use swift_stages::llm::{default_dtype, Decoder, ModelConfig, TextTokenizer};
+use swift_engine::placement::DeviceSpec;
+use swift_stages::llm::{Compute, Decoder, ModelConfig, TextTokenizer};
 
 use super::{open_store, Exit, ManifestArgs};
 
@@ -39,9 +40,13 @@ pub struct Args {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Compute dtype: f32, bf16 or f16 (default: f32 on CPU).
+    /// Compute dtype: f32, bf16 or f16 (default: f32 on the CPU, bf16 on a GPU).
     #[arg(long)]
     dtype: Option<String>,
+    /// The device: `auto` (a GPU if this build has CUDA and one opens, else
+    /// the CPU), `cpu` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: String,
     /// Print one JSON object on stdout's last line: {"prompt_ids", "new_ids", "text"}.
     #[arg(long)]
     json: bool,
@@ -60,9 +65,16 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         Ok(folder) => folder,
         Err(exit) => return Ok(exit),
     };
-    let device = Device::Cpu;
+    let compute = match args.device.parse::<DeviceSpec>().and_then(|spec| Compute::resolve(&spec)) {
+        Ok(compute) => compute,
+        Err(e) => {
+            eprintln!("error: --device {}: {e}", args.device);
+            return Ok(Exit::Invalid);
+        }
+    };
+    let device = compute.open()?;
     let dtype = match args.dtype.as_deref() {
-        None => default_dtype(&device),
+        None => compute.dtype(),
         Some("f32") => DType::F32,
         Some("bf16") => DType::BF16,
         Some("f16") => DType::F16,

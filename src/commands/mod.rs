@@ -8,6 +8,7 @@ mod bench_eval;
 mod bench_finetune;
 mod bench_quantize;
 mod bench_generate;
+mod bench_gpu;
 mod bench_preprocess;
 mod cache;
 mod dag;
@@ -16,6 +17,9 @@ mod gc;
 mod generate;
 mod report;
 mod run;
+mod selftest;
+#[cfg(feature = "cuda")]
+mod selftest_gpu;
 mod show;
 mod status;
 
@@ -66,6 +70,9 @@ enum Command {
     /// Compute one stage of a submitted run (what a Slurm job runs).
     #[command(hide = true)]
     ExecStage(exec_stage::Args),
+    /// Check every CUDA kernel and the GPU model paths against the CPU (`--gpu`).
+    #[command(hide = true)]
+    Selftest(selftest::Args),
 }
 
 /// swift's exit codes.
@@ -100,6 +107,7 @@ pub fn dispatch(cli: Cli) -> Exit {
         Command::Cache(command) => cache::exec(cache, command),
         Command::Bench(command) => bench::exec(command),
         Command::ExecStage(args) => exec_stage::exec(cache, args),
+        Command::Selftest(args) => selftest::exec(args),
     };
     match result {
         Ok(exit) => exit,

@@ -40,7 +40,7 @@ fn references(template: &str, model: &str, suite: Suite) -> Vec<Reference> {
 
 fn model(name: &str) -> ScoringModel {
     let opened = OpenedModel { folder: fixtures().join("models").join(name), adapters: Vec::new() };
-    ScoringModel::load(&opened).unwrap()
+    ScoringModel::load(&opened, swift_stages::llm::Compute::Cpu).unwrap()
 }
 
 fn subjects(suite: Suite, layout: &str) -> Vec<Subject> {

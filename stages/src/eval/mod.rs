@@ -23,9 +23,8 @@ pub mod suites;
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context};
-use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
-use swift_engine::kind::{CompileCtx, OutputDecl, OutputType, OutputValue, RunCtx, StageKind, StagePlan, StageResult};
+use swift_engine::kind::{CompileCtx, OutputDecl, OutputType, OutputValue, Resource, RunCtx, StageKind, StagePlan, StageResult};
 use swift_engine::ManifestError;
 
 use self::data::LETTERS;
@@ -34,7 +33,7 @@ use self::report::{ModelScores, QuestionResult, SubjectResult};
 use self::score::{Encoded, ScoreOptions};
 use self::suites::Suite;
 use crate::llm::adapted::{AdaptedLoader, BaseFormat};
-use crate::llm::{awq, Decoder, ModelConfig, TextTokenizer};
+use crate::llm::{awq, Compute, Decoder, ModelConfig, TextTokenizer};
 use crate::model_source::{ModelSource, OpenedModel};
 
 /// The eval kind.
@@ -78,6 +77,15 @@ struct Resolved {
     config: Config,
     prompts: BTreeMap<&'static str, Template>,
     subject_tables: BTreeMap<&'static str, String>,
+    /// The dtype models score in, when not the CPU's f32 (GPUs score in bf16).
+    #[serde(skip_serializing_if = "is_f32")]
+    compute_dtype: &'static str,
+}
+
+/// Whether a dtype is the CPU's f32 (left out of keys, so CPU keys are those
+/// of builds before GPUs).
+fn is_f32(dtype: &&'static str) -> bool {
+    *dtype == "f32"
 }
 
 /// What enters one model × suite part's key besides its inputs.
@@ -90,6 +98,8 @@ struct PartParams<'a> {
     chat: bool,
     limit: Option<usize>,
     subjects: &'a [String],
+    #[serde(skip_serializing_if = "is_f32")]
+    compute_dtype: &'static str,
 }
 
 impl StageKind for Eval {
@@ -107,7 +117,7 @@ impl StageKind for Eval {
     }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         let mut config: Config = ctx.parse(params)?;
-        crate::llm::check_device(ctx)?;
+        let compute = crate::llm::check_device(ctx)?;
         if config.models.is_empty() {
             return Err(ctx.error(&["models"], "models is empty: name at least one model stage or folder, e.g. models = [\"base\"]"));
         }
@@ -154,8 +164,8 @@ impl StageKind for Eval {
         let prompts = suites.iter().map(|&s| (s.name(), Template::of(config.template, s))).collect();
         let subject_tables = suites.iter().map(|&s| (s.name(), s.table_digest())).collect();
         let names = config.models.clone();
-        let resolved = Resolved { config, prompts, subject_tables };
-        Ok(Box::new(EvalPlan { resolved, models: names.into_iter().zip(models).collect(), suites }))
+        let resolved = Resolved { config, prompts, subject_tables, compute_dtype: compute.dtype().as_str() };
+        Ok(Box::new(EvalPlan { resolved, models: names.into_iter().zip(models).collect(), suites, compute }))
     }
 }
 
@@ -163,6 +173,7 @@ struct EvalPlan {
     resolved: Resolved,
     models: Vec<(String, ModelSource)>,
     suites: Vec<Suite>,
+    compute: Compute,
 }
 
 impl StagePlan for EvalPlan {
@@ -172,6 +183,10 @@ impl StagePlan for EvalPlan {
 
     fn outputs(&self) -> Vec<OutputDecl> {
         OUTPUTS.to_vec()
+    }
+
+    fn resource(&self) -> Resource {
+        self.compute.resource()
     }
 
     fn run(&self, ctx: &RunCtx<'_>) -> anyhow::Result<StageResult> {
@@ -203,12 +218,13 @@ impl StagePlan for EvalPlan {
                     chat: c.chat,
                     limit: c.limit,
                     subjects: wanted,
+                    compute_dtype: self.resolved.compute_dtype,
                 };
                 let mut inputs = source.artifacts(ctx)?;
                 inputs.push(("data".to_string(), data_artifact.clone()));
                 let part_dir = ctx.cached_part("eval/score", PART_VERSION, &serde_json::to_value(&params)?, &inputs, |dir| {
                     if loaded.is_none() {
-                        loaded = Some(ScoringModel::load(&source.open(ctx)?).with_context(|| field.clone())?);
+                        loaded = Some(ScoringModel::load(&source.open(ctx)?, self.compute).with_context(|| field.clone())?);
                     }
                     let model = loaded.as_ref().expect("just loaded");
                     let prompts = PromptOptions { shots: c.shots, chat: c.chat };
@@ -249,20 +265,21 @@ pub struct PromptOptions {
 }
 
 impl ScoringModel {
-    /// Loads a model (merging its adapter chain, or through the int4 kernels).
-    pub fn load(opened: &OpenedModel) -> anyhow::Result<ScoringModel> {
+    /// Loads a model on `compute` (merging its adapter chain, or through the
+    /// int4 kernels).
+    pub fn load(opened: &OpenedModel, compute: Compute) -> anyhow::Result<ScoringModel> {
         let config = ModelConfig::load(&opened.folder)?;
         let tokenizer = TextTokenizer::load(&opened.folder, &config)?;
-        let device = Device::Cpu;
+        let (device, dtype) = (compute.open()?, compute.dtype());
         let decoder = if config.quantization.is_some() {
             if !opened.adapters.is_empty() {
                 return Err(anyhow!("an AWQ int4 model cannot carry adapters: evaluate the fine-tune before quantizing, or quantize the fine-tune"));
             }
             let loader = awq::loader_for(&config);
-            Decoder::load(&opened.folder, config, DType::F32, &device, loader.as_ref())?
+            Decoder::load(&opened.folder, config, dtype, &device, loader.as_ref())?
         } else {
             let loader = AdaptedLoader::new(&opened.adapters, BaseFormat::Dense);
-            let decoder = Decoder::load(&opened.folder, config, DType::F32, &device, &loader)?;
+            let decoder = Decoder::load(&opened.folder, config, dtype, &device, &loader)?;
             loader.check_all_applied()?;
             decoder
         };

@@ -32,7 +32,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use swift_engine::kind::{
-    Cancelled, CompileCtx, OutputDecl, OutputType, OutputValue, RunCtx, StageKind, StagePlan, StageResult,
+    Cancelled, CompileCtx, OutputDecl, OutputType, OutputValue, Resource, RunCtx, StageKind, StagePlan, StageResult,
 };
 use swift_engine::ManifestError;
 
@@ -229,13 +229,13 @@ impl StageKind for Finetune {
     }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         let config: Config = ctx.parse(params)?;
-        crate::llm::check_device(ctx)?;
+        let compute = crate::llm::check_device(ctx)?;
         check(ctx, &config)?;
         let source = ModelSource::declare(ctx, "model", &config.model)?;
         ctx.stage_input("data", &["data"], &config.data, OutputType::Tokens);
         let seed = config.seed.unwrap_or(ctx.seed());
-        let compute_dtype = crate::llm::default_dtype(&candle_core::Device::Cpu).as_str().to_string();
-        Ok(Box::new(FinetunePlan { resolved: Resolved { config, seed, compute_dtype }, source }))
+        let compute_dtype = compute.dtype().as_str().to_string();
+        Ok(Box::new(FinetunePlan { resolved: Resolved { config, seed, compute_dtype }, source, compute }))
     }
 }
 
@@ -290,6 +290,8 @@ fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
 struct FinetunePlan {
     resolved: Resolved,
     source: ModelSource,
+    /// The device; its dtype is in the key (`compute_dtype`), its index is not.
+    compute: crate::llm::Compute,
 }
 
 impl StagePlan for FinetunePlan {
@@ -299,6 +301,10 @@ impl StagePlan for FinetunePlan {
 
     fn outputs(&self) -> Vec<OutputDecl> {
         OUTPUTS.to_vec()
+    }
+
+    fn resource(&self) -> Resource {
+        self.compute.resource()
     }
 
     fn run(&self, ctx: &RunCtx<'_>) -> anyhow::Result<StageResult> {
@@ -338,8 +344,8 @@ impl StagePlan for FinetunePlan {
         }
         let val = Split::open(tokens_dir, "val").ok().filter(|v| v.rows() > 0);
 
-        let device = candle_core::Device::Cpu;
-        let dtype = crate::llm::default_dtype(&device);
+        let device = self.compute.open()?;
+        let dtype = self.compute.dtype();
         let base = if c.method.nf4() {
             BaseFormat::Nf4 { blocksize: c.nf4.blocksize, double_quant: c.nf4.double_quant }
         } else {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use serde_json::json;
 
 use super::checkpoint::{self, Checkpoint};
@@ -18,7 +18,7 @@ use super::optim::{clip, AdamW, AdamWConfig, Schedule};
 use swift_engine::kind::Cancelled;
 use crate::llm::lora::{DropoutState, LoraParams, SplitMix64};
 use crate::llm::model::CheckpointGrads;
-use crate::llm::ops::cross_entropy;
+use crate::llm::ops::{cross_entropy, linear_cross_entropy};
 use crate::llm::Decoder;
 use crate::preprocess::shards::Split;
 
@@ -130,7 +130,7 @@ impl Trainer {
                 bail!("the checkpoint in {} does not fit this model's adapters", scratch.display());
             }
             for (var, values) in self.vars.iter().zip(&c.params) {
-                var.set(&Tensor::from_slice(values, var.shape(), &Device::Cpu)?)?;
+                var.set(&Tensor::from_slice(values, var.shape(), var.device())?)?;
             }
             optimizer.step = c.optimizer_step;
             optimizer.m = c.m;
@@ -223,7 +223,7 @@ impl Trainer {
                     self.vars.iter().map(|v| v.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
                 optimizer.update(&mut params, &grads, lr);
                 for (var, values) in self.vars.iter().zip(params) {
-                    var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
+                    var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
                 }
             }
             tokens += step_tokens as u64;
@@ -262,11 +262,16 @@ impl Trainer {
     /// The summed cross-entropy of one row's labelled tokens and (when not
     /// training) how many of them the model's argmax gets right.
     fn row_loss(&self, example: &Example, train: bool) -> anyhow::Result<(Tensor, usize)> {
-        let device = Device::Cpu;
+        let device = self.decoder.device();
         let checkpoint = if train { self.checkpoint_grads.as_ref() } else { None };
         let hidden = self.decoder.train_hidden(&example.ids, &example.positions, &example.segments, checkpoint)?;
-        let at = Tensor::new(example.predict_at.as_slice(), &device)?;
-        let logits = self.decoder.lm_head().forward(&hidden.index_select(&at, 0)?)?.to_dtype(DType::F32)?;
+        let at = Tensor::new(example.predict_at.as_slice(), device)?;
+        let scored = hidden.index_select(&at, 0)?;
+        if let (true, true, Some(weight)) = (train, device.is_cuda(), self.decoder.lm_head().plain_weight()) {
+            // On a GPU the [tokens, vocab] logits are never materialized.
+            return Ok((linear_cross_entropy(&scored, weight, &example.targets)?.sum_all()?, 0));
+        }
+        let logits = self.decoder.lm_head().forward(&scored)?.to_dtype(DType::F32)?;
         let loss = cross_entropy(&logits, &example.targets)?.sum_all()?;
         let correct = if train {
             0

@@ -167,7 +167,7 @@ impl LinearLoader for AdaptedLoader<'_> {
             return Ok(base);
         }
         let mut rng = SplitMix64::keyed(adapter.seed, prefix, 0);
-        let params = Arc::new(LoraParams::init(base.as_ref(), adapter.rank, adapter.scaling, adapter.dora, &mut rng)?);
+        let params = Arc::new(LoraParams::init(base.as_ref(), adapter.rank, adapter.scaling, adapter.dora, &mut rng, weights.device())?);
         self.created.borrow_mut().push((prefix.to_string(), params.clone()));
         let stream = SplitMix64::keyed(adapter.seed, prefix, 1).next_u64();
         Ok(Box::new(LoraLinear::new(base, params, adapter.dropout, self.state.clone(), stream)))

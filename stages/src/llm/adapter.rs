@@ -95,9 +95,9 @@ impl AdapterModule {
     /// in f32 for this one tensor only.
     pub fn merge_into(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = weight.dtype();
-        let merged = (weight.to_dtype(DType::F32)? + self.delta()?)?;
+        let merged = (weight.to_dtype(DType::F32)? + self.delta()?.to_device(weight.device())?)?;
         let merged = match &self.magnitude {
-            Some(m) => merged.broadcast_mul(&m.div(&row_norms(&merged)?)?.unsqueeze(1)?)?,
+            Some(m) => merged.broadcast_mul(&m.to_device(weight.device())?.div(&row_norms(&merged)?)?.unsqueeze(1)?)?,
             None => merged,
         };
         merged.to_dtype(dtype)

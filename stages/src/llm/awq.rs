@@ -12,21 +12,56 @@ use super::weights::Weights;
 use super::LlmError;
 
 /// A projection whose weight is packed int4 with per-group scales and zero
-/// points; the matmul dequantizes tile by tile (swift_kernels::awq).
+/// points; the matmul dequantizes tile by tile (swift_kernels::awq). On a GPU
+/// the packed weight lives in GPU memory: decoding batches (up to
+/// [`swift_kernels::cuda::awq::DECODE_ROWS`] rows) run the W4A16 kernel,
+/// larger ones dequantize the matrix once and use cuBLAS.
 pub struct AwqLinear {
     matrix: AwqMatrix,
+    #[cfg(feature = "cuda")]
+    gpu: Option<swift_kernels::cuda::awq::AwqGpu>,
     bias: Option<Tensor>,
 }
 
 impl AwqLinear {
-    /// Wraps a packed matrix and an optional `[out]` bias.
-    pub fn new(matrix: AwqMatrix, bias: Option<Tensor>) -> Self {
-        Self { matrix, bias }
+    /// Wraps a packed matrix and an optional `[out]` bias, for computing on `device`.
+    pub fn new(matrix: AwqMatrix, bias: Option<Tensor>, device: &candle_core::Device) -> candle_core::Result<Self> {
+        #[cfg(feature = "cuda")]
+        let gpu = match device {
+            candle_core::Device::Cuda(device) => Some(swift_kernels::cuda::awq::AwqGpu::upload(&matrix, device)?),
+            _ => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(Self {
+            matrix,
+            #[cfg(feature = "cuda")]
+            gpu,
+            bias,
+        })
+    }
+
+    /// `x Wᵀ` on the GPU the weight was uploaded to.
+    #[cfg(feature = "cuda")]
+    fn forward_gpu(gpu: &swift_kernels::cuda::awq::AwqGpu, x: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = x.elem_count() / gpu.k().max(1);
+        if rows <= swift_kernels::cuda::awq::DECODE_ROWS {
+            return gpu.gemv(x);
+        }
+        x.broadcast_matmul(&gpu.dequantize_t(x.dtype())?)
     }
 }
 
 impl Projection for AwqLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (Some(gpu), true) = (&self.gpu, x.device().is_cuda()) {
+            let y = Self::forward_gpu(gpu, x)?;
+            return match &self.bias {
+                Some(bias) => y.broadcast_add(bias),
+                None => Ok(y),
+            };
+        }
         let (k, n) = (self.matrix.k(), self.matrix.n());
         let dtype = x.dtype();
         let rows = x.elem_count() / k.max(1);
@@ -99,7 +134,7 @@ impl LinearLoader for AwqLoader {
         let matrix = AwqMatrix::from_parts(k, n, g, qweight, qzeros, scales)
             .map_err(|e| weights.error(format!("`{prefix}`: {e}")))?;
         let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[n])?) } else { None };
-        Ok(Box::new(AwqLinear::new(matrix, bias)))
+        Ok(Box::new(AwqLinear::new(matrix, bias, weights.device())?))
     }
 }
 

@@ -25,6 +25,12 @@ pub trait Projection: Send + Sync {
     fn bias(&self) -> Option<&Tensor>;
     /// Bytes the stored weight (and bias) occupy.
     fn weight_bytes(&self) -> usize;
+    /// The weight `[out, in]` when the projection is a plain frozen matrix
+    /// without a bias (so a caller may fuse the product into what follows
+    /// it, as the fused linear + cross-entropy does with `lm_head`).
+    fn plain_weight(&self) -> Option<&Tensor> {
+        None
+    }
 }
 
 /// Builds the decoder's projections from a checkpoint.
@@ -112,6 +118,9 @@ impl Projection for Dense {
     fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         bytes(self.inner.weight()) + self.inner.bias().map_or(0, bytes)
+    }
+    fn plain_weight(&self) -> Option<&Tensor> {
+        self.inner.bias().is_none().then(|| self.inner.weight())
     }
 }
 

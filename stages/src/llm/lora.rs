@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::linear::Projection;
 
@@ -30,18 +30,18 @@ pub struct LoraParams {
 }
 
 impl LoraParams {
-    /// Fresh adapter tensors: A Kaiming-uniform from `rng`, B zero, and for DoRA
-    /// the magnitude set to the base weight's row norms (so the adapted layer
-    /// starts equal to the base).
-    pub fn init(base: &dyn Projection, rank: usize, scaling: f64, dora: bool, rng: &mut SplitMix64)
+    /// Fresh adapter tensors on `device`: A Kaiming-uniform from `rng`, B zero,
+    /// and for DoRA the magnitude set to the base weight's row norms (so the
+    /// adapted layer starts equal to the base).
+    pub fn init(base: &dyn Projection, rank: usize, scaling: f64, dora: bool, rng: &mut SplitMix64, device: &Device)
         -> candle_core::Result<Self> {
         let (inp, out) = (base.in_features(), base.out_features());
         let bound = 1.0 / (inp as f32).sqrt();
         let a: Vec<f32> = (0..rank * inp).map(|_| (rng.next_f32() * 2.0 - 1.0) * bound).collect();
-        let device = candle_core::Device::Cpu;
-        let a = Var::from_tensor(&Tensor::from_vec(a, (rank, inp), &device)?)?;
-        let b = Var::zeros((out, rank), DType::F32, &device)?;
-        let magnitude = if dora { Some(Var::from_tensor(&row_norms(&base.weight_f32()?)?)?) } else { None };
+        let a = Var::from_tensor(&Tensor::from_vec(a, (rank, inp), device)?)?;
+        let b = Var::zeros((out, rank), DType::F32, device)?;
+        let magnitude =
+            if dora { Some(Var::from_tensor(&row_norms(&base.weight_f32()?.to_device(device)?)?)?) } else { None };
         Ok(Self { a, b, magnitude, scaling })
     }
 
@@ -144,7 +144,7 @@ impl Projection for LoraLinear {
             return base_out + lora.reshape(out_dims)?.to_dtype(dtype)?;
         };
         let delta = (b.detach().matmul(&a.detach())? * p.scaling)?;
-        let norm = row_norms(&(self.base.weight_f32()? + delta)?)?.detach();
+        let norm = row_norms(&(self.base.weight_f32()?.to_device(delta.device())? + delta)?)?.detach();
         let scale = magnitude.div(&norm)?;
         // W·x without the bias, on the same (dropped-out) input the adapter saw.
         let base_plain = match &dropped {
@@ -169,7 +169,8 @@ impl Projection for LoraLinear {
     }
     fn weight_f32(&self) -> candle_core::Result<Tensor> {
         let p = &*self.params;
-        let merged = (self.base.weight_f32()? + (p.b.as_tensor().matmul(p.a.as_tensor())? * p.scaling)?)?;
+        let delta = (p.b.as_tensor().matmul(p.a.as_tensor())? * p.scaling)?;
+        let merged = (self.base.weight_f32()?.to_device(delta.device())? + delta)?;
         match &p.magnitude {
             Some(m) => merged.broadcast_mul(&m.as_tensor().div(&row_norms(&merged)?)?.unsqueeze(1)?),
             None => Ok(merged),

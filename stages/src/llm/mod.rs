@@ -1,7 +1,8 @@
 //! The model code every stage shares: Hugging Face checkpoints of the Qwen2,
 //! Llama and Mistral families on candle.
 //!
-//! - [`config`]: `config.json` → [`ModelConfig`];
+//! - [`config`]: `config.json` → [`ModelConfig`]; [`device`]: the device a
+//!   stage computes on, and its dtype;
 //! - [`weights`]: single-file and sharded safetensors, memory-mapped, checked
 //!   against the config;
 //! - [`linear`]: the one abstraction every projection goes through, so NF4 and
@@ -23,6 +24,7 @@ pub mod awq;
 pub mod adapter;
 pub mod chat;
 pub mod config;
+pub mod device;
 pub mod generate;
 pub mod linear;
 pub mod lora;
@@ -36,6 +38,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 pub use config::{Family, ModelConfig};
+pub use device::Compute;
 pub use model::Decoder;
 pub use tokenizer::TextTokenizer;
 
@@ -88,23 +91,10 @@ impl LlmError {
     }
 }
 
-/// Checks the device a stage computes on (`device`, `[pipeline] device`,
-/// `--device`): this build computes on the CPU, so `auto` is the CPU and a
-/// CUDA device is refused where it was chosen.
-pub fn check_device(ctx: &swift_engine::kind::CompileCtx<'_>) -> Result<(), swift_engine::ManifestError> {
-    match ctx.device() {
-        swift_engine::placement::DeviceSpec::Auto | swift_engine::placement::DeviceSpec::Cpu => Ok(()),
-        cuda => Err(ctx
-            .device_error(format!("device `{cuda}`: this build of swift computes on the CPU only"))
-            .with_help("use `device = \"cpu\"` or `\"auto\"`")),
-    }
-}
-
-/// The default compute dtype for a device: f32 on CPU, bf16 on CUDA.
-pub fn default_dtype(device: &candle_core::Device) -> candle_core::DType {
-    if device.is_cuda() {
-        candle_core::DType::BF16
-    } else {
-        candle_core::DType::F32
-    }
+/// Resolves the device a stage computes on (`device`, `[pipeline] device`,
+/// `--device`; see [`device`]); a device this build cannot use is refused
+/// where it was chosen.
+pub fn check_device(ctx: &swift_engine::kind::CompileCtx<'_>) -> Result<Compute, swift_engine::ManifestError> {
+    Compute::resolve(&ctx.device())
+        .map_err(|message| ctx.device_error(message).with_help("use `device = \"cpu\"` or `\"auto\"`"))
 }

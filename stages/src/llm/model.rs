@@ -88,7 +88,13 @@ impl Decoder {
     /// projection through `linear`.
     pub fn load(folder: &Path, config: ModelConfig, dtype: DType, device: &Device, linear: &dyn LinearLoader)
         -> Result<Self, LlmError> {
-        let weights = Weights::open(folder, dtype, device)?;
+        Self::from_weights(&Weights::open(folder, dtype, device)?, config, linear)
+    }
+
+    /// Builds the decoder from `weights` (their dtype and device), every
+    /// projection through `linear`.
+    pub fn from_weights(weights: &Weights, config: ModelConfig, linear: &dyn LinearLoader) -> Result<Self, LlmError> {
+        let (dtype, device) = (weights.dtype(), weights.device());
         let c = &config;
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -99,16 +105,16 @@ impl Decoder {
             layers.push(Layer {
                 input_layernorm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
-                    q_proj: linear.load(&weights, &format!("{p}.self_attn.q_proj"), h, q_out, c.qkv_bias)?,
-                    k_proj: linear.load(&weights, &format!("{p}.self_attn.k_proj"), h, kv_out, c.qkv_bias)?,
-                    v_proj: linear.load(&weights, &format!("{p}.self_attn.v_proj"), h, kv_out, c.qkv_bias)?,
-                    o_proj: linear.load(&weights, &format!("{p}.self_attn.o_proj"), q_out, h, c.o_bias)?,
+                    q_proj: linear.load(weights, &format!("{p}.self_attn.q_proj"), h, q_out, c.qkv_bias)?,
+                    k_proj: linear.load(weights, &format!("{p}.self_attn.k_proj"), h, kv_out, c.qkv_bias)?,
+                    v_proj: linear.load(weights, &format!("{p}.self_attn.v_proj"), h, kv_out, c.qkv_bias)?,
+                    o_proj: linear.load(weights, &format!("{p}.self_attn.o_proj"), q_out, h, c.o_bias)?,
                 },
                 post_attention_layernorm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
-                    gate_proj: linear.load(&weights, &format!("{p}.mlp.gate_proj"), h, i, false)?,
-                    up_proj: linear.load(&weights, &format!("{p}.mlp.up_proj"), h, i, false)?,
-                    down_proj: linear.load(&weights, &format!("{p}.mlp.down_proj"), i, h, false)?,
+                    gate_proj: linear.load(weights, &format!("{p}.mlp.gate_proj"), h, i, false)?,
+                    up_proj: linear.load(weights, &format!("{p}.mlp.up_proj"), h, i, false)?,
+                    down_proj: linear.load(weights, &format!("{p}.mlp.down_proj"), i, h, false)?,
                 },
             });
         }
@@ -116,7 +122,7 @@ impl Decoder {
         let lm_head: Box<dyn Projection> = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
             Box::new(Dense::new(embed_tokens.clone(), None)?)
         } else {
-            linear.load(&weights, "lm_head", h, c.vocab_size, false)?
+            linear.load(weights, "lm_head", h, c.vocab_size, false)?
         };
         let inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
         Ok(Self { config, embed_tokens, layers, norm, lm_head, inv_freq, device: device.clone(), dtype })
@@ -130,6 +136,11 @@ impl Decoder {
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The device the model computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Logits (f32, `[tokens, vocab]`, or `[1, vocab]` with `last_only`) for one
@@ -376,6 +387,10 @@ impl Decoder {
     /// compute dtype, then scale by the weight.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
         let eps = self.config.rms_norm_eps;
+        if self.device.is_cuda() {
+            // swift's fused kernel, forward and backward, in f32 or bf16.
+            return super::ops::rms_norm(x, weight, eps as f32);
+        }
         if self.dtype == DType::F32 {
             return match pass {
                 Pass::Inference => candle_nn::ops::rms_norm(x, weight, eps as f32),
@@ -521,6 +536,12 @@ impl CustomOp1 for LayerCheckpoint {
         // The graph built while running is dropped with the output as soon as
         // its data is copied out: only the output is kept.
         into_cpu(&self.run(&x)?, self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let x = super::ops::cuda_tensor(storage, layout, self.name())?;
+        super::ops::into_cuda(&self.run(&x)?, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -5,7 +5,9 @@
 //! dequantizes the weight, multiplies and drops the full-precision copy;
 //! backward dequantizes it **again** to compute the activation's gradient. So no
 //! f32/bf16 copy of a frozen matrix stays alive between forward and backward —
-//! the memory QLoRA exists to save.
+//! the memory QLoRA exists to save. On a GPU the codes live in GPU memory and
+//! both products run swift's fused dequant-matmul kernels, which dequantize
+//! tiles in shared memory only.
 
 use std::sync::Arc;
 
@@ -18,6 +20,9 @@ use super::ops::{cpu_tensor, into_cpu};
 /// A projection whose weight is NF4.
 pub struct Nf4Linear {
     weight: Arc<Nf4Tensor>,
+    /// The same codes on the GPU the weight was loaded on.
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<swift_kernels::cuda::nf4::Nf4Gpu>>,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
@@ -32,7 +37,19 @@ impl Nf4Linear {
         let values = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let quantized = swift_kernels::nf4::quantize(&values, &[out_features, in_features], blocksize, double_quant)
             .map_err(|e| candle_core::Error::Msg(format!("NF4 quantization: {e}")))?;
-        Ok(Self { weight: Arc::new(quantized), bias, in_features, out_features })
+        #[cfg(feature = "cuda")]
+        let gpu = match weight.device() {
+            candle_core::Device::Cuda(device) => Some(Arc::new(swift_kernels::cuda::nf4::Nf4Gpu::upload(&quantized, device)?)),
+            _ => None,
+        };
+        Ok(Self {
+            weight: Arc::new(quantized),
+            #[cfg(feature = "cuda")]
+            gpu,
+            bias,
+            in_features,
+            out_features,
+        })
     }
 
 }
@@ -41,6 +58,8 @@ impl Projection for Nf4Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = x.contiguous()?.apply_op1(Nf4Matmul {
             weight: self.weight.clone(),
+            #[cfg(feature = "cuda")]
+            gpu: self.gpu.clone(),
             in_features: self.in_features,
             out_features: self.out_features,
         })?;
@@ -69,8 +88,17 @@ impl Projection for Nf4Linear {
 /// `y = x Wᵀ` with `W` dequantized on the fly, in forward and in backward.
 struct Nf4Matmul {
     weight: Arc<Nf4Tensor>,
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<swift_kernels::cuda::nf4::Nf4Gpu>>,
     in_features: usize,
     out_features: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl Nf4Matmul {
+    fn gpu(&self) -> candle_core::Result<&swift_kernels::cuda::nf4::Nf4Gpu> {
+        self.gpu.as_deref().ok_or_else(|| candle_core::Error::Msg("nf4-matmul: a GPU input for a weight quantized on the CPU".into()))
+    }
 }
 
 /// The whole `[out, in]` weight dequantized, in `dtype`, on the CPU.
@@ -92,7 +120,17 @@ impl CustomOp1 for Nf4Matmul {
         into_cpu(&x.broadcast_matmul(&dequantized(&self.weight, x.dtype())?.t()?)?, self.name())
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let x = super::ops::cuda_tensor(storage, layout, self.name())?;
+        super::ops::into_cuda(&self.gpu()?.matmul(&x)?, self.name())
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if grad_res.device().is_cuda() {
+            return Ok(Some(self.gpu()?.matmul_t(&grad_res.to_dtype(arg.dtype())?)?.reshape(arg.shape())?));
+        }
         // dL/dx = dL/dy · W, with W dequantized again (and dropped right after).
         let w = dequantized(&self.weight, grad_res.dtype())?.to_device(grad_res.device())?;
         let rows = grad_res.elem_count() / self.out_features;

@@ -5,8 +5,11 @@
 //!   gradient for every frozen weight);
 //! - [`cross_entropy`]: per-row cross-entropy of logits with a fused backward
 //!   (kernels' [`swift_kernels::loss`]);
-//! - [`softmax_last_dim`] and [`rms_norm`]: row-wise f32 ops with fused
+//! - [`softmax_last_dim`] and [`rms_norm`]: row-wise ops with fused
 //!   backwards (kernels' [`swift_kernels::rows`]).
+//!
+//! On a CUDA device (the `cuda` feature) the same ops run swift's CUDA
+//! kernels ([`swift_kernels::cuda`]), forward and backward.
 
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
@@ -35,6 +38,48 @@ pub(crate) fn into_cpu(t: &Tensor, op: &str) -> candle_core::Result<(CpuStorage,
     let (storage, layout) = copy.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("{op}: result left the CPU") };
     Ok((cpu.clone(), layout.shape().clone()))
+}
+
+/// A contiguous CUDA input of a custom op as a tensor (copied out of storage).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_tensor(storage: &candle_core::CudaStorage, layout: &Layout, op: &str) -> candle_core::Result<Tensor> {
+    use candle_core::backend::BackendStorage;
+    if !layout.is_contiguous() {
+        candle_core::bail!("{op}: expected a contiguous input");
+    }
+    let copy = storage.try_clone(layout)?;
+    let len = cuda_len(&copy).ok_or_else(|| candle_core::Error::Msg(format!("{op}: unsupported dtype")))?;
+    Tensor::from_storage(Storage::Cuda(copy), len, BackpropOp::none(), false)
+        .narrow(0, layout.start_offset(), layout.shape().elem_count())?
+        .reshape(layout.shape())
+}
+
+/// A tensor's CUDA storage, for returning from `cuda_fwd`.
+#[cfg(feature = "cuda")]
+pub(crate) fn into_cuda(t: &Tensor, op: &str) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t.clone() } else { t.copy()? };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else { candle_core::bail!("{op}: result left the GPU") };
+    if cuda_len(cuda) != Some(layout.shape().elem_count()) {
+        drop(storage);
+        return into_cuda(&t.copy()?, op);
+    }
+    Ok((cuda.try_clone(layout)?, layout.shape().clone()))
+}
+
+/// Elements in a CUDA storage of the dtypes the training ops handle.
+#[cfg(feature = "cuda")]
+fn cuda_len(storage: &candle_core::CudaStorage) -> Option<usize> {
+    use candle_core::cuda::CudaStorageSlice as S;
+    match &storage.slice {
+        S::F32(s) => Some(s.len()),
+        S::BF16(s) => Some(s.len()),
+        S::F16(s) => Some(s.len()),
+        S::F64(s) => Some(s.len()),
+        S::U32(s) => Some(s.len()),
+        _ => None,
+    }
 }
 
 /// Elements in a CPU storage of the dtypes the training ops handle.
@@ -86,13 +131,21 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Te
     if rows != targets.len() || targets.iter().any(|&t| t as usize >= vocab) {
         candle_core::bail!("cross_entropy: {} targets for {rows} rows of {vocab} logits", targets.len());
     }
-    logits.to_dtype(DType::F32)?.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec(), lse: Default::default() })
+    logits.to_dtype(DType::F32)?.contiguous()?.apply_op1(CrossEntropy {
+        targets: targets.to_vec(),
+        lse: Default::default(),
+        #[cfg(feature = "cuda")]
+        lse_gpu: Default::default(),
+    })
 }
 
 struct CrossEntropy {
     targets: Vec<u32>,
     /// Log-sum-exp per row, from the forward pass for the backward pass.
     lse: std::sync::OnceLock<Vec<f32>>,
+    /// The same, from a forward pass on a GPU (stays there).
+    #[cfg(feature = "cuda")]
+    lse_gpu: std::sync::OnceLock<Tensor>,
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -109,7 +162,23 @@ impl CustomOp1 for CrossEntropy {
         Ok((CpuStorage::F32(loss), Shape::from(rows)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let logits = cuda_tensor(storage, layout, self.name())?;
+        let targets = Tensor::new(self.targets.as_slice(), logits.device())?;
+        let (loss, lse) = swift_kernels::cuda::loss::cross_entropy(&logits, &targets)?;
+        let _ = self.lse_gpu.set(lse);
+        into_cuda(&loss, self.name())
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if arg.device().is_cuda() {
+            let lse = self.lse_gpu.get().ok_or_else(|| candle_core::Error::Msg("cross-entropy: backward before forward".into()))?;
+            let targets = Tensor::new(self.targets.as_slice(), arg.device())?;
+            let grad_out = grad_res.to_dtype(DType::F32)?.contiguous()?;
+            return Ok(Some(swift_kernels::cuda::loss::cross_entropy_grad(&arg.contiguous()?, &targets, lse, &grad_out)?));
+        }
         let (rows, vocab) = arg.dims2()?;
         let grad_out = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let mut grad = vec![0f32; rows * vocab];
@@ -125,9 +194,93 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
+/// Rows of logits computed at once by [`linear_cross_entropy`]: a
+/// `[512, vocab]` f32 block (311 MB for Qwen's 151 936 tokens) instead of the
+/// whole `[rows, vocab]` matrix.
+const LOGIT_ROWS: usize = 512;
+
+/// Per-row cross-entropy `[rows]` of `hidden · weightᵀ` (`hidden` `[rows, h]`,
+/// `weight` `[vocab, h]` frozen) against `targets`, differentiable with respect
+/// to `hidden`, without ever holding the `[rows, vocab]` logits: blocks of
+/// [`LOGIT_ROWS`] rows are multiplied, turned into loss and logit gradient in
+/// one pass (in place on a GPU), and folded back into `dL/dhidden` at once.
+pub fn linear_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let (rows, _) = hidden.dims2()?;
+    let (vocab, _) = weight.dims2()?;
+    if rows != targets.len() || targets.iter().any(|&t| t as usize >= vocab) {
+        candle_core::bail!("linear_cross_entropy: {} targets for {rows} rows of {vocab} logits", targets.len());
+    }
+    hidden.contiguous()?.apply_op1(LinearCrossEntropy { weight: weight.clone(), targets: targets.to_vec(), grad: Default::default() })
+}
+
+struct LinearCrossEntropy {
+    weight: Tensor,
+    targets: Vec<u32>,
+    /// `dL/dhidden` for a unit upstream gradient per row, from the forward pass.
+    grad: std::sync::OnceLock<Tensor>,
+}
+
+impl LinearCrossEntropy {
+    /// The loss per row, keeping the gradient for the backward pass.
+    fn run(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = hidden.dim(0)?;
+        let (mut losses, mut grads) = (Vec::new(), Vec::new());
+        for first in (0..rows).step_by(LOGIT_ROWS) {
+            let n = LOGIT_ROWS.min(rows - first);
+            let h = hidden.narrow(0, first, n)?;
+            let logits = h.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
+            let targets = &self.targets[first..first + n];
+            let (loss, dlogits) = block_loss_and_grad(logits, targets)?;
+            grads.push(dlogits.to_dtype(self.weight.dtype())?.matmul(&self.weight)?.to_dtype(hidden.dtype())?);
+            losses.push(loss);
+        }
+        let _ = self.grad.set(Tensor::cat(&grads, 0)?);
+        Tensor::cat(&losses, 0)
+    }
+}
+
+/// Loss `[n]` and its gradient with respect to f32 logits `[n, vocab]`.
+fn block_loss_and_grad(logits: Tensor, targets: &[u32]) -> candle_core::Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        let t = Tensor::new(targets, logits.device())?;
+        return swift_kernels::cuda::loss::cross_entropy_fused(logits, &t, 1.0);
+    }
+    let (n, vocab) = logits.dims2()?;
+    let values = logits.flatten_all()?.to_vec1::<f32>()?;
+    let (mut loss, mut lse) = (vec![0f32; n], vec![0f32; n]);
+    swift_kernels::loss::cross_entropy_rows(&values, vocab, targets, &mut loss, &mut lse);
+    let mut grad = vec![0f32; n * vocab];
+    swift_kernels::loss::cross_entropy_grad(&values, vocab, targets, &lse, &vec![1.0; n], &mut grad);
+    Ok((Tensor::from_vec(loss, n, logits.device())?, Tensor::from_vec(grad, (n, vocab), logits.device())?))
+}
+
+impl CustomOp1 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let hidden = cpu_tensor(storage, layout, self.name())?;
+        into_cpu(&self.run(&hidden)?, self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let hidden = cuda_tensor(storage, layout, self.name())?;
+        into_cuda(&self.run(&hidden)?, self.name())
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = self.grad.get().ok_or_else(|| candle_core::Error::Msg("linear-cross-entropy: backward before forward".into()))?;
+        let scale = grad_res.to_dtype(grad.dtype())?.unsqueeze(1)?;
+        Ok(Some(grad.broadcast_mul(&scale)?.reshape(arg.shape())?))
+    }
+}
+
 /// Softmax over the last dimension of an f32 tensor, with a fused backward.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+    if x.dtype() != DType::F32 || !(x.device().is_cpu() || cfg!(feature = "cuda") && x.device().is_cuda()) {
         return candle_nn::ops::softmax(x, candle_core::D::Minus1);
     }
     x.contiguous()?.apply_op1(Softmax)
@@ -149,7 +302,18 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let x = cuda_tensor(storage, layout, self.name())?;
+        into_cuda(&swift_kernels::cuda::rows::softmax(&x)?, self.name())
+    }
+
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if res.device().is_cuda() {
+            let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
+            return Ok(Some(swift_kernels::cuda::rows::softmax_grad(&res.contiguous()?, &g)?));
+        }
         let n = *res.dims().last().unwrap_or(&1);
         let y = res.flatten_all()?.to_vec1::<f32>()?;
         let g = grad_res.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -159,18 +323,26 @@ impl CustomOp1 for Softmax {
     }
 }
 
-/// RMSNorm (`w ⊙ x/√(mean(x²)+ε)`) of f32 rows with a frozen weight, with a
-/// fused backward for `x`.
+/// RMSNorm (`w ⊙ x/√(mean(x²)+ε)`) of rows with a frozen weight, with a
+/// fused backward for `x`: f32 rows on the CPU; f32 or bf16 rows on a GPU
+/// (bf16 as transformers computes it: normalised, rounded, then scaled).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        candle_core::bail!("ops::rms_norm runs on f32 CPU tensors");
+    if x.device().is_cpu() {
+        if x.dtype() != DType::F32 {
+            candle_core::bail!("ops::rms_norm runs on f32 tensors on the CPU");
+        }
+        let weight = weight.to_dtype(DType::F32)?;
+        return x.contiguous()?.apply_op1(RmsNorm { weight, eps });
     }
-    let weight = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    x.contiguous()?.apply_op1(RmsNorm { weight, eps })
+    if !cfg!(feature = "cuda") {
+        candle_core::bail!("ops::rms_norm: no kernel for {:?}", x.device().location());
+    }
+    x.contiguous()?.apply_op1(RmsNorm { weight: weight.to_dtype(x.dtype())?.contiguous()?, eps })
 }
 
 struct RmsNorm {
-    weight: Vec<f32>,
+    /// `[n]`, f32 on the CPU, the input's dtype on a GPU.
+    weight: Tensor,
     eps: f32,
 }
 
@@ -181,20 +353,33 @@ impl CustomOp1 for RmsNorm {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let count = layout.shape().elem_count();
-        if layout.dims().last() != Some(&self.weight.len()) {
-            candle_core::bail!("rms-norm: rows of {:?} do not match a weight of {}", layout.dims(), self.weight.len());
+        let weight = self.weight.to_vec1::<f32>()?;
+        if layout.dims().last() != Some(&weight.len()) {
+            candle_core::bail!("rms-norm: rows of {:?} do not match a weight of {}", layout.dims(), weight.len());
         }
         let x = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + count];
         let mut y = vec![0f32; count];
-        swift_kernels::rows::rms_norm_rows(x, &self.weight, self.eps, &mut y);
+        swift_kernels::rows::rms_norm_rows(x, &weight, self.eps, &mut y);
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let x = cuda_tensor(storage, layout, self.name())?;
+        into_cuda(&swift_kernels::cuda::rows::rms_norm(&x, &self.weight, self.eps)?, self.name())
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if arg.device().is_cuda() {
+            let g = grad_res.to_dtype(arg.dtype())?.contiguous()?;
+            return Ok(Some(swift_kernels::cuda::rows::rms_norm_grad(&arg.contiguous()?, &self.weight, &g, self.eps)?));
+        }
+        let weight = self.weight.to_vec1::<f32>()?;
         let x = arg.flatten_all()?.to_vec1::<f32>()?;
         let g = grad_res.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut dx = vec![0f32; x.len()];
-        swift_kernels::rows::rms_norm_rows_grad(&x, &self.weight, &g, self.eps, &mut dx);
+        swift_kernels::rows::rms_norm_rows_grad(&x, &weight, &g, self.eps, &mut dx);
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -219,6 +404,28 @@ mod tests {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         let ga = ours.backward().unwrap().get(x.as_tensor()).unwrap().clone();
         let gb = reference.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let diff = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "gradients differ by {diff}");
+    }
+
+    #[test]
+    fn linear_cross_entropy_matches_the_unfused_loss_and_gradient() {
+        let device = Device::Cpu;
+        // More rows than one logit block, so the blocks are stitched together.
+        let rows = LOGIT_ROWS + 37;
+        let w = Tensor::randn(0f32, 0.5, (11, 6), &device).unwrap();
+        let h = Var::new(Tensor::randn(0f32, 1.0, (rows, 6), &device).unwrap().to_vec2::<f32>().unwrap(), &device).unwrap();
+        let targets: Vec<u32> = (0..rows as u32).map(|r| r * 7 % 11).collect();
+        let weights = Tensor::randn(0f32, 1.0, rows, &device).unwrap();
+        let fused = (linear_cross_entropy(h.as_tensor(), &w, &targets).unwrap() * &weights).unwrap().sum_all().unwrap();
+        let unfused = (cross_entropy(&frozen_matmul(h.as_tensor(), &w).unwrap(), &targets).unwrap() * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let (a, b) = (fused.to_scalar::<f32>().unwrap(), unfused.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        let ga = fused.backward().unwrap().get(h.as_tensor()).unwrap().clone();
+        let gb = unfused.backward().unwrap().get(h.as_tensor()).unwrap().clone();
         let diff = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "gradients differ by {diff}");
     }

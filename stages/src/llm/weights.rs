@@ -1,7 +1,8 @@
 //! Safetensors checkpoints: `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`, memory-mapped. Every tensor is checked
 //! against the shape the config implies before it is used, and every error
-//! names the file and the tensor.
+//! names the file and the tensor. For benchmarks, [`Weights::random`] makes
+//! up every tensor on the device instead (no checkpoint of many GB to write).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,14 @@ pub struct Weights {
     folder: PathBuf,
     dtype: DType,
     device: Device,
+    /// Made-up tensors instead of files (`lm_head.weight` absent when tied).
+    random: Option<RandomWeights>,
+}
+
+/// What [`Weights::random`] makes up.
+#[derive(Clone, Copy)]
+struct RandomWeights {
+    tied_embeddings: bool,
 }
 
 #[derive(Deserialize)]
@@ -64,7 +73,22 @@ impl Weights {
             }
             files.push((path, st));
         }
-        Ok(Self { files, index, folder: folder.to_path_buf(), dtype, device: device.clone() })
+        Ok(Self { files, index, folder: folder.to_path_buf(), dtype, device: device.clone(), random: None })
+    }
+
+    /// Weights that make up every tensor asked for, on `device` in `dtype`:
+    /// norm weights 1, everything else normal with σ = 0.02 (transformers'
+    /// `initializer_range`), for benchmarks of real shapes without a
+    /// checkpoint. `lm_head.weight` is absent when the embeddings are tied.
+    pub fn random(dtype: DType, device: &Device, tied_embeddings: bool) -> Self {
+        Self {
+            files: Vec::new(),
+            index: HashMap::new(),
+            folder: PathBuf::from("<random weights>"),
+            dtype,
+            device: device.clone(),
+            random: Some(RandomWeights { tied_embeddings }),
+        }
     }
 
     /// An error about this checkpoint, naming its folder.
@@ -89,7 +113,10 @@ impl Weights {
 
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match self.random {
+            Some(random) => !(random.tied_embeddings && name == "lm_head.weight"),
+            None => self.index.contains_key(name),
+        }
     }
 
     /// The compute dtype tensors are converted to.
@@ -104,6 +131,9 @@ impl Weights {
 
     /// The dtype a tensor is stored in (the checkpoint's dtype).
     pub fn stored_dtype(&self, name: &str) -> Result<DType, LlmError> {
+        if self.random.is_some() {
+            return Ok(self.dtype);
+        }
         let Some(&file) = self.index.get(name) else {
             return Err(LlmError::Weights { path: self.folder.clone(), message: format!("tensor `{name}` is missing") });
         };
@@ -119,6 +149,14 @@ impl Weights {
 
     /// Loads a tensor after checking its shape, converted to `dtype`.
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor, LlmError> {
+        if self.random.is_some() {
+            let made = if name.ends_with("norm.weight") {
+                Tensor::ones(shape, DType::F32, &self.device)?
+            } else {
+                Tensor::randn(0f32, 0.02, shape, &self.device)?
+            };
+            return Ok(made.to_dtype(dtype)?);
+        }
         let Some(&file) = self.index.get(name) else {
             return Err(LlmError::Weights { path: self.folder.clone(), message: format!("tensor `{name}` is missing") });
         };

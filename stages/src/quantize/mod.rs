@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use swift_engine::kind::{
-    Cancelled, CompileCtx, OutputDecl, OutputType, OutputValue, RunCtx, StageKind, StagePlan, StageResult,
+    Cancelled, CompileCtx, OutputDecl, OutputType, OutputValue, Resource, RunCtx, StageKind, StagePlan, StageResult,
 };
 use swift_engine::ManifestError;
 
@@ -36,7 +36,7 @@ use crate::finetune::memory;
 use crate::llm::adapted::{AdaptedLoader, BaseFormat};
 use crate::llm::awq::AwqLoader;
 use crate::llm::config::AwqSettings;
-use crate::llm::{save, Decoder, ModelConfig, TextTokenizer};
+use crate::llm::{save, Compute, Decoder, ModelConfig, TextTokenizer};
 use crate::model_source::ModelSource;
 
 /// The quantize kind.
@@ -152,7 +152,7 @@ impl StageKind for Quantize {
     }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         let config: Config = ctx.parse(params)?;
-        crate::llm::check_device(ctx)?;
+        let compute = crate::llm::check_device(ctx)?;
         check(ctx, &config)?;
         let max_shard_bytes = save::parse_size(&config.max_shard_size).map_err(|e| ctx.error(&["max_shard_size"], e))?;
         let model = ModelSource::declare(ctx, "model", &config.model)?;
@@ -167,7 +167,7 @@ impl StageKind for Quantize {
             Source::Dataset
         };
         let seed = config.seed.unwrap_or(ctx.seed());
-        Ok(Box::new(QuantizePlan { resolved: Resolved { config, seed }, model, source, max_shard_bytes }))
+        Ok(Box::new(QuantizePlan { resolved: Resolved { config, seed }, model, source, max_shard_bytes, compute }))
     }
 }
 
@@ -197,6 +197,10 @@ struct QuantizePlan {
     model: ModelSource,
     source: Source,
     max_shard_bytes: u64,
+    /// The device the calibration runs on. The search computes in f32 on
+    /// every device (its choices are compared to the last bits), so the device
+    /// is not in the key.
+    compute: Compute,
 }
 
 impl StagePlan for QuantizePlan {
@@ -206,6 +210,10 @@ impl StagePlan for QuantizePlan {
 
     fn outputs(&self) -> Vec<OutputDecl> {
         OUTPUTS.to_vec()
+    }
+
+    fn resource(&self) -> Resource {
+        self.compute.resource()
     }
 
     fn run(&self, ctx: &RunCtx<'_>) -> anyhow::Result<StageResult> {
@@ -226,7 +234,7 @@ impl StagePlan for QuantizePlan {
         check_shapes(&config, &opts).map_err(|e| anyhow!("{}: {e}", field("group_size")))?;
         let blocks = self.blocks(ctx, &opened.folder, &config).with_context(|| field("calibration"))?;
 
-        let device = Device::Cpu;
+        let device = self.compute.open()?;
         let loader = AdaptedLoader::new(&opened.adapters, BaseFormat::Dense);
         let decoder = Decoder::load(&opened.folder, config.clone(), DType::F32, &device, &loader)?;
         loader.check_all_applied().with_context(|| field("model"))?;
@@ -239,12 +247,12 @@ impl StagePlan for QuantizePlan {
         ctx.progress(config.num_layers as u64, config.num_layers as u64, "perplexity");
         let full_precision = quality::perplexity(&decoder, &blocks.held_out)?;
         drop(decoder);
-        let written = perplexity_of(&model_dir, &blocks.held_out)?;
+        let written = perplexity_of(&model_dir, &blocks.held_out, &device)?;
         let ppl = match baseline {
             Some(rtn_tensors) => {
                 let rtn_dir = ctx.scratch_dir.join("rtn");
                 output::write_folder(&rtn_dir, &opened.folder, &config, rtn_tensors, quantization, self.max_shard_bytes)?;
-                let rtn = perplexity_of(&rtn_dir, &blocks.held_out)?;
+                let rtn = perplexity_of(&rtn_dir, &blocks.held_out, &device)?;
                 std::fs::remove_dir_all(&rtn_dir).with_context(|| format!("removing {}", rtn_dir.display()))?;
                 Perplexities { full_precision, rtn, awq: Some(written) }
             }
@@ -427,10 +435,10 @@ fn check_skip(config: &ModelConfig, opts: &Options) -> Result<(), String> {
 }
 
 /// Held-out perplexity of an AWQ folder, run through the int4 kernels.
-fn perplexity_of(folder: &std::path::Path, blocks: &[Vec<u32>]) -> anyhow::Result<f64> {
+fn perplexity_of(folder: &std::path::Path, blocks: &[Vec<u32>], device: &Device) -> anyhow::Result<f64> {
     let config = ModelConfig::load(folder)?;
     let settings: AwqSettings = config.quantization.clone().ok_or_else(|| anyhow!("{}: no quantization_config", folder.display()))?;
-    let decoder = Decoder::load(folder, config, DType::F32, &Device::Cpu, &AwqLoader::new(settings))?;
+    let decoder = Decoder::load(folder, config, DType::F32, device, &AwqLoader::new(settings))?;
     quality::perplexity(&decoder, blocks)
 }
 
