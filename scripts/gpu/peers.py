@@ -78,8 +78,14 @@ def model(shape, dtype=torch.bfloat16):
     config = Qwen2Config(**SHAPES[shape], rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
                          attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        return Qwen2ForCausalLM(config).to(dtype)
+    # Built straight in bf16 on the card (a 7B model in f32 first would need 30 GB).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda"):
+            return Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def lora(out, shape, batch, steps):

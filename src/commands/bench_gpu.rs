@@ -157,12 +157,12 @@ mod measure {
     }
 
     /// Seconds per call of `f`, after a warm-up call, over `reps` calls.
-    fn time_per_call(gpu: &Device, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-        f()?;
+    fn time_per_call<T>(gpu: &Device, reps: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
+        drop(f()?);
         gpu.synchronize()?;
         let started = Instant::now();
         for _ in 0..reps {
-            f()?;
+            drop(f()?);
         }
         gpu.synchronize()?;
         Ok(started.elapsed().as_secs_f64() / reps as f64)
@@ -173,11 +173,11 @@ mod measure {
         let reps = 20;
         let bandwidth = |bytes: usize, seconds: f64| bytes as f64 / seconds / 1e12;
         let copy_src = bf16(&[1 << 28])?;
-        let copy = time_per_call(gpu, reps, || Ok(drop(copy_src.copy()?)))?;
+        let copy = time_per_call(gpu, reps, || Ok(copy_src.copy()?))?;
         let copy_tbs = bandwidth(2 * 2 * copy_src.elem_count(), copy);
         out.result("kernels", Ok(serde_json::json!({"kernel": "device copy (candle)", "tb_per_s": copy_tbs})))?;
         drop(copy_src);
-        let mut report = |kernel: &str, bytes: usize, seconds: anyhow::Result<f64>| -> anyhow::Result<()> {
+        let report = |kernel: &str, bytes: usize, seconds: anyhow::Result<f64>| -> anyhow::Result<()> {
             out.result("kernels", seconds.map(|s| {
                 let tbs = bandwidth(bytes, s);
                 serde_json::json!({"kernel": kernel, "tb_per_s": tbs, "of_copy": tbs / copy_tbs})
@@ -187,23 +187,23 @@ mod measure {
         let x = bf16(&[rows, hidden])?;
         let w = bf16(&[hidden])?;
         let io = 2 * 2 * rows * hidden;
-        report("rms_norm bf16 8192×3584 (swift)", io, time_per_call(gpu, reps, || Ok(drop(cuda::rows::rms_norm(&x, &w, 1e-6)?))))?;
-        report("rms_norm bf16 8192×3584 (candle_nn)", io, time_per_call(gpu, reps, || Ok(drop(candle_nn::ops::rms_norm(&x, &w, 1e-6)?))))?;
+        report("rms_norm bf16 8192×3584 (swift)", io, time_per_call(gpu, reps, || Ok(cuda::rows::rms_norm(&x, &w, 1e-6)?)))?;
+        report("rms_norm bf16 8192×3584 (candle_nn)", io, time_per_call(gpu, reps, || Ok(candle_nn::ops::rms_norm(&x, &w, 1e-6)?)))?;
         let (gate, up) = (bf16(&[rows, 18944])?, bf16(&[rows, 18944])?);
         let io = 3 * 2 * gate.elem_count();
-        report("silu·up bf16 8192×18944 (swift)", io, time_per_call(gpu, reps, || Ok(drop(cuda::rows::silu_mul(&gate, &up)?))))?;
-        report("silu·up bf16 8192×18944 (candle)", io, time_per_call(gpu, reps, || Ok(drop((gate.silu()? * &up)?))))?;
+        report("silu·up bf16 8192×18944 (swift)", io, time_per_call(gpu, reps, || Ok(cuda::rows::silu_mul(&gate, &up)?)))?;
+        report("silu·up bf16 8192×18944 (candle)", io, time_per_call(gpu, reps, || Ok((gate.silu()? * &up)?)))?;
         drop((gate, up));
         let logits = bf16(&[4096, 151_936])?;
         let targets = Tensor::new((0..4096u32).map(|i| i * 37 % 151_936).collect::<Vec<_>>().as_slice(), gpu)?;
         let io = 2 * logits.elem_count();
-        report("cross-entropy bf16 4096×151936 (swift, loss)", io, time_per_call(gpu, reps, || Ok(drop(cuda::loss::cross_entropy(&logits, &targets)?))))?;
+        report("cross-entropy bf16 4096×151936 (swift, loss)", io, time_per_call(gpu, reps, || Ok(cuda::loss::cross_entropy(&logits, &targets)?)))?;
         report("cross-entropy bf16 4096×151936 (candle_nn log_softmax)", io, time_per_call(gpu, reps, || {
-            Ok(drop(candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?))
+            Ok(candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?)
         }))?;
         // The fused kernel overwrites its input: time it on a fresh copy, less the copy.
-        let logits_copy = time_per_call(gpu, reps, || Ok(drop(logits.copy()?)))?;
-        let fused = time_per_call(gpu, reps, || Ok(drop(cuda::loss::cross_entropy_fused(logits.copy()?, &targets, 1.0)?)));
+        let logits_copy = time_per_call(gpu, reps, || Ok(logits.copy()?))?;
+        let fused = time_per_call(gpu, reps, || Ok(cuda::loss::cross_entropy_fused(logits.copy()?, &targets, 1.0)?));
         report("cross-entropy bf16 4096×151936 (swift, fused loss + gradient in place)", 2 * io, fused.map(|s| s - logits_copy))?;
         Ok(())
     }
@@ -253,7 +253,7 @@ mod measure {
                 }
                 Ok(())
             })?;
-            let mut measure = |kernel: &str, f: &dyn Fn(&cuda::awq::AwqGpu, &Tensor) -> candle_core::Result<Tensor>| -> anyhow::Result<()> {
+            let measure = |kernel: &str, f: &dyn Fn(&cuda::awq::AwqGpu, &Tensor) -> candle_core::Result<Tensor>| -> anyhow::Result<()> {
                 let mut turn = 0;
                 let seconds = time_per_call(gpu, reps, || {
                     turn = (turn + 1) % copies;
@@ -299,7 +299,7 @@ mod measure {
     fn finetune(gpu: &Device, shape: &Shape, batch: usize, base: BaseFormat, steps: u32) -> anyhow::Result<Finetuned> {
         let config = shape.config()?;
         let data = tempfile::tempdir()?;
-        let mut next = super::bench::xorshift(0x5EED);
+        let mut next = super::super::bench::xorshift(0x5EED);
         let rows: Vec<(Vec<u32>, Vec<u8>)> = (0..batch * steps as usize)
             .map(|_| ((0..SEQ).map(|_| (next() % config.vocab_size as u64) as u32).collect(), vec![1u8; SEQ]))
             .collect();
@@ -334,7 +334,7 @@ mod measure {
         let outcome = trainer.run(&train, None, scratch.path(), &hooks, &mut Parallel::single())?;
         let rates: Vec<f64> = outcome.log.iter().filter_map(|l| l.get("tokens_per_s")?.as_f64()).skip(1).collect();
         anyhow::ensure!(!rates.is_empty(), "no timed step");
-        Ok(Finetuned { tokens_per_s: super::bench::median(rates), peak_bytes: peak.stop(), trainable })
+        Ok(Finetuned { tokens_per_s: super::super::bench::median(rates), peak_bytes: peak.stop(), trainable })
     }
 
     /// Samples the GPU's used memory every few milliseconds from a thread:
@@ -377,7 +377,7 @@ mod measure {
     /// Questions of one subject: a 5-shot prefix of ~550 tokens shared by all,
     /// then ~60 tokens of question, and single-token continuations A–D.
     fn questions(vocab: usize, count: usize) -> Vec<Encoded> {
-        let mut next = super::bench::xorshift(0xE7A1);
+        let mut next = super::super::bench::xorshift(0xE7A1);
         let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| (next() % vocab as u64) as u32).collect() };
         let prefix = tokens(550);
         (0..count)

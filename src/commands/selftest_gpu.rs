@@ -270,7 +270,7 @@ fn cross_entropy_fused_f32(gpu: &Device) -> anyhow::Result<Compared> {
     let scale = 0.25f32;
     let host_logits = host(&logits)?;
     let (mut reference, _) = reference_loss(&host_logits, &targets);
-    reference.extend(reference_grad(&host_logits, &targets, &vec![scale; LOSS_ROWS]));
+    reference.extend(reference_grad(&host_logits, &targets, &[scale; LOSS_ROWS]));
     let (loss, grad) = cuda::loss::cross_entropy_fused(logits.to_device(gpu)?, &Tensor::new(targets.as_slice(), gpu)?, scale)?;
     let mut ours = host(&loss)?;
     ours.extend(host(&grad)?);

@@ -23,6 +23,8 @@ mod demo;
 mod hub;
 /// `swift generate` on the fixture models.
 mod generate;
+/// The GPU-facing commands and `--device` in the CPU-only build.
+mod gpu;
 /// The preprocess stage: formats, templates and masks, packing, shards.
 mod preprocess;
 /// The finetune stage: LoRA/QLoRA learning, resume, threads, chains, bad settings.

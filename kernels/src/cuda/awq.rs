@@ -29,6 +29,9 @@ pub struct AwqGpu {
 impl AwqGpu {
     /// Copies `matrix` to `device` (its scales as the f16 values they are).
     pub fn upload(matrix: &AwqMatrix, device: &CudaDevice) -> Result<Self> {
+        if !matrix.group().is_multiple_of(32) {
+            candle_core::bail!("AWQ on the GPU needs a group size that is a multiple of 32, not {}", matrix.group());
+        }
         let stream = device.cuda_stream();
         let copy_err = |e| candle_core::Error::Msg(format!("uploading an AWQ weight: {e}"));
         let scales: Vec<half::f16> = matrix.scales().iter().map(|&s| half::f16::from_f32(s)).collect();
@@ -102,12 +105,14 @@ impl AwqGpu {
             candle_core::bail!("awq gemm (tensor cores): bf16 input, not {:?}", x.dtype());
         }
         let (x, m) = self.rows_of(x, "awq_gemm_mma")?;
+        // The kernel loads x 16 bytes at a time: its start must be aligned.
+        let x = if x.layout().start_offset() % 8 == 0 { x } else { x.copy()? };
         let xi = input(&x, "awq_gemm_mma")?;
         let xv = xi.view::<half::bf16>()?;
         let mut y = alloc::<half::bf16>(&self.device, m * self.n)?;
         let (k, n, g) = self.dims()?;
         let m_i = int(m, "rows")?;
-        let grid = (self.n.div_ceil(MMA_COLUMNS) as u32, m.div_ceil(16) as u32, 1);
+        let grid = (self.n.div_ceil(MMA_COLUMNS) as u32, m.div_ceil(MMA_ROWS) as u32, 1);
         let cfg = candle_core::cuda::cudarc::driver::LaunchConfig { grid_dim: grid, block_dim: (MMA_THREADS, 1, 1), shared_mem_bytes: 0 };
         launch!(self.device, Module::Awq, "awq_gemm_mma_bf16", cfg;
             &xv, &self.qweight, &self.qzeros, &self.scales, &mut y, &m_i, &k, &n, &g)?;
@@ -138,8 +143,9 @@ impl AwqGpu {
 }
 
 /// Output columns per thread block of `awq_gemv_*`.
-const GEMV_COLUMNS: usize = 64;
-/// Output columns per thread block of `awq_gemm_mma_bf16`.
-const MMA_COLUMNS: usize = 64;
+const GEMV_COLUMNS: usize = 32;
+/// Output columns and rows per thread block of `awq_gemm_mma_bf16`.
+const MMA_COLUMNS: usize = 128;
+const MMA_ROWS: usize = 64;
 /// Threads per block of `awq_gemm_mma_bf16`.
 const MMA_THREADS: u32 = 128;

@@ -162,7 +162,8 @@ pub fn quantize(x: &Tensor, blocksize: usize) -> Result<(Vec<u8>, Vec<f32>)> {
     let mut packed = alloc::<u8>(&device, numel.div_ceil(2))?;
     let mut absmax = alloc::<f32>(&device, blocks)?;
     let (numel_i, blocksize_i) = (numel as i64, int(blocksize, "blocksize")?);
-    launch!(device, Module::Nf4, "nf4_quantize_f32", config(blocks as u32, THREADS, 0);
+    // One warp per quantization block, eight to a thread block.
+    launch!(device, Module::Nf4, "nf4_quantize_f32", config(blocks.div_ceil(8) as u32, THREADS, 0);
         &xv, &mut packed, &mut absmax, &numel_i, &blocksize_i)?;
     let stream = device.cuda_stream();
     let back = |e| candle_core::Error::Msg(format!("{op}: copying back: {e}"));

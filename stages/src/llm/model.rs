@@ -614,3 +614,22 @@ pub fn packed_layout(lengths: &[usize]) -> (Vec<u32>, Vec<u32>) {
 pub fn argmax(logits: &Tensor) -> Result<u32, LlmError> {
     Ok(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::linear::DenseLoader;
+
+    #[test]
+    fn a_decoder_builds_from_random_weights_of_any_shape() {
+        let text = r#"{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50, "tie_word_embeddings": false}"#;
+        let config = ModelConfig::parse(Path::new("bench"), text).unwrap();
+        let weights = Weights::random(DType::F32, &Device::Cpu, config.tie_word_embeddings);
+        let decoder = Decoder::from_weights(&weights, config, &DenseLoader).unwrap();
+        let (positions, segments) = packed_layout(&[3, 2]);
+        let logits = decoder.forward(&[1, 2, 3, 4, 5], &positions, &segments, None, false).unwrap();
+        assert_eq!(logits.dims(), [5, 50]);
+        assert!(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    }
+}

@@ -2,7 +2,7 @@
 //!
 //! - [`frozen_matmul`]: `x Wᵀ` for a frozen `W` whose backward computes only
 //!   the input's gradient (candle's matmul would also compute and keep a full
-//!   gradient for every frozen weight);
+//!   gradient for every frozen weight, on a GPU too);
 //! - [`cross_entropy`]: per-row cross-entropy of logits with a fused backward
 //!   (kernels' [`swift_kernels::loss`]);
 //! - [`softmax_last_dim`] and [`rms_norm`]: row-wise ops with fused
@@ -96,7 +96,8 @@ fn cpu_len(storage: &CpuStorage) -> Option<usize> {
 
 /// `x Wᵀ` with `W` `[out, in]` frozen: backward returns `dL/dx = dL/dy · W` only.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || !x.track_op() {
+    let fused = x.device().is_cpu() || cfg!(feature = "cuda") && x.device().is_cuda();
+    if !fused || !x.track_op() {
         return x.broadcast_matmul(&weight.t()?);
     }
     x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.clone() })
@@ -114,6 +115,12 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_tensor(storage, layout, self.name())?;
         into_cpu(&x.broadcast_matmul(&self.weight.t()?)?, self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let x = cuda_tensor(storage, layout, self.name())?;
+        into_cuda(&x.broadcast_matmul(&self.weight.t()?)?, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -231,4 +231,19 @@ mod tests {
         let e = Weights::open(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
         assert!(e.contains("no model.safetensors"), "{e}");
     }
+
+    #[test]
+    fn random_weights_make_up_every_tensor_but_a_tied_head() {
+        let weights = Weights::random(DType::BF16, &Device::Cpu, true);
+        assert!(weights.contains("model.layers.0.mlp.up_proj.weight") && !weights.contains("lm_head.weight"));
+        assert!(Weights::random(DType::F32, &Device::Cpu, false).contains("lm_head.weight"));
+        assert_eq!(weights.stored_dtype("anything").unwrap(), DType::BF16);
+        let norm = weights.get("model.norm.weight", &[8]).unwrap();
+        assert_eq!(norm.dtype(), DType::BF16);
+        assert_eq!(norm.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 8]);
+        let w = weights.get_as("model.embed_tokens.weight", &[64, 32], DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let std = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+        assert!((0.015..0.025).contains(&std), "σ = {std}");
+    }
+
 }

@@ -519,7 +519,8 @@ fn mse(pairs: impl Iterator<Item = anyhow::Result<(Tensor, Tensor)>>) -> anyhow:
 /// The layer's checkpoint tensors: fp16 norms, and per projection either the
 /// AWQ GEMM tensors or (skipped) the fp16 weight; fp16 biases.
 fn tensors(prefix: &str, w: &LayerWeights, quantized: &[Option<QuantizedGroups>]) -> anyhow::Result<Vec<(String, Tensor)>> {
-    let half = |t: &Tensor| t.to_dtype(DType::F16);
+    // Written from the host, whatever device the calibration ran on.
+    let half = |t: &Tensor| t.to_dtype(DType::F16)?.to_device(&candle_core::Device::Cpu);
     let mut out = vec![
         (format!("{prefix}.input_layernorm.weight"), half(&w.ln1)?),
         (format!("{prefix}.post_attention_layernorm.weight"), half(&w.ln2)?),
