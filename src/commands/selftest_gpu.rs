@@ -49,22 +49,30 @@ const CHECKS: &[Check] = &[
     Check { name: "loss/cross_entropy/f32", tolerance: F32, run: cross_entropy_f32 },
     Check { name: "loss/cross_entropy/bf16", tolerance: F32, run: cross_entropy_bf16 },
     Check { name: "loss/cross_entropy_grad/f32", tolerance: F32, run: cross_entropy_grad_f32 },
-    Check { name: "loss/cross_entropy_fused/f32", tolerance: F32, run: cross_entropy_fused_f32 },
-    Check { name: "loss/linear_cross_entropy/f32", tolerance: 1e-4, run: linear_cross_entropy_f32 },
-    Check { name: "nf4/quantize/f32", tolerance: EXACT, run: nf4_quantize },
+    Check { name: "loss/cross_entropy_fused/loss/f32", tolerance: F32, run: |d| cross_entropy_fused_f32(d, Part::Loss, false) },
+    Check { name: "loss/cross_entropy_fused/grad/f32", tolerance: F32, run: |d| cross_entropy_fused_f32(d, Part::Grad, false) },
+    Check { name: "loss/cross_entropy_fused/grad/f32/offset", tolerance: F32, run: |d| cross_entropy_fused_f32(d, Part::Grad, true) },
+    Check { name: "loss/linear_cross_entropy/loss/f32", tolerance: 1e-4, run: |d| linear_cross_entropy_f32(d, Part::Loss) },
+    Check { name: "loss/linear_cross_entropy/grad/f32", tolerance: 1e-4, run: |d| linear_cross_entropy_f32(d, Part::Grad) },
+    Check { name: "nf4/quantize/f32", tolerance: EXACT, run: |d| nf4_quantize(d, N, K) },
+    Check { name: "nf4/quantize/f32/odd", tolerance: EXACT, run: |d| nf4_quantize(d, N - 1, K + 1) },
     Check { name: "nf4/dequant/plain/f32", tolerance: EXACT, run: |d| nf4_dequant(d, false) },
     Check { name: "nf4/dequant/double/f32", tolerance: EXACT, run: |d| nf4_dequant(d, true) },
     Check { name: "nf4/matmul/f32", tolerance: F32, run: |d| nf4_matmul(d, DType::F32, false) },
     Check { name: "nf4/matmul/bf16", tolerance: BF16, run: |d| nf4_matmul(d, DType::BF16, false) },
     Check { name: "nf4/matmul_t/f32", tolerance: F32, run: |d| nf4_matmul(d, DType::F32, true) },
     Check { name: "nf4/matmul_t/bf16", tolerance: BF16, run: |d| nf4_matmul(d, DType::BF16, true) },
-    Check { name: "awq/dequant/f32", tolerance: EXACT, run: awq_dequant },
-    Check { name: "awq/gemv/f32/m=1", tolerance: F32, run: |d| awq_product(d, 1, AwqKernel::GemvF32) },
-    Check { name: "awq/gemv/f32/m=16", tolerance: F32, run: |d| awq_product(d, 16, AwqKernel::GemvF32) },
-    Check { name: "awq/gemv/bf16/m=4", tolerance: BF16, run: |d| awq_product(d, 4, AwqKernel::GemvBf16) },
-    Check { name: "awq/gemm_mma/bf16/m=1", tolerance: BF16, run: |d| awq_product(d, 1, AwqKernel::Mma) },
-    Check { name: "awq/gemm_mma/bf16/m=16", tolerance: BF16, run: |d| awq_product(d, 16, AwqKernel::Mma) },
-    Check { name: "awq/gemm_mma/bf16/m=37", tolerance: BF16, run: |d| awq_product(d, 37, AwqKernel::Mma) },
+    Check { name: "awq/dequant/f32", tolerance: EXACT, run: |d| awq_dequant(d, SEVEN_B) },
+    Check { name: "awq/dequant/f32/n=1000,g=64", tolerance: EXACT, run: |d| awq_dequant(d, EDGES) },
+    Check { name: "awq/gemv/f32/m=1", tolerance: F32, run: |d| awq_product(d, SEVEN_B, 1, AwqKernel::GemvF32) },
+    Check { name: "awq/gemv/f32/m=16", tolerance: F32, run: |d| awq_product(d, SEVEN_B, 16, AwqKernel::GemvF32) },
+    Check { name: "awq/gemv/bf16/m=4", tolerance: BF16, run: |d| awq_product(d, SEVEN_B, 4, AwqKernel::GemvBf16) },
+    Check { name: "awq/gemv/bf16/m=5,n=1000,g=64", tolerance: BF16, run: |d| awq_product(d, EDGES, 5, AwqKernel::GemvBf16) },
+    Check { name: "awq/gemm_mma/bf16/m=1", tolerance: BF16, run: |d| awq_product(d, SEVEN_B, 1, AwqKernel::Mma) },
+    Check { name: "awq/gemm_mma/bf16/m=16", tolerance: BF16, run: |d| awq_product(d, SEVEN_B, 16, AwqKernel::Mma) },
+    Check { name: "awq/gemm_mma/bf16/m=37", tolerance: BF16, run: |d| awq_product(d, SEVEN_B, 37, AwqKernel::Mma) },
+    Check { name: "awq/gemm_mma/bf16/m=17,n=1000,g=64", tolerance: BF16, run: |d| awq_product(d, EDGES, 17, AwqKernel::Mma) },
+    Check { name: "awq/gemm_mma/bf16/m=5/offset", tolerance: BF16, run: |d| awq_product(d, SEVEN_B, 5, AwqKernel::MmaOffset) },
     Check { name: "model/forward/qwen2-tiny", tolerance: MODEL, run: |d| model_forward(d, "models/qwen2-tiny") },
     Check { name: "model/forward/llama-tiny", tolerance: MODEL, run: |d| model_forward(d, "models/llama-tiny") },
     Check { name: "model/forward/awq-int4", tolerance: MODEL, run: |d| model_forward(d, "awq/swift-qwen2-outlier-g64") },
@@ -265,21 +273,37 @@ fn cross_entropy_grad_f32(gpu: &Device) -> anyhow::Result<Compared> {
     Ok((host(&ours)?, reference))
 }
 
-fn cross_entropy_fused_f32(gpu: &Device) -> anyhow::Result<Compared> {
+/// Which output of a loss check is compared (apart, so that neither's
+/// magnitude hides the other's errors).
+#[derive(Clone, Copy)]
+enum Part {
+    Loss,
+    Grad,
+}
+
+/// With `offset`, the logits are rows of a larger tensor (not at the start
+/// of their storage), as a narrowed block would be.
+fn cross_entropy_fused_f32(gpu: &Device, part: Part, offset: bool) -> anyhow::Result<Compared> {
     let (logits, targets) = logits_and_targets()?;
     let scale = 0.25f32;
     let host_logits = host(&logits)?;
-    let (mut reference, _) = reference_loss(&host_logits, &targets);
-    reference.extend(reference_grad(&host_logits, &targets, &[scale; LOSS_ROWS]));
-    let (loss, grad) = cuda::loss::cross_entropy_fused(logits.to_device(gpu)?, &Tensor::new(targets.as_slice(), gpu)?, scale)?;
-    let mut ours = host(&loss)?;
-    ours.extend(host(&grad)?);
-    Ok((ours, reference))
+    let reference = match part {
+        Part::Loss => reference_loss(&host_logits, &targets).0,
+        Part::Grad => reference_grad(&host_logits, &targets, &[scale; LOSS_ROWS]),
+    };
+    let on_gpu = if offset {
+        let padded = Tensor::cat(&[&randn(&[3, VOCAB], 1.0)?, &logits], 0)?.to_device(gpu)?;
+        padded.narrow(0, 3, LOSS_ROWS)?
+    } else {
+        logits.to_device(gpu)?
+    };
+    let (loss, grad) = cuda::loss::cross_entropy_fused(on_gpu, &Tensor::new(targets.as_slice(), gpu)?, scale)?;
+    Ok((host(match part { Part::Loss => &loss, Part::Grad => &grad })?, reference))
 }
 
 /// The fused linear + cross-entropy of training on the GPU (loss, then the
 /// hidden states' gradient) against the unfused op on the CPU.
-fn linear_cross_entropy_f32(gpu: &Device) -> anyhow::Result<Compared> {
+fn linear_cross_entropy_f32(gpu: &Device, part: Part) -> anyhow::Result<Compared> {
     let (rows, h) = (600, 256);
     let w = randn(&[VOCAB, h], 0.05)?;
     let hidden = randn(&[rows, h], 1.0)?;
@@ -293,9 +317,10 @@ fn linear_cross_entropy_f32(gpu: &Device) -> anyhow::Result<Compared> {
             ops::cross_entropy(&ops::frozen_matmul(x.as_tensor(), &w)?, &targets)?
         };
         let grads = loss.sum_all()?.backward()?;
-        let mut all = host(&loss)?;
-        all.extend(host(grads.get(x.as_tensor()).context("no gradient for the hidden states")?)?);
-        Ok(all)
+        match part {
+            Part::Loss => host(&loss),
+            Part::Grad => host(grads.get(x.as_tensor()).context("no gradient for the hidden states")?),
+        }
     };
     Ok((run(gpu, true)?, run(&Device::Cpu, false)?))
 }
@@ -309,9 +334,10 @@ fn nf4_weight(double_quant: bool) -> anyhow::Result<swift_kernels::nf4::Nf4Tenso
     swift_kernels::nf4::quantize(&w, &[N, K], 64, double_quant).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn nf4_quantize(gpu: &Device) -> anyhow::Result<Compared> {
-    let w = randn(&[N, K], 0.02)?;
-    let reference = swift_kernels::nf4::quantize(&host(&w)?, &[N, K], 64, false).map_err(|e| anyhow::anyhow!("{e}"))?;
+/// `rows × cols` values; an odd count ends in a partial block and a half byte.
+fn nf4_quantize(gpu: &Device, rows: usize, cols: usize) -> anyhow::Result<Compared> {
+    let w = randn(&[rows, cols], 0.02)?;
+    let reference = swift_kernels::nf4::quantize(&host(&w)?, &[rows, cols], 64, false).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (packed, absmax) = cuda::nf4::quantize(&w.to_device(gpu)?, 64)?;
     let swift_kernels::nf4::Absmax::Plain(reference_absmax) = reference.absmax() else { unreachable!("no double quantization") };
     let mut ours: Vec<f32> = packed.iter().map(|&b| b as f32).collect();
@@ -332,11 +358,9 @@ fn nf4_matmul(gpu: &Device, dtype: DType, transposed: bool) -> anyhow::Result<Co
     let dense = Tensor::from_vec(weight.dequantize(), (N, K), &Device::Cpu)?;
     let rows = 77;
     let inner = if transposed { N } else { K };
-    let mut x = randn(&[rows, inner], 1.0)?;
-    let mut dense = dense;
-    if dtype == DType::BF16 {
-        (x, dense) = (bf16_rounded(&x)?, bf16_rounded(&dense)?);
-    }
+    // The kernel multiplies by the exact f32 dequantized weight, in bf16 too.
+    let x = randn(&[rows, inner], 1.0)?;
+    let x = if dtype == DType::BF16 { bf16_rounded(&x)? } else { x };
     let reference = if transposed { x.matmul(&dense)? } else { x.matmul(&dense.t()?)? };
     let on_gpu = cuda::nf4::Nf4Gpu::upload(&weight, gpu.as_cuda_device()?)?;
     let xg = on(gpu, &x, dtype)?;
@@ -344,16 +368,22 @@ fn nf4_matmul(gpu: &Device, dtype: DType, transposed: bool) -> anyhow::Result<Co
     Ok((host(&ours)?, host(&reference)?))
 }
 
-/// An AWQ matrix of a 7B attention shape, group 128, from random weights.
-fn awq_matrix() -> anyhow::Result<swift_kernels::awq::AwqMatrix> {
-    let (n, k) = (1024, 3584);
+/// An AWQ matrix shape: `(n, k, group)`.
+type AwqShape = (usize, usize, usize);
+/// A 7B attention projection's shape, group 128.
+const SEVEN_B: AwqShape = (1024, 3584, 128);
+/// Columns that fill no tile evenly, and a smaller group.
+const EDGES: AwqShape = (1000, 896, 64);
+
+/// An AWQ matrix of `shape` from random weights.
+fn awq_matrix((n, k, group): AwqShape) -> anyhow::Result<swift_kernels::awq::AwqMatrix> {
     let w = host(&randn(&[n, k], 0.02)?)?;
-    let groups = swift_kernels::awq::quantize(&w, n, k, 128).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let groups = swift_kernels::awq::quantize(&w, n, k, group).map_err(|e| anyhow::anyhow!("{e}"))?;
     groups.pack().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn awq_dequant(gpu: &Device) -> anyhow::Result<Compared> {
-    let matrix = awq_matrix()?;
+fn awq_dequant(gpu: &Device, shape: AwqShape) -> anyhow::Result<Compared> {
+    let matrix = awq_matrix(shape)?;
     let on_gpu = cuda::awq::AwqGpu::upload(&matrix, gpu.as_cuda_device()?)?;
     Ok((host(&on_gpu.dequantize_t(DType::F32)?)?, matrix.dequantize_t()))
 }
@@ -363,10 +393,12 @@ enum AwqKernel {
     GemvF32,
     GemvBf16,
     Mma,
+    /// Tensor cores on an input starting at an odd element of its storage.
+    MmaOffset,
 }
 
-fn awq_product(gpu: &Device, m: usize, kernel: AwqKernel) -> anyhow::Result<Compared> {
-    let matrix = awq_matrix()?;
+fn awq_product(gpu: &Device, shape: AwqShape, m: usize, kernel: AwqKernel) -> anyhow::Result<Compared> {
+    let matrix = awq_matrix(shape)?;
     let x = randn(&[m, matrix.k()], 1.0)?;
     let x = if matches!(kernel, AwqKernel::GemvF32) { x } else { bf16_rounded(&x)? };
     let mut reference = vec![0f32; m * matrix.n()];
@@ -376,6 +408,11 @@ fn awq_product(gpu: &Device, m: usize, kernel: AwqKernel) -> anyhow::Result<Comp
         AwqKernel::GemvF32 => on_gpu.gemv(&on(gpu, &x, DType::F32)?)?,
         AwqKernel::GemvBf16 => on_gpu.gemv(&on(gpu, &x, DType::BF16)?)?,
         AwqKernel::Mma => on_gpu.gemm_mma(&on(gpu, &x, DType::BF16)?)?,
+        AwqKernel::MmaOffset => {
+            let flat = Tensor::cat(&[&Tensor::zeros(1, DType::F32, &Device::Cpu)?, &x.flatten_all()?], 0)?;
+            let shifted = on(gpu, &flat, DType::BF16)?.narrow(0, 1, x.elem_count())?.reshape(x.shape())?;
+            on_gpu.gemm_mma(&shifted)?
+        }
     };
     Ok((host(&ours)?, reference))
 }

@@ -69,7 +69,7 @@ impl AwqGpu {
     fn dequantize_t_as<T: Float>(&self) -> Result<Tensor> {
         let mut out = alloc::<T>(&self.device, self.k * self.n)?;
         let (k, n, g) = self.dims()?;
-        let blocks = (self.k * self.n).div_ceil(THREADS as usize).clamp(1, 65_536) as u32;
+        let blocks = (self.k * self.n / 8).div_ceil(THREADS as usize).clamp(1, 65_536) as u32;
         launch!(self.device, Module::Awq, &format!("awq_dequant_{}", T::SUFFIX), config(blocks, THREADS, 0);
             &self.qweight, &self.qzeros, &self.scales, &mut out, &k, &n, &g)?;
         Ok(output(out, &self.device, (self.k, self.n)))
@@ -106,7 +106,7 @@ impl AwqGpu {
         }
         let (x, m) = self.rows_of(x, "awq_gemm_mma")?;
         // The kernel loads x 16 bytes at a time: its start must be aligned.
-        let x = if x.layout().start_offset() % 8 == 0 { x } else { x.copy()? };
+        let x = if x.layout().start_offset().is_multiple_of(8) { x } else { x.force_contiguous()? };
         let xi = input(&x, "awq_gemm_mma")?;
         let xv = xi.view::<half::bf16>()?;
         let mut y = alloc::<half::bf16>(&self.device, m * self.n)?;

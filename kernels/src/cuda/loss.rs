@@ -78,7 +78,7 @@ fn cross_entropy_fused_as<T: Float>(logits: Tensor, targets: &Tensor, grad_scale
     let (rows, vocab) = shape(&logits, targets, op)?;
     let device = device_of(&logits, op)?;
     // Overwritten in place: a private contiguous copy unless the logits are one.
-    let logits = if logits.is_contiguous() && logits.layout().start_offset() == 0 { logits } else { logits.copy()? };
+    let logits = if logits.is_contiguous() && logits.layout().start_offset() == 0 { logits } else { logits.force_contiguous()? };
     let fused = FusedInPlace::<T> { targets: targets.clone(), rows, vocab, grad_scale, loss: Default::default(), dtype: Default::default() };
     logits.inplace_op1(&fused)?;
     let loss = fused.loss.lock().expect("loss lock").take().expect("the in-place op ran");
@@ -104,7 +104,10 @@ impl<T: Float> candle_core::InplaceOp1 for FusedInPlace<T> {
         candle_core::bail!("cross_entropy_fused: the CUDA kernel got CPU logits")
     }
 
-    fn cuda_fwd(&self, storage: &mut candle_core::CudaStorage, _: &candle_core::Layout) -> Result<()> {
+    fn cuda_fwd(&self, storage: &mut candle_core::CudaStorage, layout: &candle_core::Layout) -> Result<()> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("cross_entropy_fused: needs contiguous logits at the start of their storage");
+        }
         let device = storage.device.clone();
         let (rows_i, vocab_i) = (int(self.rows, "rows")?, int(self.vocab, "vocabulary")?);
         let ti = input(&self.targets, self.name())?;

@@ -154,6 +154,9 @@ impl Nf4Gpu {
 pub fn quantize(x: &Tensor, blocksize: usize) -> Result<(Vec<u8>, Vec<f32>)> {
     let op = "nf4_quantize";
     super::rows::expect_f32(x, op)?;
+    if !crate::nf4::BLOCKSIZES.contains(&blocksize) {
+        candle_core::bail!("{op}: blocksize {blocksize} is not one of {:?}", crate::nf4::BLOCKSIZES);
+    }
     let device = device_of(x, op)?;
     let numel = x.elem_count();
     let blocks = numel.div_ceil(blocksize);

@@ -44,6 +44,10 @@ impl AwqLinear {
     /// `x Wᵀ` on the GPU the weight was uploaded to.
     #[cfg(feature = "cuda")]
     fn forward_gpu(gpu: &swift_kernels::cuda::awq::AwqGpu, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() == DType::F16 {
+            // The kernels compute in f32 or bf16.
+            return Self::forward_gpu(gpu, &x.to_dtype(DType::BF16)?)?.to_dtype(DType::F16);
+        }
         let rows = x.elem_count() / gpu.k().max(1);
         if rows <= swift_kernels::cuda::awq::DECODE_ROWS {
             return gpu.gemv(x);

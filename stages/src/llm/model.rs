@@ -387,7 +387,7 @@ impl Decoder {
     /// compute dtype, then scale by the weight.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
         let eps = self.config.rms_norm_eps;
-        if self.device.is_cuda() {
+        if self.device.is_cuda() && matches!(self.dtype, DType::F32 | DType::BF16) {
             // swift's fused kernel, forward and backward, in f32 or bf16.
             return super::ops::rms_norm(x, weight, eps as f32);
         }

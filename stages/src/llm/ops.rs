@@ -34,7 +34,8 @@ pub(crate) fn into_cpu(t: &Tensor, op: &str) -> candle_core::Result<(CpuStorage,
         return Ok((cpu.clone(), layout.shape().clone()));
     }
     drop(storage);
-    let copy = t.copy()?;
+    // A tensor over part of its storage: copied into storage of its own.
+    let copy = t.force_contiguous()?;
     let (storage, layout) = copy.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("{op}: result left the CPU") };
     Ok((cpu.clone(), layout.shape().clone()))
@@ -58,13 +59,15 @@ pub(crate) fn cuda_tensor(storage: &candle_core::CudaStorage, layout: &Layout, o
 #[cfg(feature = "cuda")]
 pub(crate) fn into_cuda(t: &Tensor, op: &str) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
     use candle_core::backend::BackendStorage;
-    let t = if t.is_contiguous() && t.layout().start_offset() == 0 { t.clone() } else { t.copy()? };
+    let whole = |t: &Tensor| {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cuda) = &*storage else { return false };
+        layout.is_contiguous() && layout.start_offset() == 0 && cuda_len(cuda) == Some(layout.shape().elem_count())
+    };
+    // A tensor over part of its storage (or strided) gets storage of its own.
+    let t = if whole(t) { t.clone() } else { t.force_contiguous()? };
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cuda) = &*storage else { candle_core::bail!("{op}: result left the GPU") };
-    if cuda_len(cuda) != Some(layout.shape().elem_count()) {
-        drop(storage);
-        return into_cuda(&t.copy()?, op);
-    }
     Ok((cuda.try_clone(layout)?, layout.shape().clone()))
 }
 
