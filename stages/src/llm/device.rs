@@ -48,8 +48,10 @@ impl Compute {
         match self {
             Compute::Cpu => Ok(Device::Cpu),
             Compute::Cuda(id) => Device::new_cuda(id).map_err(|e| {
+                // candle appends a backtrace when RUST_BACKTRACE is set: the cause is its first line.
+                let cause = e.to_string().lines().next().unwrap_or_default().to_string();
                 anyhow::anyhow!(
-                    "device `cuda:{id}` could not be opened: {e}. swift's CUDA build needs an NVIDIA driver for CUDA 13.0 \
+                    "device `cuda:{id}` could not be opened: {cause}. swift's CUDA build needs an NVIDIA driver for CUDA 13.0 \
                      (libcuda.so.1) and the CUDA 13 runtime libraries (libcudart, libcublas, libcublasLt, libcurand, libnvrtc) \
                      on the library path; `nvidia-smi` lists the GPUs this machine has. Use `--device cpu` to run on the CPU"
                 )
