@@ -15,7 +15,6 @@ use swift_stages::eval::prompt::{Template, TemplateName};
 use swift_stages::eval::score::ScoreOptions;
 use swift_stages::eval::suites::Suite;
 use swift_stages::eval::{PromptOptions, ScoringModel};
-use swift_engine::placement::DeviceSpec;
 use swift_stages::llm::Compute;
 use swift_stages::model_source::OpenedModel;
 
@@ -86,7 +85,7 @@ pub fn exec(args: EvalArgs) -> anyhow::Result<Exit> {
     println!("machine: {} ({} cores)", cpu_model(), num_cores());
     println!("model: {} with {} layers (random bf16 weights); 5-shot lm-eval MMLU prompts\n", LARGE.name, args.layers);
 
-    let compute = args.device.parse::<DeviceSpec>().and_then(|spec| Compute::resolve(&spec)).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let compute = Compute::parse(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let started = Instant::now();
     let model = ScoringModel::load(&OpenedModel { folder: model_dir.clone(), adapters: Vec::new() }, compute)?;
     let load_seconds = started.elapsed().as_secs_f64();

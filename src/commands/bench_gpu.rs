@@ -98,10 +98,7 @@ mod measure {
     }
 
     pub(super) fn exec(args: GpuArgs) -> anyhow::Result<Exit> {
-        let spec: swift_engine::placement::DeviceSpec = args.device.parse().map_err(|e: String| anyhow::anyhow!("--device: {e}"))?;
-        let compute = swift_stages::llm::Compute::resolve(&spec).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-        anyhow::ensure!(compute != swift_stages::llm::Compute::Cpu, "--device {}: the GPU benchmarks need a CUDA device", args.device);
-        let gpu = compute.open()?;
+        let gpu = super::super::selftest_gpu::open_gpu(&args.device)?;
         if let Some(dir) = &args.out {
             std::fs::create_dir_all(dir)?;
         }

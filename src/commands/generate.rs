@@ -11,7 +11,6 @@ use swift_engine::status::assess;
 use swift_stages::llm::chat::Message;
 use swift_stages::llm::generate::{generate, GenerateOptions};
 use swift_stages::llm::awq;
-use swift_engine::placement::DeviceSpec;
 use swift_stages::llm::{Compute, Decoder, ModelConfig, TextTokenizer};
 
 use super::{open_store, Exit, ManifestArgs};
@@ -65,7 +64,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         Ok(folder) => folder,
         Err(exit) => return Ok(exit),
     };
-    let compute = match args.device.parse::<DeviceSpec>().and_then(|spec| Compute::resolve(&spec)) {
+    let compute = match Compute::parse(&args.device) {
         Ok(compute) => compute,
         Err(e) => {
             eprintln!("error: --device {}: {e}", args.device);

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
-use swift_engine::placement::DeviceSpec;
 use swift_kernels::cuda;
 use swift_stages::llm::adapted::{AdaptedLoader, BaseFormat, NewAdapter};
 use swift_stages::llm::awq::loader_for;
@@ -86,12 +85,7 @@ const CHECKS: &[Check] = &[
 
 /// Runs every check (or those whose name contains `only`) on `device`.
 pub fn run(device: &str, out: Option<&Path>, only: Option<&str>) -> anyhow::Result<Vec<Outcome>> {
-    let spec: DeviceSpec = device.parse().map_err(|e: String| anyhow::anyhow!("--device: {e}"))?;
-    let compute = Compute::resolve(&spec).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-    if compute == Compute::Cpu {
-        anyhow::bail!("--device {device}: the GPU checks need a CUDA device, e.g. cuda:0");
-    }
-    let gpu = compute.open()?;
+    let gpu = open_gpu(device)?;
     let mut outcomes = Vec::new();
     for check in CHECKS.iter().filter(|c| only.is_none_or(|o| c.name.contains(o))) {
         let outcome = match (check.run)(&gpu) {
@@ -108,6 +102,14 @@ pub fn run(device: &str, out: Option<&Path>, only: Option<&str>) -> anyhow::Resu
         anyhow::bail!("--only {}: no check has that in its name", only.unwrap_or_default());
     }
     Ok(outcomes)
+}
+
+/// Opens the GPU a `--device` flag names (the GPU checks and benchmarks take no CPU).
+pub(super) fn open_gpu(device: &str) -> anyhow::Result<Device> {
+    match Compute::parse(device).map_err(|e| anyhow::anyhow!("--device: {e}"))? {
+        Compute::Cpu => anyhow::bail!("--device {device}: this needs a CUDA device, e.g. cuda:0"),
+        gpu => gpu.open(),
+    }
 }
 
 /// Normal random f32 values on the CPU.

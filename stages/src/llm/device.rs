@@ -18,7 +18,7 @@ use candle_core::{DType, Device};
 use swift_engine::placement::DeviceSpec;
 
 /// A resolved compute device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compute {
     /// The CPU, f32.
     Cpu,
@@ -27,12 +27,18 @@ pub enum Compute {
 }
 
 impl Compute {
+    /// Parses and resolves a device as a command-line flag gives it
+    /// (`auto`, `cpu`, `cuda:N`); the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::resolve(&text.parse::<DeviceSpec>()?)
+    }
+
     /// Resolves a written device for this build; the error says why it cannot
     /// be used and is located by the caller where the device was chosen.
     pub fn resolve(spec: &DeviceSpec) -> Result<Self, String> {
         match spec {
             DeviceSpec::Cpu => Ok(Compute::Cpu),
-            DeviceSpec::Auto => Ok(if cfg!(feature = "cuda") && cuda_available(0) { Compute::Cuda(0) } else { Compute::Cpu }),
+            DeviceSpec::Auto => Ok(if cfg!(feature = "cuda") && first_gpu_opens() { Compute::Cuda(0) } else { Compute::Cpu }),
             DeviceSpec::Cuda(_) if !cfg!(feature = "cuda") => {
                 Err(format!("device `{spec}`: this build of swift computes on the CPU only (build with `--features cuda` for GPUs)"))
             }
@@ -87,10 +93,10 @@ impl std::fmt::Display for Compute {
     }
 }
 
-/// Whether CUDA device `id` can be opened (probed once per process).
-fn cuda_available(id: usize) -> bool {
+/// Whether CUDA device 0 can be opened (probed once per process).
+fn first_gpu_opens() -> bool {
     static PROBED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    id == 0 && *PROBED.get_or_init(|| Device::new_cuda(0).is_ok())
+    *PROBED.get_or_init(|| Device::new_cuda(0).is_ok())
 }
 
 #[cfg(test)]
@@ -100,6 +106,8 @@ mod tests {
     #[test]
     fn cpu_resolves_everywhere_and_computes_in_f32() {
         assert_eq!(Compute::resolve(&DeviceSpec::Cpu), Ok(Compute::Cpu));
+        assert_eq!(Compute::parse("cpu"), Ok(Compute::Cpu));
+        assert!(Compute::parse("gpu").unwrap_err().contains("is not a device"));
         assert_eq!(Compute::Cpu.dtype(), DType::F32);
         assert_eq!(Compute::Cuda(1).dtype(), DType::BF16);
         assert_eq!(Compute::Cuda(1).to_string(), "cuda:1");
