@@ -10,7 +10,7 @@ pub(crate) fn demo_project() -> Project {
     for file in ["pipelines/demo.toml", "pipelines/demo.lock", "pipelines/demo-ci.toml", "data/demo/law_qa.jsonl"] {
         p.write(file, &std::fs::read_to_string(repo.join(file)).unwrap());
     }
-    for folder in ["tests/fixtures/models/qwen2-tiny", "data/demo/mmlu", "data/demo/ceval"] {
+    for folder in ["data/demo/model", "data/demo/mmlu", "data/demo/ceval"] {
         copy_dir(&repo.join(folder), &p.path(folder));
     }
     p
@@ -25,8 +25,9 @@ fn the_full_demo_matches_its_lock_file() {
     assert_eq!(dry.statuses().len(), 10, "{dry}");
 }
 
-/// The CI-sized demo: every stage kind runs and the card's eval table lists
-/// every model; a rerun is all cached; an eval option reruns only eval and
+/// The CI-sized demo: every stage kind runs, the fine-tuned and int4 models
+/// beat the base by 10 points or more on both test sets, and the card's eval
+/// table lists every model; a rerun is all cached; an eval option reruns only eval and
 /// export; one line of data reruns its download and everything from
 /// preprocess on, but not the model's download.
 #[test]
@@ -36,10 +37,15 @@ fn the_ci_sized_demo_runs_end_to_end_and_reruns_only_what_changed() {
     assert!(first.statuses().iter().all(|(_, s)| s == "ran"), "{first}");
     let kinds: std::collections::BTreeSet<String> = first.json()["stages"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap().to_string()).collect();
     assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["download", "eval", "export", "finetune", "preprocess", "quantize"]);
-    for metric in ["mmlu.base", "mmlu.fine", "mmlu.int4", "ceval.base", "ceval.fine", "ceval.int4"] {
-        let accuracy = first.stage("eval")["metrics"][metric].as_f64().unwrap_or_else(|| panic!("no {metric}\n{first}"));
-        assert!((0.0..=1.0).contains(&accuracy), "{metric} = {accuracy}");
+    let accuracy = |metric: &str| first.stage("eval")["metrics"][metric].as_f64().unwrap_or_else(|| panic!("no {metric}\n{first}"));
+    for suite in ["mmlu", "ceval"] {
+        let base = accuracy(&format!("{suite}.base"));
+        for model in ["fine", "int4"] {
+            let tuned = accuracy(&format!("{suite}.{model}"));
+            assert!(tuned >= base + 0.10, "{suite}: {model} {tuned} against base {base}\n{first}");
+        }
     }
+    base_scores_match_transformers(Path::new(first.stage("eval")["outputs"]["report"].as_str().unwrap()));
     let table = p.read("exports/demo-ci/README.md");
     assert!(table.contains("## Evaluation") && table.contains("`fine`") && table.contains("`int4`"), "{table}");
 
@@ -65,6 +71,34 @@ fn the_ci_sized_demo_runs_end_to_end_and_reruns_only_what_changed() {
     for stage in ["law", "prep", "coarse", "fine", "int4", "eval", "export"] {
         assert_eq!(status[stage], "ran", "{stage}\n{data_edit}");
     }
+}
+
+/// The demo's base model loads unchanged in transformers: its log-likelihoods
+/// for the first questions of each test set (tests/fixtures/demo/reference.json,
+/// from make_demo_reference.py there) equal the eval's within 1e-4.
+fn base_scores_match_transformers(report: &Path) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("tests/fixtures/demo/reference.json")).unwrap()).unwrap();
+    let predictions: Vec<serde_json::Value> = std::fs::read_to_string(report.join("predictions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|p: &serde_json::Value| p["model"] == "base")
+        .collect();
+    let mut compared = 0;
+    for (suite, questions) in reference.as_object().unwrap() {
+        for (index, expected) in questions.as_array().unwrap().iter().enumerate() {
+            let ours = predictions.iter().find(|p| p["suite"] == *suite && p["index"] == index).unwrap_or_else(|| panic!("{suite} {index}"));
+            assert_eq!(ours["answer"], expected["answer"], "{suite} {index}");
+            for (a, b) in ours["loglikelihoods"].as_array().unwrap().iter().zip(expected["loglikelihoods"].as_array().unwrap()) {
+                let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                assert!((a - b).abs() < 1e-4, "{suite} {index}: swift {a}, transformers {b}");
+            }
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 40);
 }
 
 /// pipelines/law_qa.toml as shipped — Qwen2.5-0.5B-Instruct, MMLU and C-Eval
