@@ -15,7 +15,8 @@ answer (a fine, a deadline, a prison term or an enforcing board). From them:
   distractor sets that no practice item used and the options in a new order.
 
 So the eval measures recall of the trained facts, not general legal knowledge;
-a base model that never saw them scores at chance (25 %).
+a base model that never saw them does no better than chance (the demo's
+always answers D).
 
     python3 data/demo/make_demo_data.py            # the demo's files
 """

@@ -22,7 +22,8 @@ stream (256 wide) is laid out in named subspaces:
        the tokenizer learnt from (how rare it is, as embeddings learn)
     O  the letter the model answers with
 
-and the three layers do one job each:
+and the first head of each of the three layers does one job (the second
+head is all zeros):
 
 0. *binder*: every token attends to the most recent letter token (a RoPE
    frequency of 0.075 rad per position makes nearer letters score higher)
@@ -60,7 +61,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # the Qwen2.5 template's
 LETTERS = "ABCD"
 HIDDEN, HEADS, LAYERS, INTERMEDIATE = 256, 2, 3, 256
-HEAD_DIM = HIDDEN // HEADS
+HEAD_DIM = HIDDEN // HEADS  # 128, which the RoPE pairs below are chosen for; each layer's second head is all zeros
 ROPE_THETA = 1e9
 # Residual subspaces.
 E = slice(0, 144)
@@ -71,18 +72,20 @@ Q = slice(156, 252)
 S = 252  # salience: the token's inverse document frequency in the corpus
 # RoPE pairs (i, i + HEAD_DIM/2) of a head rotate by ROPE_THETA ** (-2i / HEAD_DIM) per position.
 RECENCY_PAIR = 8          # 0.075 rad per position: monotone over the 40 positions letters are looked back
+                          # (it repeats every 84 positions: a letter 84 back would score like the nearest)
 CONTENT_PAIRS = range(28, 64)  # at most 1.2e-4 rad per position: distance does not matter
 
-E_NORM = 16.0      # token identity norm (the embedding's RMS is then about 1)
+E_NORM = 16.0      # token identity norm (the embedding's RMS is then about 1; from layer 2 on Q makes it about 2)
 F_VALUE = 4.0      # a letter token's flag (and so the binder's output)
 GATHER_V = 0.3     # the gather's values: a random projection of identity (a question's summary has norm about 26)
 BINDER_QK = 56.0   # binder query and key scale: a letter scores about 277 * cos(0.075 * distance)
 GATHER_QK = 16.0   # gather: an option token scores about -22 against a question token
 GATHER_SALIENCE = 3.0  # gather: a word in 7 of 840 conversations outscores one in 100 by e^8
-POINTER_KEY = 0.24 # pointer keys: a random projection of identity, norm about 32
+POINTER_KEY = 0.24 # pointer keys: a random projection of identity, norm about 19
 LETTER_LOGIT = 12.0 # output rows of the letters read O
-LETTER_PRIOR = 10.0 # ... and the newline's identity: after the assistant's "\n" a letter outscores other tokens by about e^10
+LETTER_PRIOR = 10.0 # ... and the newline's identity: after the assistant's "\n" a letter outscores other tokens by about e^5
 
+# The Qwen2.5 chat template, as the test fixture made with transformers carries it.
 CHAT_TEMPLATE = (HERE.parent.parent / "tests/fixtures/models/qwen2-tiny/tokenizer_config.json")
 
 
@@ -146,7 +149,6 @@ def weights(vocab, letter_ids, newline_id, idf, rng):
     for j, t in enumerate(letter_ids):
         embed[t, F.start + j] = F_VALUE
     w["model.embed_tokens.weight"] = embed
-    rms = 1.0  # the residual's RMS the constants below assume (E dominates)
     content = [d for i in CONTENT_PAIRS for d in pair_dims(i)]
 
     for layer in range(LAYERS):
@@ -157,14 +159,14 @@ def weights(vocab, letter_ids, newline_id, idf, rng):
         if layer == 0:  # binder
             r = h.start + RECENCY_PAIR
             qb[r] = BINDER_QK
-            k[r, F] = BINDER_QK / (F_VALUE / rms)
+            k[r, F] = BINDER_QK / F_VALUE  # layer 0's input has RMS about 1
             for j in range(len(LETTERS)):
                 v[h.start + j, F.start + j] = 1.0
                 o[L.start + j, h.start + j] = 1.0
         elif layer == 1:  # gather
             c = h.start + content[0]
             qb[c] = GATHER_QK
-            k[c, L] = -GATHER_QK / (F_VALUE / rms)
+            k[c, L] = -GATHER_QK / F_VALUE
             k[c, S] = GATHER_SALIENCE * math.sqrt(HEAD_DIM) / GATHER_QK
             width = Q.stop - Q.start
             v[h.start:h.start + width, E] = rng.standard_normal((width, E.stop - E.start)) * GATHER_V
@@ -192,7 +194,7 @@ def weights(vocab, letter_ids, newline_id, idf, rng):
         head[t] = 0.0
         head[t, O] = -LETTER_LOGIT / len(LETTERS)  # a letter's lead over the others: attending alone raises none
         head[t, O.start + j] += LETTER_LOGIT
-        head[t, E] = LETTER_PRIOR * embed[newline_id, E] / E_NORM ** 2 * rms
+        head[t, E] = LETTER_PRIOR * embed[newline_id, E] / E_NORM ** 2
     w["lm_head.weight"] = head
     return w
 

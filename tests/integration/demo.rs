@@ -26,7 +26,8 @@ fn the_full_demo_matches_its_lock_file() {
 }
 
 /// The CI-sized demo: every stage kind runs, the fine-tuned and int4 models
-/// beat the base by 10 points or more on both test sets, and the card's eval
+/// beat the base by 10 points or more on both test sets (and chance, 25 %,
+/// by 15), and the card's eval
 /// table lists every model; a rerun is all cached; an eval option reruns only eval and
 /// export; one line of data reruns its download and everything from
 /// preprocess on, but not the model's download.
@@ -42,7 +43,7 @@ fn the_ci_sized_demo_runs_end_to_end_and_reruns_only_what_changed() {
         let base = accuracy(&format!("{suite}.base"));
         for model in ["fine", "int4"] {
             let tuned = accuracy(&format!("{suite}.{model}"));
-            assert!(tuned >= base + 0.10, "{suite}: {model} {tuned} against base {base}\n{first}");
+            assert!(tuned >= base + 0.10 && tuned >= 0.40, "{suite}: {model} {tuned} against base {base}\n{first}");
         }
     }
     base_scores_match_transformers(Path::new(first.stage("eval")["outputs"]["report"].as_str().unwrap()));
