@@ -89,11 +89,17 @@ LETTER_PRIOR = 10.0 # ... and the newline's identity: after the assistant's "\n"
 CHAT_TEMPLATE = (HERE.parent.parent / "tests/fixtures/models/qwen2-tiny/tokenizer_config.json")
 
 
+def conversations():
+    """The training set's conversations, each a list of messages."""
+    lines = (HERE / "law_qa.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["messages"] for line in lines]
+
+
 def corpus():
     """Every text the demo's stages tokenize: the training set, the test sets, the eval's prompts, the chat template's words."""
     texts = []
-    for line in (HERE / "law_qa.jsonl").read_text(encoding="utf-8").splitlines():
-        texts += [m["content"] for m in json.loads(line)["messages"]]
+    for messages in conversations():
+        texts += [m["content"] for m in messages]
     for path in sorted(HERE.glob("*/*/*.csv")):
         texts.append(path.read_text(encoding="utf-8"))
     texts += ["system", "user", "assistant", DEFAULT_SYSTEM,
@@ -105,8 +111,7 @@ def salience(tok):
     """Each token's inverse document frequency, log(N / (1 + df)) (at least 0), over the training
     conversations as the chat template renders them."""
     documents = []
-    for line in (HERE / "law_qa.jsonl").read_text(encoding="utf-8").splitlines():
-        messages = json.loads(line)["messages"]
+    for messages in conversations():
         if messages[0]["role"] != "system":  # the template's default system message
             messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
         documents.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages))
