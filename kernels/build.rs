@@ -23,7 +23,7 @@ fn main() {
         panic!("CUDA_COMPUTE_CAP must be a compute capability such as 90 or 80, not `{cap}`");
     }
     println!("cargo:rerun-if-changed=cuda");
-    for name in ["rows", "loss", "nf4", "awq"] {
+    for name in ["rows", "loss", "nf4", "awq", "optim"] {
         let source = Path::new("cuda").join(format!("{name}.cu"));
         println!("cargo:rerun-if-changed={}", source.display());
         let ptx = out.join(format!("{name}.ptx"));

@@ -3,7 +3,11 @@ steps on the same model folder and the same token rows (read from swift's
 preprocess shards), on CPU, timed the same way. Prints one JSON object.
 
     .venv/bin/python scripts/bench_finetune_peft.py --model DIR --tokens DIR \
-        --method lora --steps 20 --rank 8 --alpha 16 --threads 2
+        --method lora --steps 20 --batch 8 --rank 8 --alpha 16 --threads 2
+
+Each step takes `--batch` consecutive rows as one `[B, T]` batch, padded on
+the right to the longest row with an attention mask (padding labelled -100),
+the way a PEFT user batches packed rows.
 
 Differences, kept small on purpose: transformers attends causally over the
 whole packed row (swift's block-diagonal mask costs the same), and QLoRA uses
@@ -42,6 +46,7 @@ def main():
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,9 +77,17 @@ def main():
     elapsed = 0.0
     losses = []
     for step in range(args.steps):
-        row, target = data[step % len(data)]
+        picked = [data[(step * args.batch + i) % len(data)] for i in range(args.batch)]
+        width = max(row.numel() for row, _ in picked)
+        ids = torch.zeros((args.batch, width), dtype=torch.long)
+        labels = torch.full((args.batch, width), -100, dtype=torch.long)
+        mask = torch.zeros((args.batch, width), dtype=torch.long)
+        for i, (row, target) in enumerate(picked):
+            ids[i, : row.numel()] = row
+            labels[i, : row.numel()] = target
+            mask[i, : row.numel()] = 1
         started = time.perf_counter()
-        out = model(input_ids=row.unsqueeze(0), labels=target.unsqueeze(0))
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -82,17 +95,19 @@ def main():
         seconds = time.perf_counter() - started
         losses.append(out.loss.item())
         if step > 0:  # the first step warms up allocators and kernels, as swift's does
-            tokens += row.numel()
+            tokens += int(mask.sum())
             elapsed += seconds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "method": args.method,
         "steps": args.steps,
+        "batch": args.batch,
         "tokens_per_s": tokens / elapsed if elapsed else None,
         "peak_rss_bytes": peak,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "torch": torch.__version__,
+        "peft": __import__("peft").__version__,
     }))
 
 

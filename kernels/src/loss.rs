@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::rows::{log_sum_exp, scaled_softmax};
+use crate::rows::{log_sum_exp, loss_and_grad_row, scaled_softmax};
 
 /// `loss[r] = logsumexp(logits[r]) − logits[r][targets[r]]` for every row of a
 /// row-major `[rows, vocab]` matrix; `lse[r]` keeps the log-sum-exp for the
@@ -37,6 +37,21 @@ pub fn cross_entropy_grad(logits: &[f32], vocab: usize, targets: &[u32], lse: &[
         });
 }
 
+/// The loss and its gradient (for a unit upstream gradient per row) in one
+/// pass over each row: `exp(x − max)` is written into `grad` once, summed,
+/// then scaled into the softmax — one exponential per logit instead of the
+/// two that [`cross_entropy_rows`] then [`cross_entropy_grad`] take. For the
+/// fused linear + cross-entropy, which needs both at once.
+pub fn cross_entropy_loss_and_grad(logits: &[f32], vocab: usize, targets: &[u32], loss: &mut [f32], grad: &mut [f32]) {
+    assert_eq!(logits.len(), targets.len() * vocab, "logits must be [rows, vocab]");
+    assert!(loss.len() == targets.len() && grad.len() == logits.len());
+    grad.par_chunks_mut(vocab).zip(logits.par_chunks(vocab)).zip(loss.par_iter_mut().zip(targets.par_iter())).for_each(
+        |((g, row), (l, &t))| {
+            *l = loss_and_grad_row(row, t as usize, g);
+        },
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +79,24 @@ mod tests {
             out[1] * 0.5
         };
         assert!(((at(h) - at(-h)) / (2.0 * h) - grad[4]).abs() < 1e-3);
+    }
+
+    #[test]
+    fn the_one_pass_form_matches_the_two_pass_one() {
+        let vocab = 37;
+        let logits: Vec<f32> = (0..3 * vocab).map(|i| ((i * 13) % 29) as f32 / 3.0 - 4.0).collect();
+        let targets = [5u32, 0, 36];
+        let (mut loss, mut lse) = ([0f32; 3], [0f32; 3]);
+        cross_entropy_rows(&logits, vocab, &targets, &mut loss, &mut lse);
+        let mut grad = vec![0f32; logits.len()];
+        cross_entropy_grad(&logits, vocab, &targets, &lse, &[1.0; 3], &mut grad);
+        let (mut fused_loss, mut fused_grad) = ([0f32; 3], vec![0f32; logits.len()]);
+        cross_entropy_loss_and_grad(&logits, vocab, &targets, &mut fused_loss, &mut fused_grad);
+        for (a, b) in fused_loss.iter().zip(&loss) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        for (a, b) in fused_grad.iter().zip(&grad) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Row-wise f32 kernels for training, forward and backward: softmax (attention
-//! probabilities), RMSNorm, and the `exp` they and the fused cross-entropy
-//! share. Rows run in parallel; within a row every sum has a fixed order
+//! probabilities), RMSNorm, SwiGLU's `silu(gate)·up`, and the `exp` they and
+//! the fused cross-entropy share. Rows run in parallel; within a row every sum has a fixed order
 //! (eight explicit lanes), so results do not depend on the thread count, and
 //! an AVX2/FMA path is picked at run time where the CPU has it.
 
@@ -130,6 +130,26 @@ fn scaled_softmax_generic(row: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
 dispatch!(scaled_softmax, scaled_softmax_generic, (row: &[f32], lse: f32, scale: f32, out: &mut [f32]));
 
 #[inline(always)]
+fn loss_and_grad_row_generic(row: &[f32], target: usize, grad: &mut [f32]) -> f32 {
+    let max = max_of(row);
+    if !max.is_finite() {
+        grad.fill(f32::NAN);
+        return f32::NAN;
+    }
+    for (g, &x) in grad.iter_mut().zip(row) {
+        *g = exp(x - max);
+    }
+    let mut acc = [0f32; LANES];
+    lane_sum(grad, &mut acc);
+    let sum = acc.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    grad.iter_mut().for_each(|g| *g *= inv);
+    grad[target] -= 1.0;
+    max + sum.ln() - row[target]
+}
+dispatch!(loss_and_grad_row, loss_and_grad_row_generic, (row: &[f32], target: usize, grad: &mut [f32]) -> f32);
+
+#[inline(always)]
 fn softmax_row_generic(x: &[f32], y: &mut [f32]) {
     let max = max_of(x);
     if max == f32::NEG_INFINITY {
@@ -208,6 +228,90 @@ pub fn rms_norm_rows_grad(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f
         .for_each(|(d, (xr, gr))| rms_grad_row(xr, w, gr, eps, d));
 }
 
+#[inline(always)]
+fn silu_mul_generic(gate: &[f32], up: &[f32], y: &mut [f32]) {
+    for ((o, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+dispatch!(silu_mul_chunk, silu_mul_generic, (gate: &[f32], up: &[f32], y: &mut [f32]));
+
+/// SwiGLU's `y = silu(gate) ⊙ up`, `silu(g) = g·σ(g)`, elementwise.
+pub fn silu_mul(gate: &[f32], up: &[f32], y: &mut [f32]) {
+    assert!(gate.len() == up.len() && up.len() == y.len(), "silu_mul: slices of different lengths");
+    y.par_chunks_mut(ELEMENT_TASK)
+        .zip(gate.par_chunks(ELEMENT_TASK).zip(up.par_chunks(ELEMENT_TASK)))
+        .for_each(|(o, (g, u))| silu_mul_chunk(g, u, o));
+}
+
+#[inline(always)]
+fn silu_mul_grad_generic(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    for ((((dg, du), &g), &u), &d) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dy) {
+        let sigma = 1.0 / (1.0 + exp(-g));
+        let silu = g * sigma;
+        *du = d * silu;
+        *dg = d * u * (sigma + silu * (1.0 - sigma));
+    }
+}
+dispatch!(silu_mul_grad_chunk, silu_mul_grad_generic, (gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]));
+
+/// The gradients of [`silu_mul`]: `d_up = dy·silu(g)` and
+/// `d_gate = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
+pub fn silu_mul_grad(gate: &[f32], up: &[f32], dy: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    let n = gate.len();
+    assert!(up.len() == n && dy.len() == n && dgate.len() == n && dup.len() == n, "silu_mul_grad: slices of different lengths");
+    dgate
+        .par_chunks_mut(ELEMENT_TASK)
+        .zip(dup.par_chunks_mut(ELEMENT_TASK))
+        .zip(gate.par_chunks(ELEMENT_TASK).zip(up.par_chunks(ELEMENT_TASK)).zip(dy.par_chunks(ELEMENT_TASK)))
+        .for_each(|((dg, du), ((g, u), d))| silu_mul_grad_chunk(g, u, d, dg, du));
+}
+
+#[inline(always)]
+fn masked_softmax_row_generic(x: &[f32], mask: &[f32], scale: f32, y: &mut [f32]) {
+    for ((o, &v), &m) in y.iter_mut().zip(x).zip(mask) {
+        *o = v * scale + m;
+    }
+    let max = max_of(y);
+    if max == f32::NEG_INFINITY {
+        y.fill(0.0);
+        return;
+    }
+    for o in y.iter_mut() {
+        *o = exp(*o - max);
+    }
+    let mut acc = [0f32; LANES];
+    lane_sum(y, &mut acc);
+    let inv = 1.0 / acc.iter().sum::<f32>();
+    y.iter_mut().for_each(|o| *o *= inv);
+}
+dispatch!(masked_softmax_row, masked_softmax_row_generic, (x: &[f32], mask: &[f32], scale: f32, y: &mut [f32]));
+
+/// Attention probabilities in one pass: `softmax(x·scale + mask)` of each
+/// row of `x` `[b, heads, t, n]`, with the additive mask `[b, t, n]` shared
+/// by a row's heads (the scale and mask that would otherwise be two more
+/// passes over the scores, and two more buffers).
+pub fn masked_softmax_rows(x: &[f32], mask: &[f32], heads: usize, t: usize, n: usize, scale: f32, y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    assert_eq!(x.len() / heads.max(1), mask.len(), "masked_softmax: the mask does not match the scores");
+    y.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(r, (yr, xr))| {
+        let mask_row = (r / (heads * t)) * t + r % t;
+        masked_softmax_row(xr, &mask[mask_row * n..(mask_row + 1) * n], scale, yr);
+    });
+}
+
+/// The gradient of [`masked_softmax_rows`] with respect to `x` from its
+/// output `y`: `scale · y ⊙ (g − ⟨g, y⟩)` per row (the mask is constant).
+pub fn masked_softmax_rows_grad(y: &[f32], g: &[f32], n: usize, scale: f32, dx: &mut [f32]) {
+    softmax_rows_grad(y, g, n, dx);
+    if scale != 1.0 {
+        dx.par_chunks_mut(ELEMENT_TASK).for_each(|d| d.iter_mut().for_each(|v| *v *= scale));
+    }
+}
+
+/// Elements per parallel task of the elementwise kernels.
+const ELEMENT_TASK: usize = 1 << 14;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +367,63 @@ mod tests {
             xm[i] -= h;
             let numeric = (loss(&xp) - loss(&xm)) / (2.0 * h);
             assert!((numeric - dx[i]).abs() < 2e-3, "x[{i}]: {numeric} vs {}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn masked_softmax_is_softmax_of_the_scaled_masked_scores() {
+        let (heads, t, n) = (2, 3, 5);
+        let x: Vec<f32> = (0..2 * heads * t * n).map(|i| ((i * 7) % 13) as f32 / 4.0 - 1.5).collect();
+        let mask: Vec<f32> =
+            (0..2 * t * n).map(|i| if (i % n) > (i / n) % t + (i / (t * n)) { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mut y = vec![0f32; x.len()];
+        masked_softmax_rows(&x, &mask, heads, t, n, 0.5, &mut y);
+        for r in 0..2 * heads * t {
+            let m = &mask[((r / (heads * t)) * t + r % t) * n..][..n];
+            let scaled: Vec<f32> = x[r * n..][..n].iter().zip(m).map(|(v, m)| v * 0.5 + m).collect();
+            let mut expected = vec![0f32; n];
+            softmax_rows(&scaled, n, &mut expected);
+            for (a, b) in y[r * n..][..n].iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-6, "row {r}: {a} vs {b}");
+            }
+        }
+        let g: Vec<f32> = (0..x.len()).map(|i| ((i * 3) % 5) as f32 - 2.0).collect();
+        let (mut dx, mut plain) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        masked_softmax_rows_grad(&y, &g, n, 0.5, &mut dx);
+        softmax_rows_grad(&y, &g, n, &mut plain);
+        assert!(dx.iter().zip(&plain).all(|(a, b)| (a - 0.5 * b).abs() < 1e-6));
+    }
+
+    #[test]
+    fn silu_mul_and_its_gradients() {
+        let gate: Vec<f32> = (0..40).map(|i| i as f32 / 5.0 - 4.0).collect();
+        let up: Vec<f32> = (0..40).map(|i| ((i * 3) % 7) as f32 / 3.0 - 1.0).collect();
+        let dy: Vec<f32> = (0..40).map(|i| ((i * 5) % 9) as f32 / 4.0 - 1.0).collect();
+        let mut y = vec![0f32; 40];
+        silu_mul(&gate, &up, &mut y);
+        for i in 0..40 {
+            let expected = gate[i] / (1.0 + (-gate[i]).exp()) * up[i];
+            assert!((y[i] - expected).abs() < 1e-6, "y[{i}] = {} vs {expected}", y[i]);
+        }
+        let (mut dg, mut du) = (vec![0f32; 40], vec![0f32; 40]);
+        silu_mul_grad(&gate, &up, &dy, &mut dg, &mut du);
+        let loss = |g: &[f32], u: &[f32]| -> f32 {
+            let mut y = vec![0f32; 40];
+            silu_mul(g, u, &mut y);
+            y.iter().zip(&dy).map(|(a, b)| a * b).sum()
+        };
+        for i in [0, 17, 39] {
+            let h = 1e-2;
+            let (mut gp, mut gm) = (gate.clone(), gate.clone());
+            gp[i] += h;
+            gm[i] -= h;
+            let numeric = (loss(&gp, &up) - loss(&gm, &up)) / (2.0 * h);
+            assert!((numeric - dg[i]).abs() < 2e-3, "gate[{i}]: {numeric} vs {}", dg[i]);
+            let (mut up_p, mut up_m) = (up.clone(), up.clone());
+            up_p[i] += h;
+            up_m[i] -= h;
+            let numeric = (loss(&gate, &up_p) - loss(&gate, &up_m)) / (2.0 * h);
+            assert!((numeric - du[i]).abs() < 2e-3, "up[{i}]: {numeric} vs {}", du[i]);
         }
     }
 }

@@ -1,10 +1,13 @@
 //! `swift bench finetune`: LoRA and QLoRA training speed and memory on CPU,
 //! beside PyTorch + PEFT doing the same steps on the same model folder and the
 //! same token rows (`--python`), in the same run. Two model shapes: a small
-//! one (4 layers, hidden 256, rows of 256 tokens) for tokens/s, and with
-//! `--large` a Qwen2.5-0.5B-shaped one (bf16 checkpoint, three steps) where
-//! weight memory dominates. Weights are random: speed and memory do not depend
-//! on them.
+//! one (4 layers, hidden 256, batches of 8 rows × 256 tokens) for tokens/s,
+//! and with `--large` a Qwen2.5-0.5B-shaped one (bf16 checkpoint, batches of
+//! 4 × 256, three steps) where weight memory dominates. Each step is one
+//! batch: swift's `batch_size`, and for PEFT the same number of rows as one
+//! padded `[B, T]` batch with an attention mask. Weights are random: speed
+//! and memory do not depend on them. `--json` prints every figure as one
+//! JSON line at the end.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -36,6 +39,12 @@ pub struct FinetuneArgs {
     /// .venv/bin/python) to measure PyTorch + PEFT side by side.
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Rows per step, instead of each shape's own (8 small, 4 large).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: Option<u32>,
+    /// Also print every figure as one JSON line.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A model shape to generate.
@@ -51,10 +60,23 @@ pub(super) struct Shape {
     dtype: DType,
     seq: usize,
     steps: u32,
+    /// Rows per step.
+    batch: u32,
 }
 
-const SMALL: Shape =
-    Shape { name: "small", hidden: 256, intermediate: 688, layers: 4, heads: 4, kv_heads: 2, vocab: 32000, dtype: DType::F32, seq: 256, steps: 0 };
+const SMALL: Shape = Shape {
+    name: "small",
+    hidden: 256,
+    intermediate: 688,
+    layers: 4,
+    heads: 4,
+    kv_heads: 2,
+    vocab: 32000,
+    dtype: DType::F32,
+    seq: 256,
+    steps: 0,
+    batch: 8,
+};
 impl Shape {
     /// The same shape with `layers` decoder layers.
     pub(super) fn with_layers(self, layers: usize) -> Self {
@@ -73,6 +95,7 @@ pub(super) const LARGE: Shape = Shape {
     dtype: DType::BF16,
     seq: 256,
     steps: 3,
+    batch: 4,
 };
 
 /// Writes config, random weights and the fixture tokenizer into `folder`, once.
@@ -159,11 +182,12 @@ struct Measured {
     load_peak: f64,
 }
 
-fn manifest(model: &Path, s: &Shape, steps: u32) -> String {
+fn manifest(model: &Path, s: &Shape, steps: u32, batch: u32) -> String {
     let stage = |method: &str| {
         format!(
             "[stages.{method}]\nkind = \"finetune\"\nmethod = \"{method}\"\nmodel = \"model\"\ndata = \"prep\"\n\
-             lora = {{ rank = 8, alpha = 16, dropout = 0.05 }}\nlr = 1e-4\nmax_steps = {steps}\nsave_every = 0\nschedule = \"constant\"\n\n"
+             lora = {{ rank = 8, alpha = 16, dropout = 0.05 }}\nlr = 1e-4\nmax_steps = {steps}\nbatch_size = {batch}\n\
+             save_every = 0\nschedule = \"constant\"\n\n"
         )
     };
     format!(
@@ -203,12 +227,13 @@ fn measure_swift(dir: &Path, method: &str, threads: usize) -> anyhow::Result<Mea
     })
 }
 
-fn measure_peft(python: &Path, model: &Path, tokens: &Path, method: &str, steps: u32, threads: usize)
+fn measure_peft(python: &Path, model: &Path, tokens: &Path, method: &str, steps: u32, batch: u32, threads: usize)
     -> anyhow::Result<(f64, f64)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_finetune_peft.py");
     let mut cmd = Command::new(python);
     cmd.arg(script).arg("--model").arg(model).arg("--tokens").arg(tokens);
     cmd.args(["--method", method, "--steps", &steps.to_string(), "--threads", &threads.to_string(), "--rank", "8", "--alpha", "16"]);
+    cmd.args(["--batch", &batch.to_string()]);
     let (_, stdout) = timed(&mut cmd)?;
     let out: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?;
     Ok((out["tokens_per_s"].as_f64().unwrap_or(f64::NAN), out["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN)))
@@ -221,8 +246,9 @@ pub fn exec(args: FinetuneArgs) -> anyhow::Result<Exit> {
     write_data(&root.join("data/chat.jsonl"))?;
     let mib = |b: f64| b / (1024.0 * 1024.0);
     println!("machine: {} ({} cores); {} threads on both sides; LoRA r=8 α=16 on all linear layers\n", cpu_model(), num_cores(), args.threads);
-    println!("| model | method | swift tokens/s | PEFT tokens/s | swift/PEFT | swift peak RSS (training) | PEFT peak RSS | swift frozen weights | swift load peak |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| model | method | rows × tokens per step | swift tokens/s | PEFT tokens/s | swift/PEFT | swift peak RSS (training) | PEFT peak RSS | swift frozen weights | swift load peak |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut figures = Vec::new();
     let shapes: Vec<&Shape> = if args.large { vec![&SMALL, &LARGE] } else { vec![&SMALL] };
     for s in shapes {
         let steps = if s.steps > 0 { s.steps } else { args.steps };
@@ -233,18 +259,28 @@ pub fn exec(args: FinetuneArgs) -> anyhow::Result<Exit> {
         std::fs::create_dir_all(&data)?;
         std::fs::copy(root.join("data/chat.jsonl"), data.join("chat.jsonl"))?;
         let model = write_model(&root.join("models").join(s.name), s)?;
-        std::fs::write(work.join("pipelines/bench.toml"), manifest(&model, s, steps))?;
+        let batch = args.batch.unwrap_or(s.batch);
+        std::fs::write(work.join("pipelines/bench.toml"), manifest(&model, s, steps, batch))?;
         let prep = swift_run(&work, &["--until", "prep"], args.threads)?;
         let tokens = PathBuf::from(stage(&prep, "prep")?["outputs"]["tokens"].as_str().context("tokens")?);
         for method in ["lora", "qlora"] {
             let m = measure_swift(&work, method, args.threads)?;
             let (peer_tps, peer_rss) = match &args.python {
-                Some(python) => measure_peft(python, &model, &tokens, method, steps, args.threads)?,
+                Some(python) => measure_peft(python, &model, &tokens, method, steps, batch, args.threads)?,
                 None => (f64::NAN, f64::NAN),
             };
+            let finite = |v: f64| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
+            figures.push(serde_json::json!({
+                "model": s.name, "method": method, "batch": batch, "seq": s.seq, "steps": steps,
+                "swift_tokens_per_s": finite(m.tokens_per_s), "peft_tokens_per_s": finite(peer_tps),
+                "ratio": finite(m.tokens_per_s / peer_tps), "swift_peak_rss_bytes": finite(m.peak_rss),
+                "peft_peak_rss_bytes": finite(peer_rss), "swift_frozen_weight_bytes": finite(m.frozen),
+                "swift_load_peak_rss_bytes": finite(m.load_peak),
+            }));
             println!(
-                "| {} | {method} | {:.0} | {:.0} | {:.2}× | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
+                "| {} | {method} | {batch} × {} | {:.0} | {:.0} | {:.2}× | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
                 s.name,
+                s.seq,
                 m.tokens_per_s,
                 peer_tps,
                 m.tokens_per_s / peer_tps,
@@ -254,6 +290,9 @@ pub fn exec(args: FinetuneArgs) -> anyhow::Result<Exit> {
                 mib(m.load_peak)
             );
         }
+    }
+    if args.json {
+        println!("{}", serde_json::json!({"bench": "finetune", "machine": cpu_model(), "threads": args.threads, "results": figures}));
     }
     Ok(Exit::Success)
 }

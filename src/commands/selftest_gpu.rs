@@ -45,6 +45,8 @@ const CHECKS: &[Check] = &[
     Check { name: "rows/softmax_grad/f32", tolerance: F32, run: softmax_grad_f32 },
     Check { name: "rows/silu_mul/bf16", tolerance: BF16, run: silu_mul_bf16 },
     Check { name: "rows/silu_mul_grad/f32", tolerance: F32, run: silu_mul_grad_f32 },
+    Check { name: "optim/adamw/f32", tolerance: F32, run: adamw_f32 },
+    Check { name: "optim/sum_squares/f32", tolerance: F32, run: sum_squares_f32 },
     Check { name: "loss/cross_entropy/f32", tolerance: F32, run: cross_entropy_f32 },
     Check { name: "loss/cross_entropy/bf16", tolerance: F32, run: cross_entropy_bf16 },
     Check { name: "loss/cross_entropy_grad/f32", tolerance: F32, run: cross_entropy_grad_f32 },
@@ -209,6 +211,37 @@ fn silu_mul_grad_f32(gpu: &Device) -> anyhow::Result<Compared> {
     let mut ours = host(&dgate)?;
     ours.extend(host(&dup)?);
     Ok((ours, reference))
+}
+
+/// Adapter values in the optimizer's flat buffer: a partial last block.
+const OPTIM_LEN: usize = 3 * (1 << 16) + 123;
+
+/// Three AdamW steps (clip factor, weight decay) on the GPU and the CPU; the
+/// parameters and both moments are compared.
+fn adamw_f32(gpu: &Device) -> anyhow::Result<Compared> {
+    use swift_kernels::adamw::{adamw_update, AdamWStep};
+    let mut p = host(&randn(&[OPTIM_LEN], 0.05)?)?;
+    let (mut m, mut v) = (vec![0f32; OPTIM_LEN], vec![0f32; OPTIM_LEN]);
+    let on_gpu = |x: &[f32]| Tensor::from_slice(x, OPTIM_LEN, gpu);
+    let (mut pg, mut mg, mut vg) = (on_gpu(&p)?, on_gpu(&m)?, on_gpu(&v)?);
+    for t in 1..=3u64 {
+        let g = host(&randn(&[OPTIM_LEN], 0.01)?)?;
+        let step = AdamWStep::new(t, 2e-4, (0.9, 0.999), 1e-8, 0.01, 0.7);
+        adamw_update(&mut p, &g, &mut m, &mut v, &step);
+        (pg, mg, vg) = cuda::optim::adamw(&pg, &on_gpu(&g)?, &mg, &vg, &step)?;
+    }
+    let (mut ours, mut reference) = (host(&pg)?, p);
+    ours.extend(host(&mg)?.into_iter().chain(host(&vg)?));
+    reference.extend(m.into_iter().chain(v));
+    Ok((ours, reference))
+}
+
+/// The sum of squares of a flat gradient buffer (f64 on both sides).
+fn sum_squares_f32(gpu: &Device) -> anyhow::Result<Compared> {
+    let g = randn(&[OPTIM_LEN], 1.0)?;
+    let reference = swift_kernels::adamw::sum_squares(&host(&g)?);
+    let ours = cuda::optim::sum_squares(&g.to_device(gpu)?)?;
+    Ok((vec![ours as f32], vec![reference as f32]))
 }
 
 const VOCAB: usize = 151_936;
@@ -469,7 +502,8 @@ fn adapter_gradients(gpu: &Device, base: BaseFormat) -> anyhow::Result<Compared>
         for (var, v) in vars.iter().zip(stored.iter()) {
             var.set(&Tensor::from_slice(v, var.shape(), device)?)?;
         }
-        let hidden = decoder.train_hidden(&tokens, &positions, &segments, None)?;
+        let batch = swift_stages::llm::model::TrainBatch::new(&[(&tokens, &positions, &segments)])?;
+        let hidden = decoder.train_hidden(&batch, None)?;
         let at = Tensor::new(predict_at.as_slice(), device)?;
         let logits = decoder.lm_head().forward(&hidden.index_select(&at, 0)?)?;
         let grads = ops::cross_entropy(&logits, &targets)?.sum_all()?.backward()?;

@@ -2,7 +2,9 @@
 //! - PEFT's own adapters (tests/fixtures/make_peft.py) applied unmerged, merged,
 //!   and chained give PEFT's logits; what swift writes has PEFT's key names;
 //! - gradients of adapter parameters agree with finite differences, for dense
-//!   and NF4 bases, LoRA and DoRA, with and without activation checkpointing.
+//!   and NF4 bases, LoRA and DoRA, with and without activation checkpointing;
+//! - one batched pass over ragged packed rows gives the loss and gradients of
+//!   the per-row loop, dropout masks included.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,8 +13,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use swift_stages::llm::adapted::{AdaptedLoader, BaseFormat, NewAdapter};
 use swift_stages::llm::adapter::{self, AdapterSpec, PeftAdapter};
-use swift_stages::llm::lora::LoraParams;
-use swift_stages::llm::model::{packed_layout, CheckpointGrads};
+use swift_stages::llm::lora::{DropoutState, LoraParams, RowDropout};
+use swift_stages::llm::model::{packed_layout, CheckpointGrads, TrainBatch};
 use swift_stages::llm::{Decoder, ModelConfig};
 
 fn fixtures() -> PathBuf {
@@ -165,7 +167,8 @@ fn written_adapters_have_pefts_names_shapes_and_config() {
 /// The summed cross-entropy of predicting each next token of one row.
 fn row_loss(decoder: &Arc<Decoder>, ids: &[u32], checkpoint: Option<&Arc<CheckpointGrads>>) -> Tensor {
     let (positions, segments) = packed_layout(&[6, ids.len() - 6]);
-    let hidden = decoder.train_hidden(ids, &positions, &segments, checkpoint).unwrap();
+    let batch = TrainBatch::new(&[(ids, &positions, &segments)]).unwrap();
+    let hidden = decoder.train_hidden(&batch, checkpoint).unwrap();
     let logits = decoder.lm_head().forward(&hidden.narrow(0, 0, ids.len() - 1).unwrap()).unwrap();
     let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap().unsqueeze(1).unwrap();
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
@@ -175,12 +178,20 @@ fn row_loss(decoder: &Arc<Decoder>, ids: &[u32], checkpoint: Option<&Arc<Checkpo
 /// A model with fresh adapters on every linear layer; B (zero at init) is
 /// randomised so every parameter has a gradient.
 fn trainable(base: BaseFormat, dora: bool) -> (Arc<Decoder>, Vec<(String, Arc<LoraParams>)>) {
+    let (decoder, adapters, _) = trainable_with_dropout(base, dora, 0.0);
+    (decoder, adapters)
+}
+
+/// [`trainable`] with adapter dropout `p`, and the switch that turns it on.
+fn trainable_with_dropout(base: BaseFormat, dora: bool, p: f32)
+    -> (Arc<Decoder>, Vec<(String, Arc<LoraParams>)>, Arc<DropoutState>) {
     let config = ModelConfig::load(&model_dir()).unwrap();
     let select = |path: &str| path.starts_with("model.layers.");
     let loader = AdaptedLoader::new(&[], base)
-        .with_new_adapters(&select, NewAdapter { rank: 4, scaling: 2.0, dora, dropout: 0.0, seed: 3 });
+        .with_new_adapters(&select, NewAdapter { rank: 4, scaling: 2.0, dora, dropout: p, seed: 3 });
     let decoder = Arc::new(Decoder::load(&model_dir(), config, DType::F32, &Device::Cpu, &loader).unwrap());
     let adapters = loader.take_adapters();
+    let state = loader.dropout_state();
     for (i, (_, p)) in adapters.iter().enumerate() {
         let b = Tensor::randn(0f32, 0.05, p.b.shape(), &Device::Cpu).unwrap();
         p.b.set(&b).unwrap();
@@ -189,7 +200,7 @@ fn trainable(base: BaseFormat, dora: bool) -> (Arc<Decoder>, Vec<(String, Arc<Lo
             m.set(&scaled).unwrap();
         }
     }
-    (decoder, adapters)
+    (decoder, adapters, state)
 }
 
 fn check_gradients(base: BaseFormat, dora: bool) {
@@ -280,4 +291,104 @@ fn adapters_swift_trained_load_in_peft_with_swifts_logits() {
     let chain = logits(&load(&[open("swift_qdora")], Some(&open("swift_chain")), BaseFormat::Dense), &ids);
     let d = max_abs_diff(&chain, &reference["swift_chain.peft"]);
     assert!(d < 1e-4, "swift's chain differs from PEFT's recipe by {d}");
+}
+
+/// A packed row: its tokens and the lengths of the samples packed into it.
+struct Row {
+    ids: Vec<u32>,
+    samples: Vec<usize>,
+}
+
+/// The summed next-token cross-entropy (within each packed sample) of `rows`
+/// computed as one batch, with row `r`'s dropout seeded by `seeds[r]`.
+fn batched_loss(decoder: &Arc<Decoder>, state: &DropoutState, rows: &[&Row], seeds: &[u64]) -> Tensor {
+    let layouts: Vec<(Vec<u32>, Vec<u32>)> = rows.iter().map(|r| packed_layout(&r.samples)).collect();
+    let packed: Vec<(&[u32], &[u32], &[u32])> =
+        rows.iter().zip(&layouts).map(|(r, (p, s))| (r.ids.as_slice(), p.as_slice(), s.as_slice())).collect();
+    let batch = TrainBatch::new(&packed).unwrap();
+    state.train(rows.iter().zip(seeds).map(|(r, &seed)| RowDropout { seed, len: r.ids.len() }).collect());
+    let hidden = decoder.train_hidden(&batch, None).unwrap();
+    let (mut at, mut targets) = (Vec::new(), Vec::new());
+    for (r, (row, (_, segments))) in rows.iter().zip(&layouts).enumerate() {
+        for i in 0..row.ids.len() - 1 {
+            if segments[i] == segments[i + 1] {
+                at.push((r * batch.len() + i) as u32);
+                targets.push(row.ids[i + 1]);
+            }
+        }
+    }
+    let scored = hidden.index_select(&Tensor::new(at.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
+    let logits = decoder.lm_head().forward(&scored).unwrap();
+    swift_stages::llm::ops::cross_entropy(&logits, &targets).unwrap().sum_all().unwrap()
+}
+
+/// One batched pass over ragged rows against the per-row loop: the same
+/// summed loss and the same gradient for every adapter tensor.
+fn check_batch_matches_rows(base: BaseFormat, dora: bool, dropout: f32) {
+    let (decoder, adapters, state) = trainable_with_dropout(base, dora, dropout);
+    let rows = [
+        Row { ids: vec![5, 17, 301, 42, 599, 3, 128, 77, 460, 250, 9, 611], samples: vec![6, 6] },
+        Row { ids: vec![44, 8, 90, 311, 12, 7, 502], samples: vec![7] },
+        Row { ids: vec![1, 2, 3, 600, 18], samples: vec![2, 3] },
+        Row { ids: vec![70, 71, 72, 73, 74, 75, 76, 77, 78], samples: vec![4, 5] },
+    ];
+    let seeds = [11u64, 22, 33, 44];
+    let vars: Vec<candle_core::Var> = adapters.iter().flat_map(|(_, p)| p.vars().into_iter().cloned()).collect();
+    let mut loop_loss = 0f32;
+    let mut loop_grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for (row, &seed) in rows.iter().zip(&seeds) {
+        let loss = batched_loss(&decoder, &state, &[row], &[seed]);
+        loop_loss += loss.to_scalar::<f32>().unwrap();
+        let grads = loss.backward().unwrap();
+        for (sum, var) in loop_grads.iter_mut().zip(&vars) {
+            let g = grads.get(var.as_tensor()).unwrap().clone();
+            *sum = Some(match sum.take() {
+                Some(s) => (s + g).unwrap(),
+                None => g,
+            });
+        }
+    }
+    // The whole batch at once, and in micro-batches of two rows.
+    for split in [4, 2] {
+        let mut batch_loss = 0f32;
+        let mut batch_grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        for (chunk, chunk_seeds) in rows.chunks(split).zip(seeds.chunks(split)) {
+            let chunk: Vec<&Row> = chunk.iter().collect();
+            let loss = batched_loss(&decoder, &state, &chunk, chunk_seeds);
+            batch_loss += loss.to_scalar::<f32>().unwrap();
+            let grads = loss.backward().unwrap();
+            for (sum, var) in batch_grads.iter_mut().zip(&vars) {
+                let g = grads.get(var.as_tensor()).unwrap().clone();
+                *sum = Some(match sum.take() {
+                    Some(s) => (s + g).unwrap(),
+                    None => g,
+                });
+            }
+        }
+        assert!((batch_loss - loop_loss).abs() < 1e-5 * loop_loss.abs(), "loss {batch_loss} vs the loop's {loop_loss}");
+        for ((a, b), var) in batch_grads.iter().zip(&loop_grads).zip(&vars) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+            let diff = max_abs_diff(a, b);
+            assert!(diff < 1e-4 * scale, "micro-batches of {split}: a gradient of shape {:?} differs by {diff} (scale {scale})", var.shape());
+        }
+    }
+    state.eval();
+}
+
+#[test]
+fn a_batched_pass_matches_the_per_row_loop_with_a_dense_base() {
+    check_batch_matches_rows(BaseFormat::Dense, false, 0.0);
+    check_batch_matches_rows(BaseFormat::Dense, false, 0.3);
+}
+
+#[test]
+fn a_batched_pass_matches_the_per_row_loop_with_an_nf4_base() {
+    check_batch_matches_rows(BaseFormat::Nf4 { blocksize: 64, double_quant: true }, false, 0.1);
+}
+
+#[test]
+fn a_batched_pass_matches_the_per_row_loop_with_dora() {
+    check_batch_matches_rows(BaseFormat::Dense, true, 0.0);
+    check_batch_matches_rows(BaseFormat::Nf4 { blocksize: 64, double_quant: true }, true, 0.2);
 }

@@ -10,6 +10,8 @@
 //!   loss-and-gradient form for linear + cross-entropy (CPU: [`crate::loss`]);
 //! - [`nf4`]: NF4 weights on the GPU: quantize, dequantize, and the fused
 //!   dequant-matmul of the QLoRA forward and backward (CPU: [`crate::nf4`]);
+//! - [`optim`]: the optimizer step: AdamW over one flat buffer with the clip
+//!   factor folded in, and the gradients' sum of squares (CPU: [`crate::adamw`]);
 //! - [`awq`]: AWQ int4 weights on the GPU: dequantize, and the W4A16 matmul
 //!   for decoding (CUDA cores, and tensor cores through `mma.sync`) (CPU:
 //!   [`crate::awq`]).
@@ -17,6 +19,7 @@
 pub mod awq;
 pub mod loss;
 pub mod nf4;
+pub mod optim;
 pub mod rows;
 
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
@@ -31,6 +34,7 @@ pub(crate) enum Module {
     Loss,
     Nf4,
     Awq,
+    Optim,
 }
 
 impl Module {
@@ -40,6 +44,7 @@ impl Module {
             Module::Loss => ("swift-loss", include_str!(concat!(env!("OUT_DIR"), "/loss.ptx"))),
             Module::Nf4 => ("swift-nf4", include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"))),
             Module::Awq => ("swift-awq", include_str!(concat!(env!("OUT_DIR"), "/awq.ptx"))),
+            Module::Optim => ("swift-optim", include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"))),
         }
     }
 }

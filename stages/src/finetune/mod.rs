@@ -174,6 +174,8 @@ struct Config {
     max_steps: Option<usize>,
     #[serde(default = "one")]
     batch_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    micro_batch_size: Option<usize>,
     #[serde(default = "one")]
     grad_accum: usize,
     #[serde(default)]
@@ -216,7 +218,9 @@ impl StageKind for Finetune {
         "finetune"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: a micro-batch is one batched forward/backward pass and AdamW one
+        // fused pass (sums in another order, so outputs differ in their last bits).
+        2
     }
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
@@ -268,6 +272,12 @@ fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
     for (field, value) in [("epochs", c.epochs), ("batch_size", c.batch_size), ("grad_accum", c.grad_accum)] {
         if value == 0 {
             return Err(ctx.error(&[field], format!("{field} must be at least 1")));
+        }
+    }
+    if let Some(micro) = c.micro_batch_size {
+        if micro == 0 || micro > c.batch_size {
+            return Err(ctx.error(&["micro_batch_size"], format!("micro_batch_size must be from 1 to batch_size ({})", c.batch_size))
+                .with_help("it splits each batch into passes of that many rows, to save memory; leave it out to run the whole batch at once"));
         }
     }
     if c.max_steps == Some(0) {
@@ -390,6 +400,7 @@ impl StagePlan for FinetunePlan {
             total_steps,
             stream_rows,
             batch_size: c.batch_size,
+            micro_batch_size: c.micro_batch_size.unwrap_or(c.batch_size),
             grad_accum: c.grad_accum,
             max_grad_norm: c.max_grad_norm,
             adamw: AdamWConfig { betas: (c.betas[0], c.betas[1]), eps: c.eps, weight_decay: c.weight_decay },

@@ -1,9 +1,12 @@
 //! AdamW (PyTorch's formulation, decoupled weight decay), learning-rate
 //! schedules with linear warmup (as transformers' `get_*_schedule_with_warmup`),
-//! and global gradient-norm clipping. All on plain `f32` buffers in a fixed
-//! order, so results do not depend on the thread count.
+//! and global gradient-norm clipping. The update runs over one flat `f32`
+//! buffer of every trainable tensor in one pass, with sums in a fixed order,
+//! so results do not depend on the thread count.
 
 use serde::{Deserialize, Serialize};
+use candle_core::{Device, Tensor};
+use swift_kernels::adamw::AdamWStep;
 
 /// How the learning rate evolves after warmup.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +39,7 @@ impl Schedule {
 }
 
 /// AdamW hyperparameters.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
     /// β₁, β₂.
     pub betas: (f64, f64),
@@ -46,71 +49,131 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// AdamW's moments for every parameter tensor, and the step count.
-#[derive(Clone, Debug, PartialEq)]
+/// AdamW's moments for every trainable tensor, in one flat buffer in the
+/// trainer's tensor order, kept on the device the adapters live on, and the
+/// step count. Each update is one fused pass over all tensors, clip factor
+/// included: [`swift_kernels::adamw`] on the CPU, its CUDA version
+/// (`swift_kernels::cuda::optim`) on a GPU.
+#[derive(Clone, Debug)]
 pub struct AdamW {
-    config_betas: (f64, f64),
-    eps: f64,
-    weight_decay: f64,
+    config: AdamWConfig,
+    sizes: Vec<usize>,
     /// Optimizer steps taken.
     pub step: u64,
-    /// First moments, one buffer per parameter tensor.
-    pub m: Vec<Vec<f32>>,
-    /// Second moments.
-    pub v: Vec<Vec<f32>>,
+    moments: Moments,
+}
+
+/// First and second moments, where the parameters are.
+#[derive(Clone, Debug)]
+enum Moments {
+    Host { m: Vec<f32>, v: Vec<f32> },
+    #[cfg(feature = "cuda")]
+    Gpu { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    fn zeros(total: usize, device: &Device) -> candle_core::Result<Self> {
+        Self::from_values(vec![0.0; total], vec![0.0; total], device)
+    }
+
+    fn from_values(m: Vec<f32>, v: Vec<f32>, device: &Device) -> candle_core::Result<Self> {
+        match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                let (mn, vn) = (m.len(), v.len());
+                Ok(Moments::Gpu { m: Tensor::from_vec(m, mn, device)?, v: Tensor::from_vec(v, vn, device)? })
+            }
+            _ => Ok(Moments::Host { m, v }),
+        }
+    }
 }
 
 impl AdamW {
-    /// Zero moments for parameters of these sizes.
-    pub fn new(config: AdamWConfig, sizes: &[usize]) -> Self {
-        Self {
-            config_betas: config.betas,
-            eps: config.eps,
-            weight_decay: config.weight_decay,
-            step: 0,
-            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-        }
+    /// Zero moments for parameters of these sizes on `device`.
+    pub fn new(config: AdamWConfig, sizes: &[usize], device: &Device) -> candle_core::Result<Self> {
+        let moments = Moments::zeros(sizes.iter().sum(), device)?;
+        Ok(Self { config, sizes: sizes.to_vec(), step: 0, moments })
     }
 
-    /// One update of every parameter with its gradient at learning rate `lr`:
-    /// `p ← p·(1 − lr·wd)`, then the bias-corrected Adam step (torch.optim.AdamW).
-    pub fn update(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f64) {
+    /// The first and second moments, one host buffer per tensor (for checkpoints).
+    pub fn moments(&self) -> candle_core::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        let (m, v) = match &self.moments {
+            Moments::Host { m, v } => (m.clone(), v.clone()),
+            #[cfg(feature = "cuda")]
+            Moments::Gpu { m, v } => (m.to_vec1::<f32>()?, v.to_vec1::<f32>()?),
+        };
+        Ok((split(&m, &self.sizes), split(&v, &self.sizes)))
+    }
+
+    /// Restores the step count and moments saved by [`AdamW::moments`] onto
+    /// `device`; false if they do not fit these parameters.
+    pub fn restore(&mut self, step: u64, m: &[Vec<f32>], v: &[Vec<f32>], device: &Device) -> candle_core::Result<bool> {
+        let fits = |b: &[Vec<f32>]| b.iter().map(Vec::len).eq(self.sizes.iter().copied());
+        if !fits(m) || !fits(v) {
+            return Ok(false);
+        }
+        self.step = step;
+        self.moments = Moments::from_values(m.concat(), v.concat(), device)?;
+        Ok(true)
+    }
+
+    /// One update of every parameter (`params`, flat f32 in the tensors'
+    /// order) with its gradient (`grads`, the same layout) times
+    /// `grad_scale` (the clip factor) at learning rate `lr`: `p ← p·(1 − lr·wd)`,
+    /// then the bias-corrected Adam step (torch.optim.AdamW). Returns the new
+    /// parameters, on the same device.
+    pub fn update(&mut self, params: &Tensor, grads: &Tensor, lr: f64, grad_scale: f32) -> candle_core::Result<Tensor> {
         self.step += 1;
-        let (b1, b2) = self.config_betas;
-        let bias1 = 1.0 - b1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
-        let step_size = (lr / bias1) as f32;
-        let decay = (1.0 - lr * self.weight_decay) as f32;
-        let (b1, b2, eps, bias2_sqrt) = (b1 as f32, b2 as f32, self.eps as f32, bias2_sqrt as f32);
-        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
-            for i in 0..p.len() {
-                p[i] *= decay;
-                m[i] += (g[i] - m[i]) * (1.0 - b1);
-                v[i] = v[i] * b2 + (1.0 - b2) * g[i] * g[i];
-                let denom = v[i].sqrt() / bias2_sqrt + eps;
-                p[i] -= step_size * m[i] / denom;
+        let c = &self.config;
+        let step = AdamWStep::new(self.step, lr, c.betas, c.eps, c.weight_decay, grad_scale);
+        match &mut self.moments {
+            Moments::Host { m, v } => {
+                let mut values = params.to_vec1::<f32>()?;
+                let grads = grads.to_vec1::<f32>()?;
+                swift_kernels::adamw::adamw_update(&mut values, &grads, m, v, &step);
+                Tensor::from_vec(values, params.shape(), params.device())
+            }
+            #[cfg(feature = "cuda")]
+            Moments::Gpu { m, v } => {
+                let (p, new_m, new_v) = swift_kernels::cuda::optim::adamw(params, grads, m, v, &step)?;
+                (*m, *v) = (new_m, new_v);
+                Ok(p)
             }
         }
     }
 }
 
-/// The global L2 norm of all gradients (accumulated in f64, in order).
-pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
-    grads.iter().flatten().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt()
+/// A flat buffer cut into consecutive pieces of these sizes.
+pub fn split(flat: &[f32], sizes: &[usize]) -> Vec<Vec<f32>> {
+    let mut rest = flat;
+    sizes
+        .iter()
+        .map(|&n| {
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            head.to_vec()
+        })
+        .collect()
 }
 
-/// Scales gradients so their global norm is at most `max_norm` (as
-/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
-pub fn clip(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
-    let norm = global_norm(grads);
-    if max_norm > 0.0 {
-        let factor = (max_norm / (norm + 1e-6)).min(1.0) as f32;
-        if factor < 1.0 {
-            grads.iter_mut().flatten().for_each(|g| *g *= factor);
-        }
+/// The global L2 norm of all gradients (one flat f32 tensor; f64 partial
+/// sums in a fixed order), computed where the gradients are.
+pub fn global_norm(grads: &Tensor) -> candle_core::Result<f64> {
+    #[cfg(feature = "cuda")]
+    if grads.device().is_cuda() {
+        return Ok(swift_kernels::cuda::optim::sum_squares(grads)?.sqrt());
     }
-    norm
+    let (storage, layout) = grads.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("global_norm: gradients on an unknown device") };
+    let values = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()];
+    Ok(swift_kernels::adamw::sum_squares(values).sqrt())
+}
+
+/// The norm of `grads` and the factor that clips it to `max_norm` (as
+/// `torch.nn.utils.clip_grad_norm_`; 0 = off), applied inside [`AdamW::update`].
+pub fn clip(grads: &Tensor, max_norm: f64) -> candle_core::Result<(f64, f32)> {
+    let norm = global_norm(grads)?;
+    Ok((norm, swift_kernels::adamw::clip_factor(norm, max_norm)))
 }
 
 #[cfg(test)]
@@ -129,16 +192,27 @@ mod tests {
 
     #[test]
     fn adamw_first_step_moves_each_weight_by_lr() {
-        let mut opt = AdamW::new(AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 }, &[2]);
-        let mut params = vec![vec![1.0f32, -1.0]];
-        opt.update(&mut params, &[vec![0.5, -3.0]], 0.1);
-        assert!((params[0][0] - 0.9).abs() < 1e-6 && (params[0][1] + 0.9).abs() < 1e-6, "{params:?}");
+        let config = AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 };
+        let cpu = Device::Cpu;
+        let mut opt = AdamW::new(config, &[1, 1], &cpu).unwrap();
+        let params = Tensor::new(&[1.0f32, -1.0], &cpu).unwrap();
+        let params = opt.update(&params, &Tensor::new(&[0.5f32, -3.0], &cpu).unwrap(), 0.1, 1.0).unwrap();
+        let params = params.to_vec1::<f32>().unwrap();
+        assert!((params[0] - 0.9).abs() < 1e-6 && (params[1] + 0.9).abs() < 1e-6, "{params:?}");
+        let (m, v) = opt.moments().unwrap();
+        assert_eq!((m.len(), v[1].len()), (2, 1));
+        let mut resumed = AdamW::new(config, &[1, 1], &cpu).unwrap();
+        assert!(resumed.restore(opt.step, &m, &v, &cpu).unwrap());
+        assert_eq!((resumed.step, resumed.moments().unwrap()), (opt.step, (m, v.clone())));
+        assert!(!resumed.restore(1, &[vec![0.0; 2]], &v, &cpu).unwrap());
     }
 
     #[test]
     fn clipping_bounds_the_global_norm() {
-        let mut grads = vec![vec![3.0f32], vec![4.0]];
-        assert_eq!(clip(&mut grads, 1.0), 5.0);
-        assert!((global_norm(&grads) - 1.0).abs() < 1e-5);
+        let grads = Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
+        let (norm, factor) = clip(&grads, 1.0).unwrap();
+        assert_eq!(norm, 5.0);
+        assert!((global_norm(&(grads.clone() * factor as f64).unwrap()).unwrap() - 1.0).abs() < 1e-5);
+        assert_eq!(clip(&grads, 0.0).unwrap().1, 1.0);
     }
 }

@@ -1,7 +1,16 @@
-//! The training loop: micro-batches of packed rows, loss on labelled tokens
-//! only (token-weighted over the whole optimizer step), gradient accumulation
-//! in a fixed order, global-norm clipping, AdamW with a warmup schedule,
-//! periodic validation, checkpoints, and a JSONL log line per step.
+//! The training loop: micro-batches of packed rows, each one forward and one
+//! backward pass over a `[rows, len]` batch (rows padded to the longest, the
+//! padding masked out), loss on labelled tokens only (token-weighted over the
+//! whole optimizer step), gradient accumulation on the compute device in a
+//! fixed order, global-norm clipping folded into one fused AdamW pass over
+//! every adapter tensor, a warmup schedule, periodic validation,
+//! checkpoints, and a JSONL log line per step.
+//!
+//! A step's rows are `batch_size × grad_accum` consecutive rows of the data
+//! stream; each rank takes its share ([`swift_engine::world::World::shard`])
+//! and runs them `micro_batch_size` at a time. Dropout masks are keyed by a
+//! row's place in the stream, so a row sees the same mask whatever batch it
+//! lands in.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,10 +23,10 @@ use serde_json::json;
 use super::checkpoint::{self, Checkpoint};
 use super::collective::Parallel;
 use super::data::{Example, RowOrder};
-use super::optim::{clip, AdamW, AdamWConfig, Schedule};
+use super::optim::{clip, split, AdamW, AdamWConfig, Schedule};
 use swift_engine::kind::Cancelled;
-use crate::llm::lora::{DropoutState, LoraParams, SplitMix64};
-use crate::llm::model::CheckpointGrads;
+use crate::llm::lora::{DropoutState, LoraParams, RowDropout, SplitMix64};
+use crate::llm::model::{CheckpointGrads, TrainBatch};
 use crate::llm::ops::{cross_entropy, linear_cross_entropy};
 use crate::llm::Decoder;
 use crate::preprocess::shards::Split;
@@ -35,8 +44,10 @@ pub struct Settings {
     pub total_steps: usize,
     /// Rows in the data stream (epochs × rows), or `None` with `max_steps`.
     pub stream_rows: Option<usize>,
-    /// Rows per micro-batch.
+    /// Rows per step and accumulation round, on all ranks together.
     pub batch_size: usize,
+    /// Rows per forward/backward pass (at most `batch_size`).
+    pub micro_batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
     /// Clip the global gradient norm to this (0 = off).
@@ -74,6 +85,17 @@ pub struct Outcome {
     pub tokens: u64,
     /// Step the run resumed from, if it did.
     pub resumed_from: Option<usize>,
+}
+
+/// Where a run stands: the optimizer, the adapters' values (flat), the log
+/// so far, and the step to start from.
+struct RunState {
+    optimizer: AdamW,
+    /// Flat, on the compute device.
+    params: Tensor,
+    log: Vec<serde_json::Value>,
+    first_step: usize,
+    resumed_from: Option<usize>,
 }
 
 /// The model, its trainable adapters and the optimizer.
@@ -118,37 +140,18 @@ impl Trainer {
         let leader = parallel.world.is_leader();
         let val = val.filter(|_| leader);
         let sizes: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
-        let mut optimizer = AdamW::new(s.adamw, &sizes);
-        let mut log: Vec<serde_json::Value> = Vec::new();
-        let mut first_step = 0;
-        let resumed = checkpoint::load_latest(scratch).with_context(|| {
-            format!("resuming from the checkpoint in {}: remove that folder to train from the start", scratch.display())
-        })?;
-        let resumed_from = resumed.as_ref().map(|c| c.step);
-        if let Some(c) = resumed {
-            if c.names != self.names || c.params.iter().map(Vec::len).ne(sizes.iter().copied()) {
-                bail!("the checkpoint in {} does not fit this model's adapters", scratch.display());
-            }
-            for (var, values) in self.vars.iter().zip(&c.params) {
-                var.set(&Tensor::from_slice(values, var.shape(), var.device())?)?;
-            }
-            optimizer.step = c.optimizer_step;
-            optimizer.m = c.m;
-            optimizer.v = c.v;
-            log = c.log;
-            first_step = c.step;
-        }
-        if let (Some(val), 0) = (val, first_step) {
+        let mut state = self.resume(scratch, &sizes)?;
+        if let (Some(val), 0) = (val, state.first_step) {
             let Some((val_loss, accuracy)) = self.validate(val, hooks)? else {
                 return Err(Cancelled.into());
             };
-            log.push(json!({"step": 0, "val_loss": val_loss, "val_accuracy": accuracy}));
+            state.log.push(json!({"step": 0, "val_loss": val_loss, "val_accuracy": accuracy}));
         }
         let mut order = RowOrder::new(train.rows(), s.seed);
         let rows_per_step = s.batch_size * s.grad_accum;
-        let mut tokens: u64 = log.iter().filter_map(|l| l.get("tokens").and_then(|t| t.as_u64())).sum();
-        let mut last_saved = resumed_from;
-        for step in first_step..s.total_steps {
+        let mut tokens: u64 = state.log.iter().filter_map(|l| l.get("tokens").and_then(|t| t.as_u64())).sum();
+        let mut last_saved = state.resumed_from;
+        for step in state.first_step..s.total_steps {
             let step_started = Instant::now();
             let first_row = step * rows_per_step;
             let last_row = s.stream_rows.map_or(first_row + rows_per_step, |n| n.min(first_row + rows_per_step));
@@ -156,55 +159,33 @@ impl Trainer {
                 (first_row..last_row).map(|k| Example::from_row(&train.row(order.row_at(k)))).collect();
             let labelled: usize = examples.iter().map(|e| e.targets.len()).sum();
             let step_tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
-            let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
-            let mut loss_sum = 0.0;
-            for micro in parallel.world.shard(examples.len()) {
-                let example = &examples[micro];
-                if (hooks.cancelled)() {
-                    // Before any row, or mid-step: nothing of this step is applied yet.
-                    self.dropout.eval();
-                    if leader {
-                        self.save(scratch, step, &optimizer, &log)?;
-                    }
-                    return Err(Cancelled.into());
+            let mine: Vec<usize> = parallel.world.shard(examples.len()).collect();
+            let Some((mut loss_sum, mut grads)) = self.step_gradients(&examples, &mine, first_row, labelled, hooks)? else {
+                // Mid-step: nothing of this step is applied yet.
+                if leader {
+                    self.save(scratch, step, &state.optimizer, &state.log)?;
                 }
-                if example.targets.is_empty() {
-                    continue;
-                }
-                self.dropout.train(SplitMix64::keyed(s.seed, "dropout", (step * rows_per_step + micro) as u64).next_u64());
-                let (row_loss, _) = self.row_loss(example, true)?;
-                loss_sum += row_loss.to_scalar::<f32>()? as f64;
-                let store = (row_loss / labelled as f64)?.backward()?;
-                let side = self.checkpoint_grads.as_ref().map(|c| c.take()).unwrap_or_default();
-                for (i, var) in self.vars.iter().enumerate() {
-                    for grad in [store.get(var.as_tensor()), side.get(&var.as_tensor().id())].into_iter().flatten() {
-                        let grad = grad.flatten_all()?.to_vec1::<f32>()?;
-                        grads[i].iter_mut().zip(&grad).for_each(|(g, d)| *g += d);
-                    }
-                }
-            }
-            self.dropout.eval();
+                return Err(Cancelled.into());
+            };
             if parallel.world.size > 1 {
-                let mut flat: Vec<f32> = grads.iter().flatten().copied().chain([loss_sum as f32]).collect();
+                let mut flat = grads.to_vec1::<f32>()?;
+                flat.push(loss_sum as f32);
                 if let Err(error) = parallel.collective.all_reduce_sum(step as u64, &mut flat) {
                     // A rank that stopped for Ctrl-C or scancel breaks the exchange:
                     // stop cleanly too, nothing of this step applied yet.
                     if (hooks.cancelled)() {
                         if leader {
-                            self.save(scratch, step, &optimizer, &log)?;
+                            self.save(scratch, step, &state.optimizer, &state.log)?;
                         }
                         return Err(Cancelled.into());
                     }
                     return Err(error.context(format!("sharing the gradients of step {}", step + 1)));
                 }
-                let mut values = flat.iter();
-                for grad in &mut grads {
-                    grad.iter_mut().for_each(|g| *g = *values.next().expect("as many values as sent"));
-                }
-                loss_sum = *values.next().expect("the loss follows the gradients") as f64;
+                loss_sum = flat.pop().expect("the loss follows the gradients") as f64;
+                grads = Tensor::from_vec(flat, grads.shape(), grads.device())?;
             }
             let loss = if labelled > 0 { loss_sum / labelled as f64 } else { 0.0 };
-            let grad_norm = clip(&mut grads, s.max_grad_norm);
+            let (grad_norm, clip_factor) = clip(&grads, s.max_grad_norm)?;
             let lr = s.lr * s.schedule.factor(step, s.total_steps, s.warmup);
             if !loss.is_finite() || !grad_norm.is_finite() {
                 let kept = match last_saved {
@@ -219,17 +200,13 @@ impl Trainer {
                 );
             }
             if labelled > 0 {
-                let mut params: Vec<Vec<f32>> =
-                    self.vars.iter().map(|v| v.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
-                optimizer.update(&mut params, &grads, lr);
-                for (var, values) in self.vars.iter().zip(params) {
-                    var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
-                }
+                state.params = state.optimizer.update(&state.params, &grads, lr, clip_factor)?;
+                self.write_params(&state.params, &sizes)?;
             }
             tokens += step_tokens as u64;
             let seconds = step_started.elapsed().as_secs_f64();
             let tokens_per_s = step_tokens as f64 / seconds.max(1e-9);
-            log.push(json!({
+            state.log.push(json!({
                 "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": step_tokens, "label_tokens": labelled, "tokens_per_s": tokens_per_s,
             }));
@@ -240,44 +217,147 @@ impl Trainer {
             if let Some(val) = val {
                 if last || (s.eval_every > 0 && done % s.eval_every == 0) {
                     let Some((val_loss, accuracy)) = self.validate(val, hooks)? else {
-                        self.save(scratch, done, &optimizer, &log)?;
+                        self.save(scratch, done, &state.optimizer, &state.log)?;
                         return Err(Cancelled.into());
                     };
-                    log.push(json!({"step": done, "val_loss": val_loss, "val_accuracy": accuracy}));
+                    state.log.push(json!({"step": done, "val_loss": val_loss, "val_accuracy": accuracy}));
                 }
             }
             if leader && !last && s.save_every > 0 && done % s.save_every == 0 {
-                self.save(scratch, done, &optimizer, &log)?;
+                self.save(scratch, done, &state.optimizer, &state.log)?;
                 last_saved = Some(done);
             }
         }
+        let log = state.log;
         let final_val = log
             .iter()
             .rev()
             .find_map(|l| Some((l.get("val_loss")?.as_f64()?, l.get("val_accuracy")?.as_f64()?)));
         let final_train_loss = log.iter().rev().find_map(|l| l.get("loss")?.as_f64()).unwrap_or(f64::NAN);
-        Ok(Outcome { log, final_train_loss, final_val, tokens, resumed_from })
+        Ok(Outcome { log, final_train_loss, final_val, tokens, resumed_from: state.resumed_from })
     }
 
-    /// The summed cross-entropy of one row's labelled tokens and (when not
-    /// training) how many of them the model's argmax gets right.
-    fn row_loss(&self, example: &Example, train: bool) -> anyhow::Result<(Tensor, usize)> {
+    /// The optimizer, parameters and log to start from: fresh, or the latest
+    /// checkpoint in `scratch` (whose tensors are loaded into the adapters).
+    fn resume(&self, scratch: &Path, sizes: &[usize]) -> anyhow::Result<RunState> {
+        let device = self.decoder.device();
+        let mut optimizer = AdamW::new(self.settings.adamw, sizes, device)?;
+        let resumed = checkpoint::load_latest(scratch).with_context(|| {
+            format!("resuming from the checkpoint in {}: remove that folder to train from the start", scratch.display())
+        })?;
+        let Some(c) = resumed else {
+            let params = self.read_params()?;
+            return Ok(RunState { optimizer, params, log: Vec::new(), first_step: 0, resumed_from: None });
+        };
+        if c.names != self.names
+            || c.params.iter().map(Vec::len).ne(sizes.iter().copied())
+            || !optimizer.restore(c.optimizer_step, &c.m, &c.v, device)?
+        {
+            bail!("the checkpoint in {} does not fit this model's adapters", scratch.display());
+        }
+        let flat = c.params.concat();
+        let params = Tensor::from_vec(flat.clone(), flat.len(), device)?;
+        self.write_params(&params, sizes)?;
+        Ok(RunState { optimizer, params, log: c.log, first_step: c.step, resumed_from: Some(c.step) })
+    }
+
+    /// Every adapter tensor's values, flat f32, in the trainer's order, on the device.
+    fn read_params(&self) -> anyhow::Result<Tensor> {
+        let flat: Vec<Tensor> = self.vars.iter().map(|v| v.flatten_all()).collect::<candle_core::Result<_>>()?;
+        Ok(Tensor::cat(&flat, 0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Sets the adapter tensors from a flat tensor in the trainer's order
+    /// (device-side copies of its slices).
+    fn write_params(&self, params: &Tensor, sizes: &[usize]) -> anyhow::Result<()> {
+        let mut offset = 0;
+        for (var, &n) in self.vars.iter().zip(sizes) {
+            var.set(&params.narrow(0, offset, n)?.reshape(var.shape())?)?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// The summed loss and the summed gradients (flat, in the trainer's
+    /// order, on the device) of this rank's rows `mine` of one step, each
+    /// gradient already divided by the step's `labelled` tokens; `None` if
+    /// cancelled. Rows run `micro_batch_size` at a time; gradients
+    /// accumulate on the device.
+    fn step_gradients(&self, examples: &[Example], mine: &[usize], first_row: usize, labelled: usize, hooks: &Hooks<'_>)
+        -> anyhow::Result<Option<(f64, Tensor)>> {
+        let s = &self.settings;
+        let mut sums: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut loss_sum = 0.0;
+        let rows: Vec<usize> = mine.iter().copied().filter(|&k| !examples[k].targets.is_empty()).collect();
+        for micro in rows.chunks(s.micro_batch_size.max(1)) {
+            if (hooks.cancelled)() {
+                self.dropout.eval();
+                return Ok(None);
+            }
+            let batch: Vec<&Example> = micro.iter().map(|&k| &examples[k]).collect();
+            self.dropout.train(
+                micro
+                    .iter()
+                    .map(|&k| RowDropout {
+                        seed: SplitMix64::keyed(s.seed, "dropout", (first_row + k) as u64).next_u64(),
+                        len: examples[k].ids.len(),
+                    })
+                    .collect(),
+            );
+            let (batch_loss, _) = self.batch_loss(&batch, true)?;
+            loss_sum += batch_loss.to_scalar::<f32>()? as f64;
+            let store = (batch_loss / labelled as f64)?.backward()?;
+            let side = self.checkpoint_grads.as_ref().map(|c| c.take()).unwrap_or_default();
+            for (sum, var) in sums.iter_mut().zip(&self.vars) {
+                for grad in [store.get(var.as_tensor()), side.get(&var.as_tensor().id())].into_iter().flatten() {
+                    *sum = Some(match sum.take() {
+                        Some(total) => (total + grad)?,
+                        None => grad.clone(),
+                    });
+                }
+            }
+        }
+        self.dropout.eval();
+        let flat: Vec<Tensor> = sums
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(sum, var)| match sum {
+                Some(g) => g.flatten_all(),
+                None => Tensor::zeros(var.elem_count(), DType::F32, var.device()),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        if flat.is_empty() {
+            return Ok(Some((loss_sum, Tensor::zeros(0, DType::F32, self.decoder.device())?)));
+        }
+        Ok(Some((loss_sum, Tensor::cat(&flat, 0)?.to_dtype(DType::F32)?)))
+    }
+
+    /// The summed cross-entropy of a micro-batch's labelled tokens and (when
+    /// not training) how many of them the model's argmax gets right.
+    fn batch_loss(&self, examples: &[&Example], train: bool) -> anyhow::Result<(Tensor, usize)> {
         let device = self.decoder.device();
         let checkpoint = if train { self.checkpoint_grads.as_ref() } else { None };
-        let hidden = self.decoder.train_hidden(&example.ids, &example.positions, &example.segments, checkpoint)?;
-        let at = Tensor::new(example.predict_at.as_slice(), device)?;
-        let scored = hidden.index_select(&at, 0)?;
-        if let (true, true, Some(weight)) = (train, device.is_cuda(), self.decoder.lm_head().plain_weight()) {
-            // On a GPU the [tokens, vocab] logits are never materialized.
-            return Ok((linear_cross_entropy(&scored, weight, &example.targets)?.sum_all()?, 0));
+        let rows: Vec<(&[u32], &[u32], &[u32])> =
+            examples.iter().map(|e| (e.ids.as_slice(), e.positions.as_slice(), e.segments.as_slice())).collect();
+        let batch = TrainBatch::new(&rows)?;
+        let hidden = self.decoder.train_hidden(&batch, checkpoint)?;
+        let len = batch.len() as u32;
+        let at: Vec<u32> =
+            examples.iter().enumerate().flat_map(|(r, e)| e.predict_at.iter().map(move |&i| r as u32 * len + i)).collect();
+        let targets: Vec<u32> = examples.iter().flat_map(|e| e.targets.iter().copied()).collect();
+        let scored = hidden.index_select(&Tensor::new(at.as_slice(), device)?, 0)?;
+        if let (true, Some(weight)) = (train, self.decoder.lm_head().plain_weight()) {
+            // The [tokens, vocab] logits are never materialized: blocks of
+            // rows go through lm_head, the loss and its gradient at once.
+            return Ok((linear_cross_entropy(&scored, weight, &targets)?.sum_all()?, 0));
         }
         let logits = self.decoder.lm_head().forward(&scored)?.to_dtype(DType::F32)?;
-        let loss = cross_entropy(&logits, &example.targets)?.sum_all()?;
+        let loss = cross_entropy(&logits, &targets)?.sum_all()?;
         let correct = if train {
             0
         } else {
             let predicted = logits.detach().argmax(D::Minus1)?.to_vec1::<u32>()?;
-            predicted.iter().zip(&example.targets).filter(|(p, t)| p == t).count()
+            predicted.iter().zip(&targets).filter(|(p, t)| p == t).count()
         };
         Ok((loss, correct))
     }
@@ -294,18 +374,17 @@ impl Trainer {
 
     fn validate_rows(&self, val: &Split, hooks: &Hooks<'_>) -> anyhow::Result<Option<(f64, f64)>> {
         let (mut loss, mut correct, mut count) = (0.0, 0usize, 0usize);
-        for r in 0..val.rows() {
+        let examples: Vec<Example> =
+            (0..val.rows()).map(|r| Example::from_row(&val.row(r))).filter(|e| !e.targets.is_empty()).collect();
+        for micro in examples.chunks(self.settings.micro_batch_size.max(1)) {
             if (hooks.cancelled)() {
                 return Ok(None);
             }
-            let example = Example::from_row(&val.row(r));
-            if example.targets.is_empty() {
-                continue;
-            }
-            let (row_loss, row_correct) = self.row_loss(&example, false)?;
-            loss += row_loss.to_scalar::<f32>()? as f64;
-            correct += row_correct;
-            count += example.targets.len();
+            let batch: Vec<&Example> = micro.iter().collect();
+            let (batch_loss, batch_correct) = self.batch_loss(&batch, false)?;
+            loss += batch_loss.to_scalar::<f32>()? as f64;
+            correct += batch_correct;
+            count += micro.iter().map(|e| e.targets.len()).sum::<usize>();
         }
         if count == 0 {
             return Ok(Some((f64::NAN, f64::NAN)));
@@ -314,14 +393,15 @@ impl Trainer {
     }
 
     fn save(&self, scratch: &Path, step: usize, optimizer: &AdamW, log: &[serde_json::Value]) -> anyhow::Result<()> {
-        let params =
-            self.vars.iter().map(|v| v.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?;
+        let sizes: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
+        let params = split(&self.read_params()?.to_vec1::<f32>()?, &sizes);
+        let (m, v) = optimizer.moments()?;
         checkpoint::save(scratch, &Checkpoint {
             step,
             params,
             optimizer_step: optimizer.step,
-            m: optimizer.m.clone(),
-            v: optimizer.v.clone(),
+            m,
+            v,
             log: log.to_vec(),
             names: self.names.clone(),
         })

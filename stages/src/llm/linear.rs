@@ -31,6 +31,13 @@ pub trait Projection: Send + Sync {
     fn plain_weight(&self) -> Option<&Tensor> {
         None
     }
+    /// `dL/dx = dL/dy · W` for an upstream gradient `dy` `[rows, out]` (the
+    /// weight is frozen: no weight gradient), in `dy`'s dtype: the backward
+    /// of the base product inside fused adapter ops. The default multiplies
+    /// by [`Projection::weight_f32`]; stored formats override it.
+    fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+        dy.matmul(&self.weight_f32()?.to_device(dy.device())?.to_dtype(dy.dtype())?)
+    }
 }
 
 /// Builds the decoder's projections from a checkpoint.
@@ -121,6 +128,9 @@ impl Projection for Dense {
     }
     fn plain_weight(&self) -> Option<&Tensor> {
         self.inner.bias().is_none().then(|| self.inner.weight())
+    }
+    fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+        dy.matmul(&self.inner.weight().to_dtype(dy.dtype())?)
     }
 }
 

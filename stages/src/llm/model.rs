@@ -190,23 +190,26 @@ impl Decoder {
         Ok(self.rms_norm(&x, &self.norm, Pass::Inference)?.squeeze(0)?)
     }
 
-    /// The final hidden states `[tokens, hidden]` (after the last RMSNorm) of
-    /// one packed row, computed so that gradients flow to trainable adapters.
-    /// With `checkpoint`, each decoder layer keeps only its input: its
-    /// activations are recomputed during the backward pass, and the adapters'
-    /// gradients from those recomputations are collected in `checkpoint`.
-    pub fn train_hidden(
-        self: &Arc<Self>,
-        tokens: &[u32],
-        positions: &[u32],
-        segments: &[u32],
-        checkpoint: Option<&Arc<CheckpointGrads>>,
-    ) -> Result<Tensor, LlmError> {
-        self.check_row(tokens, positions, segments)?;
-        let mask = self.mask(&[], 0, segments)?;
-        let (cos, sin) = self.rope_tables(positions)?;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
+    /// The final hidden states `[rows · len, hidden]` (after the last RMSNorm)
+    /// of a micro-batch of packed rows, computed in one pass so that gradients
+    /// flow to trainable adapters. With `checkpoint`, each decoder layer keeps
+    /// only its input: its activations are recomputed during the backward
+    /// pass, and the adapters' gradients from those recomputations are
+    /// collected in `checkpoint`.
+    pub fn train_hidden(self: &Arc<Self>, batch: &TrainBatch, checkpoint: Option<&Arc<CheckpointGrads>>)
+        -> Result<Tensor, LlmError> {
+        self.check_tokens(&batch.tokens)?;
+        let (b, t) = (batch.rows, batch.len);
+        let mut mask = Vec::with_capacity(b * t * t);
+        for row in 0..b {
+            mask.extend(self.mask_values(&[], 0, &batch.segments[row * t..(row + 1) * t]));
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?;
+        let (cos, sin) = self.rope_tables(&batch.positions)?;
+        let half = self.inv_freq.len();
+        let (cos, sin) = (cos.reshape((b, t, half))?, sin.reshape((b, t, half))?);
+        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, self.config.hidden_size))?;
         let pass = Pass::Train;
         match checkpoint {
             None => {
@@ -230,7 +233,7 @@ impl Decoder {
             }
         }
         let x = self.rms_norm(&x, &self.norm, pass)?;
-        Ok(x.squeeze(0)?)
+        Ok(x.reshape((b * t, self.config.hidden_size))?)
     }
 
     /// The output projection (tied to the embedding or `lm_head`).
@@ -318,7 +321,11 @@ impl Decoder {
         let x = (x + attended)?;
         let normed = self.rms_norm(&x, &layer.post_attention_layernorm, pass)?;
         let mlp = &layer.mlp;
-        let gated = (mlp.gate_proj.forward(&normed)?.silu()? * mlp.up_proj.forward(&normed)?)?;
+        let (gate, up) = (mlp.gate_proj.forward(&normed)?, mlp.up_proj.forward(&normed)?);
+        let gated = match pass {
+            Pass::Inference => (gate.silu()? * up)?,
+            Pass::Train => super::ops::silu_mul(&gate, &up)?,
+        };
         Ok((x + mlp.down_proj.forward(&gated)?)?)
     }
 
@@ -346,9 +353,11 @@ impl Decoder {
         pass: Pass,
     ) -> Result<Tensor, LlmError> {
         let c = &self.config;
+        // Inference tables are `[t, d/2]`, shared by the rows; training
+        // tables are `[b, t, d/2]`, each row with its own positions.
         let rope = |x: &Tensor| match pass {
             Pass::Inference => candle_nn::rotary_emb::rope(x, ctx.cos, ctx.sin),
-            Pass::Train => candle_nn::rotary_emb::rope_slow(x, ctx.cos, ctx.sin),
+            Pass::Train => super::ops::rope(x, ctx.cos, ctx.sin),
         };
         let (b, t, _) = x.dims3()?;
         let heads = |p: &dyn Projection, n: usize| -> candle_core::Result<Tensor> {
@@ -372,11 +381,15 @@ impl Decoder {
         let k = repeat_kv(&k, repeat)?;
         let v = repeat_kv(&v, repeat)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = scores.broadcast_add(ctx.mask)?;
         let probs = match pass {
-            Pass::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-            Pass::Train => super::ops::softmax_last_dim(&scores)?,
+            Pass::Inference => {
+                let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
+                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(ctx.mask)?)?
+            }
+            Pass::Train => {
+                let scores = q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)?;
+                super::ops::masked_softmax(&scores, ctx.mask, scale)?
+            }
         }
         .to_dtype(self.dtype)?;
         let out = probs.matmul(&v.contiguous()?)?;
@@ -406,6 +419,12 @@ impl Decoder {
     /// Additive mask `[t, past + t]`: 0 where a query may attend a key, -inf
     /// elsewhere. Every query may attend the first `shared` past keys.
     fn mask(&self, past_segments: &[u32], shared: usize, segments: &[u32]) -> Result<Tensor, LlmError> {
+        let shape = (segments.len(), past_segments.len() + segments.len());
+        Ok(Tensor::from_vec(self.mask_values(past_segments, shared, segments), shape, &self.device)?)
+    }
+
+    /// The values of [`Decoder::mask`], row-major.
+    fn mask_values(&self, past_segments: &[u32], shared: usize, segments: &[u32]) -> Vec<f32> {
         let past = past_segments.len();
         let t = segments.len();
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
@@ -419,7 +438,7 @@ impl Decoder {
                 }
             }
         }
-        Ok(Tensor::from_vec(data, (t, past + t), &self.device)?)
+        data
     }
 
     /// cos and sin `[t, head_dim / 2]` for the given positions.
@@ -455,6 +474,57 @@ pub struct RowContext {
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
+}
+
+/// Segment id of padding tokens in a [`TrainBatch`]: they attend only to
+/// each other, and no real token attends to them.
+const PAD_SEGMENT: u32 = u32::MAX;
+
+/// A micro-batch of packed rows for [`Decoder::train_hidden`], padded to its
+/// longest row: token `i` of row `r` is at `r · len + i`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrainBatch {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    segments: Vec<u32>,
+    rows: usize,
+    len: usize,
+}
+
+impl TrainBatch {
+    /// Packs rows given as (tokens, positions, segments), one position and
+    /// segment per token; padding is token 0 at position 0 in a segment of its own.
+    pub fn new(rows: &[(&[u32], &[u32], &[u32])]) -> Result<Self, LlmError> {
+        let len = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        if len == 0 || rows.iter().any(|(t, p, s)| t.is_empty() || p.len() != t.len() || s.len() != t.len()) {
+            return Err(LlmError::Candle(candle_core::Error::Msg(
+                "a training batch needs non-empty rows with one position and segment per token".into(),
+            )));
+        }
+        let mut batch = Self { tokens: Vec::new(), positions: Vec::new(), segments: Vec::new(), rows: rows.len(), len };
+        for (tokens, positions, segments) in rows {
+            let pad = len - tokens.len();
+            batch.tokens.extend(tokens.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            batch.positions.extend(positions.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            batch.segments.extend(segments.iter().copied().chain(std::iter::repeat_n(PAD_SEGMENT, pad)));
+        }
+        Ok(batch)
+    }
+
+    /// Rows in the batch.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Tokens per row, padding included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the batch has no tokens (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
 }
 
 /// One decoder layer's norm weights and projections.

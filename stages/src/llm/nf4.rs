@@ -2,10 +2,12 @@
 //! absmax per block, optionally double-quantized), the QLoRA base.
 //!
 //! The weight enters autograd through a custom op on the activation: forward
-//! dequantizes the weight, multiplies and drops the full-precision copy;
-//! backward dequantizes it **again** to compute the activation's gradient. So no
-//! f32/bf16 copy of a frozen matrix stays alive between forward and backward —
-//! the memory QLoRA exists to save. On a GPU the codes live in GPU memory and
+//! dequantizes the weight a panel of output rows ([`PANEL_VALUES`] values at
+//! most) at a time and
+//! multiplies each panel into its columns of the output; backward dequantizes
+//! the panels **again** and sums their products into the activation's
+//! gradient. So no f32 copy of a whole frozen matrix is ever built, let alone
+//! kept between forward and backward — the memory QLoRA exists to save. On a GPU the codes live in GPU memory and
 //! both products run swift's fused dequant-matmul kernels, which dequantize
 //! tiles in shared memory only.
 
@@ -83,6 +85,13 @@ impl Projection for Nf4Linear {
     fn weight_bytes(&self) -> usize {
         self.weight.storage_bytes()
     }
+    fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (true, Some(gpu)) = (dy.device().is_cuda(), self.gpu.as_ref()) {
+            return gpu.matmul_t(dy);
+        }
+        input_grad_panels(&self.weight, dy)
+    }
 }
 
 /// `y = x Wᵀ` with `W` dequantized on the fly, in forward and in backward.
@@ -101,9 +110,52 @@ impl Nf4Matmul {
     }
 }
 
-/// The whole `[out, in]` weight dequantized, in `dtype`, on the CPU.
+/// The whole `[out, in]` weight dequantized, in `dtype`, on the CPU (for
+/// merging and tests, never in a training step).
 fn dequantized(weight: &Nf4Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     Tensor::from_vec(weight.dequantize(), weight.shape(), &candle_core::Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Weights dequantized at once on the CPU: a panel of whole output rows
+/// holding at most this many values (4 MB of f32; 1170 rows of a
+/// 896-wide input, a small matrix whole).
+pub const PANEL_VALUES: usize = 1 << 20;
+
+/// Each panel of at most [`PANEL_VALUES`] values (whole rows) of `weight`,
+/// dequantized to f32, with its first row.
+fn panels(weight: &Nf4Tensor) -> impl Iterator<Item = candle_core::Result<(usize, Tensor)>> + '_ {
+    let (out, inp) = (weight.shape()[0], weight.shape()[1]);
+    let panel_rows = (PANEL_VALUES / inp.max(1)).max(1);
+    (0..out).step_by(panel_rows).map(move |first| {
+        let rows = panel_rows.min(out - first);
+        let mut values = vec![0f32; rows * inp];
+        weight.dequantize_rows_into(first, rows, &mut values);
+        Ok((first, Tensor::from_vec(values, (rows, inp), &candle_core::Device::Cpu)?))
+    })
+}
+
+/// `x Wᵀ` for `x` `[rows, in]` on the CPU, panel by panel.
+fn matmul_panels(weight: &Nf4Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let mut columns = panels(weight).map(|panel| x32.matmul(&panel?.1.t()?)).collect::<candle_core::Result<Vec<_>>>()?;
+    let y = if columns.len() == 1 { columns.pop().expect("one panel") } else { Tensor::cat(&columns, 1)? };
+    y.to_dtype(x.dtype())
+}
+
+/// `dy W` for `dy` `[rows, out]` on the CPU: the panels' products summed.
+fn input_grad_panels(weight: &Nf4Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    let dy32 = dy.to_dtype(DType::F32)?;
+    let mut sum: Option<Tensor> = None;
+    for panel in panels(weight) {
+        let (first, w) = panel?;
+        let rows = w.dim(0)?;
+        let part = if rows == dy32.dim(1)? { dy32.matmul(&w)? } else { dy32.narrow(1, first, rows)?.contiguous()?.matmul(&w)? };
+        sum = Some(match sum {
+            Some(s) => (s + part)?,
+            None => part,
+        });
+    }
+    sum.expect("a weight has rows").to_dtype(dy.dtype())
 }
 
 impl CustomOp1 for Nf4Matmul {
@@ -117,7 +169,11 @@ impl CustomOp1 for Nf4Matmul {
             candle_core::bail!("nf4-matmul: expected a [.., {}] input, got {dims:?}", self.in_features);
         }
         let x = cpu_tensor(storage, layout, self.name())?;
-        into_cpu(&x.broadcast_matmul(&dequantized(&self.weight, x.dtype())?.t()?)?, self.name())
+        let rows = x.elem_count() / self.in_features;
+        let y = matmul_panels(&self.weight, &x.reshape((rows, self.in_features))?)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = self.out_features;
+        into_cpu(&y.reshape(out_dims)?, self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -131,10 +187,9 @@ impl CustomOp1 for Nf4Matmul {
         if grad_res.device().is_cuda() {
             return Ok(Some(self.gpu()?.matmul_t(&grad_res.to_dtype(arg.dtype())?)?.reshape(arg.shape())?));
         }
-        // dL/dx = dL/dy · W, with W dequantized again (and dropped right after).
-        let w = dequantized(&self.weight, grad_res.dtype())?.to_device(grad_res.device())?;
+        // dL/dx = dL/dy · W, with W dequantized again, panel by panel.
         let rows = grad_res.elem_count() / self.out_features;
-        let grad = grad_res.reshape((rows, self.out_features))?.matmul(&w)?;
+        let grad = input_grad_panels(&self.weight, &grad_res.reshape((rows, self.out_features))?)?;
         Ok(Some(grad.reshape(arg.shape())?))
     }
 }

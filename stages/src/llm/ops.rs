@@ -6,13 +6,18 @@
 //! - [`cross_entropy`]: per-row cross-entropy of logits with a fused backward
 //!   (kernels' [`swift_kernels::loss`]);
 //! - [`softmax_last_dim`] and [`rms_norm`]: row-wise ops with fused
-//!   backwards (kernels' [`swift_kernels::rows`]).
+//!   backwards (kernels' [`swift_kernels::rows`]);
+//! - [`masked_softmax`]: attention probabilities with the scale and mask
+//!   folded into the softmax, forward and backward;
+//! - [`silu_mul`]: SwiGLU's `silu(gate)·up` with a fused backward;
+//! - [`rope`]: rotary embeddings for a batch of rows with per-row positions,
+//!   whose backward is the opposite rotation (kernels' [`swift_kernels::rope`]).
 //!
 //! On a CUDA device (the `cuda` feature) the same ops run swift's CUDA
 //! kernels ([`swift_kernels::cuda`]), forward and backward.
 
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
 
 /// A contiguous CPU input of a custom op as a tensor (copied out of storage).
 pub(crate) fn cpu_tensor(storage: &CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<Tensor> {
@@ -204,10 +209,24 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
-/// Rows of logits computed at once by [`linear_cross_entropy`]: a
+/// Rows of logits computed at once by [`linear_cross_entropy`] on a GPU: a
 /// `[512, vocab]` f32 block (311 MB for Qwen's 151 936 tokens) instead of the
 /// whole `[rows, vocab]` matrix.
 const LOGIT_ROWS: usize = 512;
+
+/// Logits per block on the CPU: about 4 M f32 (16 MB), so that a block and
+/// its gradient stay below glibc's largest mmap threshold (32 MB) and their
+/// memory is reused from block to block instead of faulted in anew.
+const CPU_BLOCK_LOGITS: usize = 1 << 22;
+
+/// Rows per block of [`linear_cross_entropy`] for this device and vocabulary.
+fn logit_rows(hidden: &Tensor, vocab: usize) -> usize {
+    if hidden.device().is_cpu() {
+        (CPU_BLOCK_LOGITS / vocab.max(1)).clamp(8, LOGIT_ROWS)
+    } else {
+        LOGIT_ROWS
+    }
+}
 
 /// Per-row cross-entropy `[rows]` of `hidden · weightᵀ` (`hidden` `[rows, h]`,
 /// `weight` `[vocab, h]` frozen) against `targets`, differentiable with respect
@@ -234,9 +253,10 @@ impl LinearCrossEntropy {
     /// The loss per row, keeping the gradient for the backward pass.
     fn run(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let rows = hidden.dim(0)?;
+        let block = logit_rows(hidden, self.weight.dim(0)?);
         let (mut losses, mut grads) = (Vec::new(), Vec::new());
-        for first in (0..rows).step_by(LOGIT_ROWS) {
-            let n = LOGIT_ROWS.min(rows - first);
+        for first in (0..rows).step_by(block) {
+            let n = block.min(rows - first);
             let h = hidden.narrow(0, first, n)?;
             let logits = h.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
             let targets = &self.targets[first..first + n];
@@ -257,11 +277,15 @@ fn block_loss_and_grad(logits: Tensor, targets: &[u32]) -> candle_core::Result<(
         return swift_kernels::cuda::loss::cross_entropy_fused(logits, &t, 1.0);
     }
     let (n, vocab) = logits.dims2()?;
-    let values = logits.flatten_all()?.to_vec1::<f32>()?;
-    let (mut loss, mut lse) = (vec![0f32; n], vec![0f32; n]);
-    swift_kernels::loss::cross_entropy_rows(&values, vocab, targets, &mut loss, &mut lse);
+    let logits = logits.contiguous()?;
+    let mut loss = vec![0f32; n];
     let mut grad = vec![0f32; n * vocab];
-    swift_kernels::loss::cross_entropy_grad(&values, vocab, targets, &lse, &vec![1.0; n], &mut grad);
+    {
+        let (storage, layout) = logits.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("linear-cross-entropy: logits left the CPU") };
+        let values = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * vocab];
+        swift_kernels::loss::cross_entropy_loss_and_grad(values, vocab, targets, &mut loss, &mut grad);
+    }
     Ok((Tensor::from_vec(loss, n, logits.device())?, Tensor::from_vec(grad, (n, vocab), logits.device())?))
 }
 
@@ -394,6 +418,155 @@ impl CustomOp1 for RmsNorm {
     }
 }
 
+/// A contiguous f32 slice of a CPU storage at `layout`.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    if !layout.is_contiguous() {
+        candle_core::bail!("expected a contiguous input");
+    }
+    let start = layout.start_offset();
+    Ok(&storage.as_slice::<f32>()?[start..start + layout.shape().elem_count()])
+}
+
+/// The values of a tensor as one f32 vector (a copy).
+fn f32_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Attention probabilities for training, `softmax(scores·scale + mask)`
+/// over the last dimension, from f32 `scores` `[b, heads, t, n]` and an
+/// additive f32 `mask` `[b, 1, t, n]`: one fused kernel each way on the
+/// CPU; elsewhere candle's scale and broadcast add, then [`softmax_last_dim`].
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (b, heads, t, n) = scores.dims4()?;
+    if !(scores.device().is_cpu() && scores.dtype() == DType::F32) || mask.dims() != [b, 1, t, n] {
+        return softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?);
+    }
+    let mask = f32_values(mask)?;
+    scores.contiguous()?.apply_op1(MaskedSoftmax { mask, heads, t, scale: scale as f32 })
+}
+
+struct MaskedSoftmax {
+    mask: Vec<f32>,
+    heads: usize,
+    t: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout)?;
+        let n = *layout.dims().last().unwrap_or(&1);
+        let mut y = vec![0f32; x.len()];
+        swift_kernels::rows::masked_softmax_rows(x, &self.mask, self.heads, self.t, n, self.scale, &mut y);
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = *res.dims().last().unwrap_or(&1);
+        let (y, g) = (f32_values(res)?, f32_values(grad_res)?);
+        let mut dx = vec![0f32; y.len()];
+        swift_kernels::rows::masked_softmax_rows_grad(&y, &g, n, self.scale, &mut dx);
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// SwiGLU's `silu(gate) ⊙ up` for training: one fused kernel forward and one
+/// backward for both inputs (f32 on the CPU; f32 or bf16 on a GPU), instead
+/// of candle's four ops and their saved intermediates.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    let fused = gate.device().is_cpu() && gate.dtype() == DType::F32
+        || cfg!(feature = "cuda") && gate.device().is_cuda() && matches!(gate.dtype(), DType::F32 | DType::BF16);
+    if !fused || gate.dims() != up.dims() || gate.dtype() != up.dtype() {
+        return gate.silu()? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gate, up) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let mut y = vec![0f32; gate.len()];
+        swift_kernels::rows::silu_mul(gate, up, &mut y);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout)
+        -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (gate, up) = (cuda_tensor(s1, l1, self.name())?, cuda_tensor(s2, l2, self.name())?);
+        into_cuda(&swift_kernels::cuda::rows::silu_mul(&gate, &up)?, self.name())
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda() {
+            let g = grad_res.to_dtype(gate.dtype())?.contiguous()?;
+            let (dgate, dup) = swift_kernels::cuda::rows::silu_mul_grad(&gate.contiguous()?, &up.contiguous()?, &g)?;
+            return Ok((Some(dgate), Some(dup)));
+        }
+        let (g, u, dy) = (f32_values(gate)?, f32_values(up)?, f32_values(grad_res)?);
+        let (mut dgate, mut dup) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        swift_kernels::rows::silu_mul_grad(&g, &u, &dy, &mut dgate, &mut dup);
+        let device = gate.device();
+        Ok((Some(Tensor::from_vec(dgate, gate.shape(), device)?), Some(Tensor::from_vec(dup, up.shape(), device)?)))
+    }
+}
+
+/// RoPE (rotate-half layout) for training on `x` `[b, heads, t, d]` with
+/// per-row tables `cos`, `sin` `[b, t, d/2]`: swift's kernel forward and
+/// backward for f32 on the CPU, candle's composition elsewhere.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, heads, t, d) = x.dims4()?;
+    if cos.dims() != [b, t, d / 2] || sin.dims() != cos.dims() {
+        candle_core::bail!("rope: tables {:?} for x {:?}", cos.dims(), x.dims());
+    }
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+        let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+        let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+        let half = d / 2;
+        let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+        return x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?;
+    }
+    let shape = swift_kernels::rope::RopeShape { batch: b, heads, tokens: t, head_dim: d };
+    x.contiguous()?.apply_op1(Rope { cos: f32_values(cos)?, sin: f32_values(sin)?, shape })
+}
+
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    shape: swift_kernels::rope::RopeShape,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout)?;
+        let mut y = vec![0f32; x.len()];
+        swift_kernels::rope::rope(x, &self.cos, &self.sin, self.shape, &mut y);
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = f32_values(grad_res)?;
+        let mut dx = vec![0f32; g.len()];
+        swift_kernels::rope::rope_grad(&g, &self.cos, &self.sin, self.shape, &mut dx);
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,5 +634,57 @@ mod tests {
             .broadcast_mul(&w)
             .unwrap();
         check(rms_norm(t, &w, 1e-6).unwrap(), composed);
+    }
+
+    #[test]
+    fn fused_rope_and_silu_mul_match_candles_composed_ones() {
+        let device = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &device).unwrap()).unwrap();
+        let angles = Tensor::randn(0f32, 2.0, (2, 5, 4), &device).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let r = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &device).unwrap();
+        let fused = rope(x.as_tensor(), &cos, &sin).unwrap();
+        // candle's own per-row RoPE (inference only) is the forward reference.
+        let reference = candle_nn::rotary_emb::rope(x.as_tensor(), &cos, &sin).unwrap();
+        let d = (&fused - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "rope differs by {d}");
+        // The composed path (used off the CPU) gives the same values and gradient.
+        let composed = {
+            let cos = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap().unsqueeze(1).unwrap();
+            let sin = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap().unsqueeze(1).unwrap();
+            let t = x.as_tensor();
+            let rotated = Tensor::cat(&[&t.narrow(D::Minus1, 4, 4).unwrap().neg().unwrap(), &t.narrow(D::Minus1, 0, 4).unwrap()], D::Minus1).unwrap();
+            (t.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
+        };
+        let ga = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let gb = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let d = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "rope gradient differs by {d}");
+
+        let scores = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 4, 4), &device).unwrap()).unwrap();
+        let mask: Vec<f32> = (0..32).map(|i| if i % 4 > (i / 4) % 4 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (2, 1, 4, 4), &device).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &device).unwrap();
+        let fused = masked_softmax(scores.as_tensor(), &mask, 0.3).unwrap();
+        let composed = candle_nn::ops::softmax((scores.as_tensor() * 0.3).unwrap().broadcast_add(&mask).unwrap().as_ref(), D::Minus1).unwrap();
+        let d = (&fused - &composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "masked softmax differs by {d}");
+        let ga = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap().get(scores.as_tensor()).unwrap().clone();
+        let gb = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap().get(scores.as_tensor()).unwrap().clone();
+        let d = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "masked softmax gradient differs by {d}");
+
+        let gate = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 7), &device).unwrap()).unwrap();
+        let up = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7), &device).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (3, 7), &device).unwrap();
+        let fused = (silu_mul(gate.as_tensor(), up.as_tensor()).unwrap() * &r).unwrap().sum_all().unwrap();
+        let composed = ((gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap() * &r).unwrap().sum_all().unwrap();
+        let (a, b) = (fused.to_scalar::<f32>().unwrap(), composed.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
+        for v in [&gate, &up] {
+            let d = (gf.get(v.as_tensor()).unwrap() - gc.get(v.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        }
     }
 }
