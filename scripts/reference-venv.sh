@@ -15,6 +15,8 @@ python3 -m venv .venv
 # MMLU/C-Eval k-shot log-likelihood scores with its own task templates; the [hf] extra
 # brings accelerate (and peft), which its `hf` model imports.
 .venv/bin/pip install --quiet 'lm-eval[hf]==0.4.13'
+# PEFT and bitsandbytes (its CPU backend for NF4) are the peers of `swift bench finetune`.
+.venv/bin/pip install --quiet 'peft==0.22.0' 'bitsandbytes==0.50.2'
 # gguf (llama.cpp's Python package) lets transformers read GGUF files (tests/fixtures/export/check_export.py).
 .venv/bin/pip install --quiet 'gguf==0.19.0'
 echo "reference venv ready at .venv/: dvc $(.venv/bin/dvc --version | tail -1), transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)'), lm-eval $(.venv/bin/python -c 'from importlib.metadata import version; print(version("lm-eval"))')"

@@ -316,6 +316,7 @@ mod measure {
             total_steps: steps as usize,
             stream_rows: None,
             batch_size: batch,
+            micro_batch_size: batch,
             grad_accum: 1,
             max_grad_norm: 1.0,
             adamw: AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 },
