@@ -1,6 +1,7 @@
 """The PyTorch + PEFT side of `swift bench finetune`: the same LoRA/QLoRA
 steps on the same model folder and the same token rows (read from swift's
-preprocess shards), on CPU, timed the same way. Prints one JSON object.
+preprocess shards), on CPU, timed the same way (tokens/s is the median over the steps after the first).
+Prints one JSON object.
 
     .venv/bin/python scripts/bench_finetune_peft.py --model DIR --tokens DIR \
         --method lora --steps 20 --batch 8 --rank 8 --alpha 16 --threads 2
@@ -17,6 +18,7 @@ bitsandbytes' CPU backend for NF4 (double quant, f32 compute).
 import argparse
 import json
 import resource
+import statistics
 import time
 
 import numpy as np
@@ -73,9 +75,9 @@ def main():
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     data = rows(args.tokens)
 
-    tokens = 0
-    elapsed = 0.0
+    rates = []
     losses = []
+    step_seconds = []
     for step in range(args.steps):
         picked = [data[(step * args.batch + i) % len(data)] for i in range(args.batch)]
         width = max(row.numel() for row, _ in picked)
@@ -93,16 +95,17 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
+        step_seconds.append(seconds)
         losses.append(out.loss.item())
         if step > 0:  # the first step warms up allocators and kernels, as swift's does
-            tokens += int(mask.sum())
-            elapsed += seconds
+            rates.append(int(mask.sum()) / seconds)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "method": args.method,
         "steps": args.steps,
         "batch": args.batch,
-        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "step_seconds": step_seconds,
         "peak_rss_bytes": peak,
         "first_loss": losses[0],
         "last_loss": losses[-1],

@@ -432,6 +432,13 @@ fn f32_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
+/// Runs `f` on the values of a contiguous f32 CPU tensor, in place (no copy).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("expected a tensor on the CPU") };
+    Ok(f(f32_slice(cpu, layout)?))
+}
+
 /// Attention probabilities for training, `softmax(scores·scale + mask)`
 /// over the last dimension, from f32 `scores` `[b, heads, t, n]` and an
 /// additive f32 `mask` `[b, 1, t, n]`: one fused kernel each way on the
@@ -441,12 +448,13 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core
     if !(scores.device().is_cpu() && scores.dtype() == DType::F32) || mask.dims() != [b, 1, t, n] {
         return softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?);
     }
-    let mask = f32_values(mask)?;
+    let mask = mask.to_dtype(DType::F32)?.contiguous()?;
     scores.contiguous()?.apply_op1(MaskedSoftmax { mask, heads, t, scale: scale as f32 })
 }
 
 struct MaskedSoftmax {
-    mask: Vec<f32>,
+    /// `[b, 1, t, n]`, contiguous f32 on the CPU (shared by every layer's op).
+    mask: Tensor,
     heads: usize,
     t: usize,
     scale: f32,
@@ -461,7 +469,7 @@ impl CustomOp1 for MaskedSoftmax {
         let x = f32_slice(storage, layout)?;
         let n = *layout.dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
-        swift_kernels::rows::masked_softmax_rows(x, &self.mask, self.heads, self.t, n, self.scale, &mut y);
+        with_f32(&self.mask, |mask| swift_kernels::rows::masked_softmax_rows(x, mask, self.heads, self.t, n, self.scale, &mut y))?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -538,12 +546,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
         return x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?;
     }
     let shape = swift_kernels::rope::RopeShape { batch: b, heads, tokens: t, head_dim: d };
-    x.contiguous()?.apply_op1(Rope { cos: f32_values(cos)?, sin: f32_values(sin)?, shape })
+    let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+    x.contiguous()?.apply_op1(Rope { cos, sin, shape })
 }
 
 struct Rope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// `[b, t, d/2]`, contiguous f32 on the CPU (shared by every layer's op).
+    cos: Tensor,
+    sin: Tensor,
     shape: swift_kernels::rope::RopeShape,
 }
 
@@ -555,14 +565,14 @@ impl CustomOp1 for Rope {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout)?;
         let mut y = vec![0f32; x.len()];
-        swift_kernels::rope::rope(x, &self.cos, &self.sin, self.shape, &mut y);
+        with_f32(&self.cos, |cos| with_f32(&self.sin, |sin| swift_kernels::rope::rope(x, cos, sin, self.shape, &mut y)))??;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = f32_values(grad_res)?;
         let mut dx = vec![0f32; g.len()];
-        swift_kernels::rope::rope_grad(&g, &self.cos, &self.sin, self.shape, &mut dx);
+        with_f32(&self.cos, |cos| with_f32(&self.sin, |sin| swift_kernels::rope::rope_grad(&g, cos, sin, self.shape, &mut dx)))??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
