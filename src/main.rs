@@ -1,6 +1,8 @@
 //! The main entry point into swift: parses the command line and hands each
 //! subcommand to its module in `commands/`, which calls into the engine.
 
+#[macro_use]
+mod output;
 mod commands;
 mod reporters;
 

@@ -2,7 +2,7 @@
 //! every reference resolved to a stage's output, cycles rejected with their path,
 //! and a topological order that follows the file where the graph allows.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -89,6 +89,7 @@ impl Pipeline {
     pub fn compile(manifest: Manifest, registry: &Registry) -> Result<Self, ManifestError> {
         let locator = manifest.locator().clone();
         let names: Vec<&str> = manifest.stages.keys().map(String::as_str).collect();
+        let index_of: HashMap<&str, usize> = names.iter().enumerate().map(|(i, &n)| (n, i)).collect();
         let mut compiled = Vec::new();
         for decl in manifest.stages.values() {
             let kind_path = vec!["stages".to_string(), decl.name.clone(), "kind".to_string()];
@@ -120,7 +121,7 @@ impl Pipeline {
                 let source = match &input.source {
                     InputSource::Local { path, shown } => InputRef::Local { path: path.clone(), shown: shown.clone() },
                     InputSource::Stage { stage, expects } => {
-                        let Some(index) = names.iter().position(|n| n == stage) else {
+                        let Some(&index) = index_of.get(stage.as_str()) else {
                             let error = locator.error(&input.field, false, format!("there is no stage `{stage}`"));
                             let others = names.iter().copied().filter(|n| n != name);
                             return Err(match did_you_mean(stage, others) {
@@ -244,17 +245,24 @@ impl Pipeline {
 
 /// Kahn's algorithm, always taking the ready stage that comes first in the file.
 fn stable_topological_order(nodes: &[StageNode]) -> Vec<usize> {
-    let mut remaining: Vec<usize> = nodes.iter().map(|n| n.deps().collect::<BTreeSet<_>>().len()).collect();
+    // Each stage's distinct parents, and who depends on each stage: O(stages + inputs).
+    let mut remaining = Vec::with_capacity(nodes.len());
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    for (j, node) in nodes.iter().enumerate() {
+        let parents: BTreeSet<usize> = node.deps().collect();
+        remaining.push(parents.len());
+        for parent in parents {
+            dependents[parent].push(j);
+        }
+    }
     let mut ready: BTreeSet<usize> = (0..nodes.len()).filter(|&i| remaining[i] == 0).collect();
     let mut order = Vec::with_capacity(nodes.len());
     while let Some(i) = ready.pop_first() {
         order.push(i);
-        for (j, node) in nodes.iter().enumerate() {
-            if node.deps().collect::<BTreeSet<_>>().contains(&i) {
-                remaining[j] -= 1;
-                if remaining[j] == 0 {
-                    ready.insert(j);
-                }
+        for &j in &dependents[i] {
+            remaining[j] -= 1;
+            if remaining[j] == 0 {
+                ready.insert(j);
             }
         }
     }

@@ -113,7 +113,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<Exit> {
     let locked = median((0..usize::from(args.reruns)).map(|_| run(&["--locked"]).map(|r| r.0)).collect::<anyhow::Result<Vec<_>>>()?);
 
     let gb = total as f64 / 1e9;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::output::Stdout;
     writeln!(out, "machine: {} ({} cores), inputs: {gb:.2} GB in the page cache", cpu_model(), num_cores())?;
     writeln!(out)?;
     writeln!(out, "| measure | swift | DVC | ratio |")?;

@@ -82,8 +82,8 @@ pub fn exec(args: EvalArgs) -> anyhow::Result<Exit> {
     let model_dir = write_model(&root.join(format!("models/{}-layers", args.layers)), &shape)?;
     let data_dir = root.join(format!("data-{}q-{}w", args.questions, args.words));
     write_data(&data_dir, args.questions, args.words)?;
-    println!("machine: {} ({} cores)", cpu_model(), num_cores());
-    println!("model: {} with {} layers (random bf16 weights); 5-shot lm-eval MMLU prompts\n", LARGE.name, args.layers);
+    outln!("machine: {} ({} cores)", cpu_model(), num_cores());
+    outln!("model: {} with {} layers (random bf16 weights); 5-shot lm-eval MMLU prompts\n", LARGE.name, args.layers);
 
     let compute = Compute::parse(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let started = Instant::now();
@@ -94,7 +94,7 @@ pub fn exec(args: EvalArgs) -> anyhow::Result<Exit> {
     let prompts = PromptOptions { shots: 5, chat: false };
     let tokens = model.prompt_tokens(Suite::Mmlu, &template, prompts, &subjects[0])?;
     let mean_tokens = tokens.iter().sum::<usize>() as f64 / tokens.len() as f64;
-    println!("{} questions, prompts of {mean_tokens:.0} tokens on average; model loaded in {load_seconds:.1} s\n", args.questions);
+    outln!("{} questions, prompts of {mean_tokens:.0} tokens on average; model loaded in {load_seconds:.1} s\n", args.questions);
 
     let mut rows = Vec::new();
     let mut choices = Vec::new();
@@ -117,13 +117,13 @@ pub fn exec(args: EvalArgs) -> anyhow::Result<Exit> {
         let out: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?;
         let peer: Vec<String> = out["choices"].as_array().map(|c| c.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
         let agree = peer.iter().zip(&choices[0]).filter(|(a, b)| a == b).count();
-        println!("transformers chose the same letter as swift for {agree}/{} questions\n", peer.len());
+        outln!("transformers chose the same letter as swift for {agree}/{} questions\n", peer.len());
         rows.push(("transformers: one question per forward pass".to_string(), out["seconds"].as_f64().unwrap_or(f64::NAN)));
     }
     let peer = rows.last().map(|r| r.1).unwrap_or(f64::NAN);
-    println!("| scorer | wall time | questions/s | vs last row |\n|---|---:|---:|---:|");
+    outln!("| scorer | wall time | questions/s | vs last row |\n|---|---:|---:|---:|");
     for (label, seconds) in &rows {
-        println!("| {label} | {seconds:.1} s | {:.2} | {:.2}× |", args.questions as f64 / seconds, peer / seconds);
+        outln!("| {label} | {seconds:.1} s | {:.2} | {:.2}× |", args.questions as f64 / seconds, peer / seconds);
     }
     Ok(Exit::Success)
 }

@@ -245,9 +245,9 @@ pub fn exec(args: FinetuneArgs) -> anyhow::Result<Exit> {
     let root = args.dir.canonicalize()?;
     write_data(&root.join("data/chat.jsonl"))?;
     let mib = |b: f64| b / (1024.0 * 1024.0);
-    println!("machine: {} ({} cores); {} threads on both sides; LoRA r=8 α=16 on all linear layers\n", cpu_model(), num_cores(), args.threads);
-    println!("| model | method | rows × tokens per step | swift tokens/s | PEFT tokens/s | swift/PEFT | swift peak RSS (training) | PEFT peak RSS | swift frozen weights | swift load peak |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    outln!("machine: {} ({} cores); {} threads on both sides; LoRA r=8 α=16 on all linear layers\n", cpu_model(), num_cores(), args.threads);
+    outln!("| model | method | rows × tokens per step | swift tokens/s | PEFT tokens/s | swift/PEFT | swift peak RSS (training) | PEFT peak RSS | swift frozen weights | swift load peak |");
+    outln!("|---|---|---|---|---|---|---|---|---|---|");
     let mut figures = Vec::new();
     let shapes: Vec<&Shape> = if args.large { vec![&SMALL, &LARGE] } else { vec![&SMALL] };
     for s in shapes {
@@ -277,7 +277,7 @@ pub fn exec(args: FinetuneArgs) -> anyhow::Result<Exit> {
                 "peft_peak_rss_bytes": finite(peer_rss), "swift_frozen_weight_bytes": finite(m.frozen),
                 "swift_load_peak_rss_bytes": finite(m.load_peak),
             }));
-            println!(
+            outln!(
                 "| {} | {method} | {batch} × {} | {:.0} | {:.0} | {:.2}× | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
                 s.name,
                 s.seq,
@@ -292,7 +292,7 @@ pub fn exec(args: FinetuneArgs) -> anyhow::Result<Exit> {
         }
     }
     if args.json {
-        println!("{}", serde_json::json!({"bench": "finetune", "machine": cpu_model(), "threads": args.threads, "results": figures}));
+        outln!("{}", serde_json::json!({"bench": "finetune", "machine": cpu_model(), "threads": args.threads, "results": figures}));
     }
     Ok(Exit::Success)
 }

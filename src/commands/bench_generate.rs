@@ -77,10 +77,10 @@ pub fn exec(args: GenerateArgs) -> anyhow::Result<Exit> {
     let (prefill, decode) = (median(prefills), median(decodes));
 
     let threads = num_cores();
-    println!("machine: {} ({threads} cores), model: Qwen2.5-0.5B shape, random bf16 weights, f32 compute", cpu_model());
-    println!("prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy; medians of {} repetitions\n", args.repeats);
-    println!("| measure | swift | transformers | ratio |");
-    println!("|---|---|---|---|");
+    outln!("machine: {} ({threads} cores), model: Qwen2.5-0.5B shape, random bf16 weights, f32 compute", cpu_model());
+    outln!("prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy; medians of {} repetitions\n", args.repeats);
+    outln!("| measure | swift | transformers | ratio |");
+    outln!("|---|---|---|---|");
     let swift_prefill = prompt_tokens as f64 / prefill;
     let swift_decode = (new_tokens - 1) as f64 / decode;
     match &args.python {
@@ -102,14 +102,14 @@ pub fn exec(args: GenerateArgs) -> anyhow::Result<Exit> {
             };
             let peer_prefill = prompt_tokens as f64 / seconds("prefill_seconds")?;
             let peer_decode = (new_tokens - 1) as f64 / seconds("decode_seconds")?;
-            println!("| prompt processing, tokens/s | {swift_prefill:.1} | {peer_prefill:.1} | {:.2}× |", swift_prefill / peer_prefill);
-            println!("| greedy generation, tokens/s | {swift_decode:.2} | {peer_decode:.2} | {:.2}× |", swift_decode / peer_decode);
+            outln!("| prompt processing, tokens/s | {swift_prefill:.1} | {peer_prefill:.1} | {:.2}× |", swift_prefill / peer_prefill);
+            outln!("| greedy generation, tokens/s | {swift_decode:.2} | {peer_decode:.2} | {:.2}× |", swift_decode / peer_decode);
             let same = peer["new_ids"].as_array().map(|ids| ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect::<Vec<_>>());
-            println!("\nsame greedy tokens as transformers: {}", if same.as_deref() == Some(&new_ids[..]) { "yes" } else { "no" });
+            outln!("\nsame greedy tokens as transformers: {}", if same.as_deref() == Some(&new_ids[..]) { "yes" } else { "no" });
         }
         None => {
-            println!("| prompt processing, tokens/s | {swift_prefill:.1} | (not measured) | |");
-            println!("| greedy generation, tokens/s | {swift_decode:.2} | (not measured) | |");
+            outln!("| prompt processing, tokens/s | {swift_prefill:.1} | (not measured) | |");
+            outln!("| greedy generation, tokens/s | {swift_decode:.2} | (not measured) | |");
         }
     }
     Ok(Exit::Success)

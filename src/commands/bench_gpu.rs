@@ -144,7 +144,7 @@ mod measure {
                 Err(e) => serde_json::json!({"error": format!("{e:#}")}),
             };
             line["part"] = part.into();
-            println!("{line}");
+            outln!("{line}");
             if let Some(dir) = &self.dir {
                 let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("bench.jsonl"))?;
                 writeln!(f, "{line}")?;

@@ -134,9 +134,9 @@ pub fn exec(args: PreprocessArgs) -> anyhow::Result<Exit> {
         let vocab = tokenizer["model"]["vocab"].as_object().map_or(0, |v| v.len());
         models.push((format!("trained byte-level BPE ({vocab})"), large));
     }
-    println!("machine: {} ({} cores); {} conversations, max_length 2048, packing on\n", cpu_model(), num_cores(), args.conversations);
-    println!("| tokenizer | swift conv/s | swift tokens/s | Python conv/s | Python tokens/s | ratio |");
-    println!("|---|---|---|---|---|---|");
+    outln!("machine: {} ({} cores); {} conversations, max_length 2048, packing on\n", cpu_model(), num_cores(), args.conversations);
+    outln!("| tokenizer | swift conv/s | swift tokens/s | Python conv/s | Python tokens/s | ratio |");
+    outln!("|---|---|---|---|---|---|");
     for (label, model) in &models {
         let (seconds, samples, tokens) = run_swift(&dir, model)?;
         let (swift_cps, swift_tps) = (samples as f64 / seconds, tokens as f64 / seconds);
@@ -150,14 +150,14 @@ pub fn exec(args: PreprocessArgs) -> anyhow::Result<Exit> {
                 let peer_seconds = peer["seconds"].as_f64().context("seconds")?;
                 let peer_samples = peer["samples"].as_f64().unwrap_or(0.0);
                 let peer_tokens = peer["tokens"].as_f64().unwrap_or(0.0);
-                println!(
+                outln!(
                     "| {label} | {swift_cps:.0} | {swift_tps:.0} | {:.0} | {:.0} | {:.1}× |",
                     peer_samples / peer_seconds,
                     peer_tokens / peer_seconds,
                     peer_seconds / seconds
                 );
             }
-            None => println!("| {label} | {swift_cps:.0} | {swift_tps:.0} | (not measured) | | |"),
+            None => outln!("| {label} | {swift_cps:.0} | {swift_tps:.0} | (not measured) | | |"),
         }
     }
     Ok(Exit::Success)

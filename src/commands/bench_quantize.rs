@@ -51,7 +51,7 @@ pub struct QuantizeArgs {
 pub fn exec(args: QuantizeArgs) -> anyhow::Result<Exit> {
     std::fs::create_dir_all(args.dir.join(".git"))?;
     let root = args.dir.canonicalize()?;
-    println!("machine: {} ({} cores); {} threads\n", cpu_model(), num_cores(), args.threads);
+    outln!("machine: {} ({} cores); {} threads\n", cpu_model(), num_cores(), args.threads);
     matmul_table(args.threads)?;
     if args.matmul_only {
         return Ok(Exit::Success);
@@ -63,9 +63,9 @@ pub fn exec(args: QuantizeArgs) -> anyhow::Result<Exit> {
     if let Some(samples) = args.full {
         runs.push((LARGE.layers, samples));
     }
-    println!("\nAWQ (group 128, clip search on, held-out perplexity on 2 blocks included) on the {} model (random bf16 weights), blocks of {} tokens:\n", LARGE.name, args.seq_len);
-    println!("| layers | samples | swift wall time | per layer | swift peak RSS | AutoAWQ quantize() | AutoAWQ peak RSS |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    outln!("\nAWQ (group 128, clip search on, held-out perplexity on 2 blocks included) on the {} model (random bf16 weights), blocks of {} tokens:\n", LARGE.name, args.seq_len);
+    outln!("| layers | samples | swift wall time | per layer | swift peak RSS | AutoAWQ quantize() | AutoAWQ peak RSS |");
+    outln!("|---:|---:|---:|---:|---:|---:|---:|");
     let mib = |b: f64| b / (1024.0 * 1024.0);
     for (i, (layers, samples)) in runs.into_iter().enumerate() {
         let model = write_model(&root.join(format!("models/{layers}-layers")), &LARGE.with_layers(layers))?;
@@ -74,7 +74,7 @@ pub fn exec(args: QuantizeArgs) -> anyhow::Result<Exit> {
             Some(python) if i == 0 => measure_autoawq(python, &root, &model, samples, args.seq_len, args.threads)?,
             _ => (f64::NAN, f64::NAN),
         };
-        println!(
+        outln!(
             "| {layers} | {samples} | {seconds:.1} s | {:.1} s | {:.0} MiB | {peer_seconds:.1} s | {:.0} MiB |",
             seconds / layers as f64,
             mib(peak),
@@ -138,8 +138,8 @@ fn measure_autoawq(python: &Path, root: &Path, model: &Path, samples: usize, seq
 /// int4 matmul vs candle's f32 matmul on the 0.5B model's MLP shapes.
 fn matmul_table(threads: usize) -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
-    println!("int4 (group 128) matmul vs candle f32 matmul, y = x·Wᵀ:\n");
-    println!("| rows × in → out | swift int4 | candle f32 | int4/f32 |\n|---|---:|---:|---:|");
+    outln!("int4 (group 128) matmul vs candle f32 matmul, y = x·Wᵀ:\n");
+    outln!("| rows × in → out | swift int4 | candle f32 | int4/f32 |\n|---|---:|---:|---:|");
     let mut next = xorshift(0x51_7CC1_B727_220A);
     let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect() };
     for (m, k, n) in [(1, 896, 4864), (1, 4864, 896), (512, 896, 4864), (512, 4864, 896)] {
@@ -155,7 +155,7 @@ fn matmul_table(threads: usize) -> anyhow::Result<()> {
             xt.matmul(&wt.t().expect("transpose")).expect("matmul");
         });
         let gflops = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
-        println!(
+        outln!(
             "| {m} × {k} → {n} | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.2}× |",
             gflops(int4),
             gflops(f32_time),

@@ -30,23 +30,23 @@ pub fn exec(cache: Option<PathBuf>, command: Command) -> anyhow::Result<Exit> {
         }
     };
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("checked {} objects ({})", report.objects_checked, human_bytes(report.bytes_checked));
+        outln!("checked {} objects ({})", report.objects_checked, human_bytes(report.bytes_checked));
         for digest in &report.corrupt {
-            println!("corrupt: {digest} (moved to {})", store.root().join("quarantine").display());
+            outln!("corrupt: {digest} (moved to {})", store.root().join("quarantine").display());
         }
         for digest in &report.missing {
-            println!("missing: {digest}");
+            outln!("missing: {digest}");
         }
         for dir in &report.bad_materialized {
-            println!("damaged materialized copy: {dir} (removed; rebuilt on next use)");
+            outln!("damaged materialized copy: {dir} (removed; rebuilt on next use)");
         }
         for file in &report.unreadable_entries {
-            println!("unreadable entry: {file} (removed)");
+            outln!("unreadable entry: {file} (removed)");
         }
         if !report.dropped_actions.is_empty() {
-            println!("{} stage results dropped; those stages will run again", report.dropped_actions.len());
+            outln!("{} stage results dropped; those stages will run again", report.dropped_actions.len());
         }
     }
     Ok(if report.is_clean() { Exit::Success } else { Exit::Corrupt })

@@ -20,10 +20,10 @@ pub fn exec(args: Args) -> anyhow::Result<Exit> {
         Err(exit) => return Ok(exit),
     };
     if args.dot {
-        print!("{}", pipeline.to_dot());
+        out!("{}", pipeline.to_dot());
         return Ok(Exit::Success);
     }
-    println!("{} ({} stages, in run order)", pipeline.manifest.name, pipeline.nodes.len());
+    outln!("{} ({} stages, in run order)", pipeline.manifest.name, pipeline.nodes.len());
     for &i in &pipeline.order {
         let node = &pipeline.nodes[i];
         let sources: Vec<String> = node
@@ -35,7 +35,7 @@ pub fn exec(args: Args) -> anyhow::Result<Exit> {
             })
             .collect();
         let outputs: Vec<&str> = node.plan.outputs().iter().map(|o| o.name).collect();
-        println!("  {} ({}) ← [{}] → [{}]", node.name, node.kind, sources.join(", "), outputs.join(", "));
+        outln!("  {} ({}) ← [{}] → [{}]", node.name, node.kind, sources.join(", "), outputs.join(", "));
     }
     Ok(Exit::Success)
 }

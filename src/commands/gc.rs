@@ -21,8 +21,8 @@ pub struct Args {
 pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let store = open_store_here(cache.as_deref())?;
     match collect(&store, args.keep_runs) {
-        Ok(report) if args.json => println!("{}", serde_json::to_string(&report)?),
-        Ok(report) => println!(
+        Ok(report) if args.json => outln!("{}", serde_json::to_string(&report)?),
+        Ok(report) => outln!(
             "kept {} stage results, removed {} and {} objects ({} freed){}",
             report.kept_actions,
             report.removed_actions,

@@ -107,23 +107,23 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         // characters intact; a prefix ending inside one (U+FFFD) waits.
         if let Ok(text) = tokenizer.decode(&so_far, true) {
             if !text.ends_with('\u{FFFD}') && text.starts_with(printed.as_str()) {
-                print!("{}", &text[printed.len()..]);
-                let _ = std::io::stdout().flush();
+                out!("{}", &text[printed.len()..]);
+                let _ = crate::output::Stdout.flush();
                 printed = text;
             }
         }
     })?;
     let text = tokenizer.decode(&new_ids, true)?;
     if args.json {
-        println!("{}", serde_json::json!({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text}));
+        outln!("{}", serde_json::json!({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text}));
     } else {
         // Whatever was held back (or could not be printed as a continuation).
         let shared = text.char_indices().map(|(i, c)| i + c.len_utf8()).take_while(|&end| printed.get(..end) == text.get(..end)).last().unwrap_or(0);
         if shared < printed.len() {
-            println!();
-            println!("{text}");
+            outln!();
+            outln!("{text}");
         } else {
-            println!("{}", &text[shared..]);
+            outln!("{}", &text[shared..]);
         }
     }
     Ok(Exit::Success)

@@ -153,7 +153,7 @@ pub fn invalid(error: &ManifestError, json: bool) -> Exit {
                 "message": error.full_message(),
             }
         });
-        println!("{value}");
+        outln!("{value}");
     }
     eprintln!("error: {error}");
     Exit::Invalid

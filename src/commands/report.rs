@@ -22,11 +22,11 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
     let runs: Vec<_> = store.runs()?.into_iter().filter(|r| r.manifest == pipeline.manifest.path).collect();
     if args.json {
-        println!("{}", serde_json::to_string(&runs)?);
+        outln!("{}", serde_json::to_string(&runs)?);
         return Ok(Exit::Success);
     }
     if runs.is_empty() {
-        println!("no runs of {} recorded in {}", pipeline.manifest.display_path(), store.root().display());
+        outln!("no runs of {} recorded in {}", pipeline.manifest.display_path(), store.root().display());
         return Ok(Exit::Success);
     }
     let mut columns: Vec<String> = Vec::new();
@@ -56,6 +56,6 @@ pub fn exec(cache: Option<PathBuf>, args: Args) -> anyhow::Result<Exit> {
         .collect();
     let mut header = vec!["started", "result", "time", "ran"];
     header.extend(columns.iter().map(String::as_str));
-    table(&mut std::io::stdout(), &header, &rows)?;
+    table(&mut crate::output::Stdout, &header, &rows)?;
     Ok(Exit::Success)
 }

@@ -49,6 +49,16 @@ pub struct Args {
 }
 
 pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result<Exit> {
+    let json = args.json;
+    let result = run(cache, offline, args);
+    if let (true, Err(error)) = (json, &result) {
+        // Runtime errors too end in one JSON object on stdout with --json.
+        outln!("{}", serde_json::json!({"ok": false, "error": {"file": "", "line": 0, "column": 0, "message": format!("{error:#}")}}));
+    }
+    result
+}
+
+fn run(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result<Exit> {
     let pipeline = match compile_or_exit(&args.manifest, args.json) {
         Ok(pipeline) => pipeline,
         Err(exit) => return Ok(exit),
@@ -77,14 +87,14 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         Ok(report) => report,
         Err(RunError::Usage(message)) => {
             if args.json {
-                println!("{}", serde_json::json!({"ok": false, "error": {"file": "", "line": 0, "column": 0, "message": message}}));
+                outln!("{}", serde_json::json!({"ok": false, "error": {"file": "", "line": 0, "column": 0, "message": message}}));
             }
             eprintln!("error: {message}");
             return Ok(Exit::Invalid);
         }
         Err(RunError::Locked(problems)) => {
             if args.json {
-                println!("{}", serde_json::json!({"pipeline": pipeline.manifest.name, "ok": false, "locked_mismatch": problems}));
+                outln!("{}", serde_json::json!({"pipeline": pipeline.manifest.name, "ok": false, "locked_mismatch": problems}));
             }
             eprintln!("error: --locked: the run does not match {}:", pipeline.manifest.lock_path().display());
             for problem in &problems {
@@ -99,9 +109,9 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     let lock = lock_path.strip_prefix(&pipeline.manifest.root).unwrap_or(&lock_path);
     if args.json {
         summary(&mut std::io::stderr(), &report, lock, args.dry_run)?;
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        summary(&mut std::io::stdout(), &report, lock, args.dry_run)?;
+        summary(&mut crate::output::Stdout, &report, lock, args.dry_run)?;
     }
     Ok(if report.interrupted {
         Exit::Interrupted

@@ -99,7 +99,7 @@ pub fn exec(args: Args) -> anyhow::Result<Exit> {
             ]
         })
         .collect();
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::output::Stdout;
     super::table(&mut out, &["check", "result", "rel. error", "tolerance", "error"], &rows)?;
     let failed = outcomes.iter().filter(|o| !o.passed).count();
     writeln!(out, "{} passed, {failed} failed", outcomes.len() - failed)?;

@@ -54,9 +54,9 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         "provenance": provenance,
     });
     if args.json {
-        println!("{value}");
+        outln!("{value}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
         if !assessment.fresh() {
             let why: Vec<String> = assessment.reasons.iter().map(|r| r.sentence()).collect();
             eprintln!("stage `{}` is not in the cache: {}", node.name, why.join("; "));

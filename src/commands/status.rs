@@ -53,7 +53,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
             .collect();
         let jobs: Vec<serde_json::Value> =
             jobs.iter().map(|j| serde_json::json!({"stage": j[0], "job": j[1], "state": j[2], "log": j[3]})).collect();
-        println!("{}", serde_json::json!({"pipeline": pipeline.manifest.name, "stages": stages, "slurm_jobs": jobs}));
+        outln!("{}", serde_json::json!({"pipeline": pipeline.manifest.name, "stages": stages, "slurm_jobs": jobs}));
         return Ok(Exit::Success);
     }
     let rows: Vec<Vec<String>> = pipeline
@@ -66,10 +66,10 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
             vec![pipeline.nodes[i].name.clone(), pipeline.nodes[i].kind.clone(), state.to_string(), why]
         })
         .collect();
-    table(&mut std::io::stdout(), &["stage", "kind", "state", "why"], &rows)?;
+    table(&mut crate::output::Stdout, &["stage", "kind", "state", "why"], &rows)?;
     if !jobs.is_empty() {
-        println!("\nSlurm jobs of the last submission:");
-        table(&mut std::io::stdout(), &["stage", "job", "state", "log"], &jobs)?;
+        outln!("\nSlurm jobs of the last submission:");
+        table(&mut crate::output::Stdout, &["stage", "job", "state", "log"], &jobs)?;
     }
     Ok(Exit::Success)
 }

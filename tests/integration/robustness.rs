@@ -90,3 +90,38 @@ fn one_stage_per_gpu_at_a_time_while_cpu_stages_overlap() {
     assert!(!overlap(span("g1"), span("g2")), "GPU stages overlapped: {:?}", p.trace());
     assert!(overlap(span("c1"), span("c2")), "CPU stages did not run concurrently: {:?}", p.trace());
 }
+
+/// A reader that goes away is a normal end for every printing command: no
+/// panic, no "Broken pipe" error, the command's own exit status (a run still
+/// completes its stages).
+#[test]
+fn commands_end_quietly_when_stdout_closes() {
+    let p = crate::util::chain_project();
+    p.run("pipelines/chain.toml", &[], 0);
+    let commands: [&[&str]; 5] = [
+        &["report", "pipelines/chain.toml", "--json"],
+        &["report", "pipelines/chain.toml"],
+        &["dag", "pipelines/chain.toml"],
+        &["status", "pipelines/chain.toml"],
+        &["run", "pipelines/chain.toml", "--json", "--force", "a"],
+    ];
+    for args in commands {
+        let mut child = p.spawn(args);
+        // Closed before the child's first write.
+        drop(child.stdout.take());
+        let (code, _, stderr) = output_of(child);
+        assert_eq!(code, 0, "swift {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "swift {args:?}: {stderr}");
+    }
+}
+
+/// `run --json` ends in a JSON object on stdout for errors at run time too.
+#[test]
+fn run_json_reports_runtime_errors_as_json() {
+    let p = crate::util::chain_project();
+    p.write("not-a-folder", "a file where the cache should be\n");
+    let run = p.run("pipelines/chain.toml", &["--cache", "not-a-folder"], 1);
+    let last: serde_json::Value = serde_json::from_str(run.stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}\n{run}"));
+    assert_eq!(last["ok"], false, "{run}");
+    assert!(last["error"]["message"].as_str().unwrap().contains("cannot open the cache"), "{run}");
+}
