@@ -9,7 +9,7 @@ use candle_core::DType;
 use swift_engine::kind::OutputType;
 use swift_engine::status::assess;
 use swift_stages::llm::chat::Message;
-use swift_stages::llm::generate::{generate, GenerateOptions};
+use swift_stages::llm::generate::{generate, Finish, GenerateOptions};
 use swift_stages::llm::awq;
 use swift_stages::llm::{Compute, Decoder, ModelConfig, TextTokenizer};
 
@@ -98,7 +98,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     let options = GenerateOptions { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
     let mut printed = String::new();
     let mut so_far = Vec::new();
-    let new_ids = generate(&model, &prompt_ids, tokenizer.eos_ids(), &options, |id| {
+    let generation = generate(&model, &prompt_ids, tokenizer.eos_ids(), &options, |id| {
         if args.json {
             return;
         }
@@ -113,9 +113,18 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
             }
         }
     })?;
+    let new_ids = generation.ids;
     let text = tokenizer.decode(&new_ids, true)?;
+    if generation.finish == Finish::Context {
+        eprintln!(
+            "note: stopped after {} new tokens: prompt and answer fill the model's context ({} tokens)",
+            new_ids.len(),
+            model.config().max_position_embeddings
+        );
+    }
     if args.json {
-        outln!("{}", serde_json::json!({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text}));
+        let finish_reason = generation.finish.reason();
+        outln!("{}", serde_json::json!({"prompt_ids": prompt_ids, "new_ids": new_ids, "text": text, "finish_reason": finish_reason}));
     } else {
         // Whatever was held back (or could not be printed as a continuation).
         let shared = text.char_indices().map(|(i, c)| i + c.len_utf8()).take_while(|&end| printed.get(..end) == text.get(..end)).last().unwrap_or(0);

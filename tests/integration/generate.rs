@@ -86,3 +86,26 @@ fn broken_checkpoints_are_clear_errors() {
         assert!(run.stderr.contains(needle), "expected {needle:?}\n{run}");
     }
 }
+
+/// A prompt longer than the model's context (512 positions) is refused with
+/// the numbers, at once and without a context-sized allocation; a long
+/// answer stops at the context with `finish_reason: "length"`.
+#[test]
+fn the_context_bounds_prompts_and_answers() {
+    let p = Project::new();
+    let long = "the court held that the notice was late ".repeat(400);
+    let run = p.swift(&["generate", "--model", &fixture("qwen2-tiny"), "--prompt", &long, "--max-tokens", "4"]);
+    assert_eq!(run.code, 1, "{run}");
+    assert!(run.stderr.contains("and the model's context is 512 (max_position_embeddings"), "{run}");
+    let prompt = "word ".repeat(120);
+    let run = p.swift(&["generate", "--model", &fixture("qwen2-tiny"), "--prompt", &prompt, "--max-tokens", "100000", "--json"]);
+    assert_eq!(run.code, 0, "{run}");
+    let json = run.json();
+    let (prompt_len, new_len) = (json["prompt_ids"].as_array().unwrap().len(), json["new_ids"].as_array().unwrap().len());
+    assert!(prompt_len + new_len <= 512, "{prompt_len} + {new_len} tokens past the context");
+    assert!(["stop", "length"].contains(&json["finish_reason"].as_str().unwrap()), "{json}");
+    if json["finish_reason"] == "length" {
+        assert_eq!(prompt_len + new_len, 512, "{json}");
+        assert!(run.stderr.contains("fill the model's context (512 tokens)"), "{run}");
+    }
+}

@@ -80,6 +80,9 @@ pub enum LlmError {
     /// A chat template failed to parse or render.
     #[error("chat template: {0}")]
     Template(String),
+    /// An input does not fit the model's context.
+    #[error("{0}")]
+    TooLong(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
