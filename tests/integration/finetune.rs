@@ -261,6 +261,20 @@ fn bad_settings_are_clear_errors() {
     rejects("method = \"lora\"\nlora = { layers = [0, 5] }\nmax_steps = 1\n", 1, &[
         "stages.tune.lora.layers: layer 5 is out of range: the model has 2 layers (0 to 1)",
     ]);
+    // Sizes that could never fit: refused before anything is allocated.
+    rejects("method = \"lora\"\nbatch_size = 1000000000\n", 2, &["tune.toml:", "batch_size × grad_accum must be at most 16777216 rows per step"]);
+    rejects("method = \"lora\"\ngrad_accum = 1000000000000\n", 2, &["tune.toml:", "batch_size × grad_accum must be at most"]);
+    rejects("method = \"lora\"\nlora = { layers = \"last 99999999999\" }\nmax_steps = 1\n", 1, &[
+        "stages.tune.lora.layers: `last 99999999999`: the model has 2 layers",
+    ]);
+    rejects("method = \"lora\"\nbatch_size = 16000000\nmax_steps = 1\n", 1, &[
+        "stages.tune.batch_size: a step of batch_size × grad_accum = 16000000 × 1 rows",
+        "lower batch_size or grad_accum",
+    ]);
+    rejects("method = \"lora\"\nbatch_size = 200000\nmax_steps = 1\n", 1, &[
+        "stages.tune.batch_size: a pass of 200000 rows",
+        "set micro_batch_size lower",
+    ]);
     rejects("method = \"lora\"\nlora = { rank = 100 }\nmax_steps = 1\n", 1, &[
         "stages.tune.lora.rank: rank 100 is larger than `k_proj` ([64, 128]) allows: at most 64",
     ]);

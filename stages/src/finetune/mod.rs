@@ -243,6 +243,9 @@ impl StageKind for Finetune {
     }
 }
 
+/// The most rows one optimizer step may take (`batch_size × grad_accum`).
+const MAX_STEP_ROWS: usize = 1 << 24;
+
 /// Checks what can be checked before the model is known.
 fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
     let l = &c.lora;
@@ -274,6 +277,11 @@ fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
             return Err(ctx.error(&[field], format!("{field} must be at least 1")));
         }
     }
+    if c.batch_size.checked_mul(c.grad_accum).is_none_or(|rows| rows > MAX_STEP_ROWS) {
+        let field = if c.batch_size > MAX_STEP_ROWS { "batch_size" } else { "grad_accum" };
+        return Err(ctx.error(&[field], format!("batch_size × grad_accum must be at most {MAX_STEP_ROWS} rows per step"))
+            .with_help("a step of that many rows could never be held in memory; typical global batches are 8 to 1024 rows"));
+    }
     if let Some(micro) = c.micro_batch_size {
         if micro == 0 || micro > c.batch_size {
             return Err(ctx.error(&["micro_batch_size"], format!("micro_batch_size must be from 1 to batch_size ({})", c.batch_size))
@@ -293,6 +301,49 @@ fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
             let bound = if positive { "a positive number" } else { "a number ≥ 0" };
             return Err(ctx.error(&[field], format!("{field} must be {bound}")));
         }
+    }
+    Ok(())
+}
+
+/// Refuses sizes that cannot fit before the model is loaded or anything is
+/// allocated for them: the rows one step holds (`batch_size × grad_accum`,
+/// capped by the data stream in `epochs` mode) and the activations of one
+/// pass (`micro_batch_size` rows of the longest row), against the memory
+/// the machine has free.
+fn check_sizes(c: &Config, model: &ModelConfig, train: &Split, field: &dyn Fn(&str) -> String) -> anyhow::Result<()> {
+    let Some(available) = memory::available_bytes() else { return Ok(()) };
+    let longest = (0..train.rows()).map(|r| train.row(r).len()).max().unwrap_or(0).max(1);
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let per_step = c.batch_size.saturating_mul(c.grad_accum);
+    let stream = c.epochs.saturating_mul(train.rows());
+    let step_rows = if c.max_steps.is_some() { per_step } else { per_step.min(stream) };
+    // ids, positions, segments, targets and predicted positions: 20 bytes a token.
+    let examples = (step_rows as f64) * (longest as f64) * 20.0;
+    if examples > available as f64 / 2.0 {
+        bail!(
+            "{}: a step of batch_size × grad_accum = {} × {} rows of up to {longest} tokens needs {:.1} GiB just to hold \
+             its rows, and {:.1} GiB are free: lower batch_size or grad_accum",
+            field("batch_size"),
+            c.batch_size,
+            c.grad_accum,
+            gib(examples),
+            gib(available as f64)
+        );
+    }
+    let micro = c.micro_batch_size.unwrap_or(c.batch_size).min(step_rows.max(1));
+    let activations = micro as f64
+        * longest as f64
+        * memory::activation_bytes_per_token(model, longest, c.activation_checkpointing) as f64;
+    if activations > available as f64 {
+        let key = if c.micro_batch_size.is_some() { "micro_batch_size" } else { "batch_size" };
+        bail!(
+            "{}: a pass of {micro} rows × {longest} tokens needs about {:.1} GiB of activations, and {:.1} GiB are free: \
+             set micro_batch_size lower (it splits each batch into passes, the same update){}",
+            field(key),
+            gib(activations),
+            gib(available as f64),
+            if c.activation_checkpointing { "" } else { ", or activation_checkpointing = true" }
+        );
     }
     Ok(())
 }
@@ -322,7 +373,7 @@ impl StagePlan for FinetunePlan {
         let started = Instant::now();
         let c = &self.resolved.config;
         let field = |key: &str| format!("stages.{}.{key}", ctx.stage);
-        let rows_per_step = c.batch_size * c.grad_accum;
+        let rows_per_step = c.batch_size.saturating_mul(c.grad_accum);
         if !rows_per_step.is_multiple_of(ctx.world.size) {
             bail!(
                 "{}: the global batch (batch_size × grad_accum = {rows_per_step} rows) does not divide among the job's {} processes: \
@@ -353,6 +404,7 @@ impl StagePlan for FinetunePlan {
                 field("data"), train.rows());
         }
         let val = Split::open(tokens_dir, "val").ok().filter(|v| v.rows() > 0);
+        check_sizes(c, &model_config, &train, &field)?;
 
         let device = self.compute.open()?;
         let dtype = self.compute.dtype();
@@ -384,7 +436,7 @@ impl StagePlan for FinetunePlan {
         let (total_steps, stream_rows) = match c.max_steps {
             Some(steps) => (steps, None),
             None => {
-                let stream = c.epochs * train.rows();
+                let stream = c.epochs.saturating_mul(train.rows());
                 (stream.div_ceil(rows_per_step), Some(stream))
             }
         };

@@ -89,18 +89,30 @@ impl Default for Layers {
 }
 
 impl Layers {
-    /// Checks the syntax (the range needs the model, see [`Layers::resolve`]).
+    /// Checks the syntax (the range needs the model, see [`Layers::resolve`]):
+    /// resolved against [`SYNTAX_LAYERS`] layers, where only syntax errors
+    /// count, so that no spec builds more indices than that.
     pub fn check(&self) -> Result<(), String> {
-        self.resolve(usize::MAX / 2).map(|_| ())
+        match self.resolve_or_range_error(SYNTAX_LAYERS) {
+            Ok(_) | Err(LayersError::Range(_)) => Ok(()),
+            Err(LayersError::Syntax(message)) => Err(message),
+        }
     }
 
     /// The layer indices for a model of `num_layers` layers (`None` = all),
     /// sorted and deduplicated.
     pub fn resolve(&self, num_layers: usize) -> Result<Option<Vec<usize>>, String> {
+        self.resolve_or_range_error(num_layers).map_err(|e| match e {
+            LayersError::Syntax(message) | LayersError::Range(message) => message,
+        })
+    }
+
+    fn resolve_or_range_error(&self, num_layers: usize) -> Result<Option<Vec<usize>>, LayersError> {
+        use LayersError::{Range, Syntax};
         let out_of_range = |i: i64| {
-            format!("layer {i} is out of range: the model has {num_layers} layers (0 to {})", num_layers.saturating_sub(1))
+            Range(format!("layer {i} is out of range: the model has {num_layers} layers (0 to {})", num_layers.saturating_sub(1)))
         };
-        let index = |i: i64| -> Result<usize, String> {
+        let index = |i: i64| -> Result<usize, LayersError> {
             let n = num_layers as i64;
             let resolved = if i < 0 { n + i } else { i };
             if resolved < 0 || resolved >= n {
@@ -109,17 +121,17 @@ impl Layers {
             Ok(resolved as usize)
         };
         let mut indices: Vec<usize> = match self {
-            Layers::List(list) if list.is_empty() => return Err("layers is empty".into()),
+            Layers::List(list) if list.is_empty() => return Err(Syntax("layers is empty".into())),
             Layers::List(list) => list.iter().map(|&i| index(i)).collect::<Result<_, _>>()?,
             Layers::Spec(spec) => {
                 let spec = spec.trim();
-                let count = |rest: &str| -> Result<usize, String> {
-                    let n: usize = rest.trim().parse().map_err(|_| format!("`{spec}`: expected a number after the word"))?;
+                let count = |rest: &str| -> Result<usize, LayersError> {
+                    let n: usize = rest.trim().parse().map_err(|_| Syntax(format!("`{spec}`: expected a number after the word")))?;
                     if n == 0 {
-                        return Err(format!("`{spec}`: the count must be at least 1"));
+                        return Err(Syntax(format!("`{spec}`: the count must be at least 1")));
                     }
                     if n > num_layers {
-                        return Err(format!("`{spec}`: the model has {num_layers} layers"));
+                        return Err(Range(format!("`{spec}`: the model has {num_layers} layers")));
                     }
                     Ok(n)
                 };
@@ -133,16 +145,16 @@ impl Layers {
                 } else {
                     let mut indices = Vec::new();
                     for part in spec.split(',') {
-                        let parse = |s: &str| -> Result<i64, String> {
+                        let parse = |s: &str| -> Result<i64, LayersError> {
                             s.trim().parse().map_err(|_| {
-                                format!("`{spec}`: use \"all\", \"last 8\", \"first 4\", a range \"0-3\" or a list \"2,5,7\"")
+                                Syntax(format!("`{spec}`: use \"all\", \"last 8\", \"first 4\", a range \"0-3\" or a list \"2,5,7\""))
                             })
                         };
                         match part.split_once('-').filter(|(a, _)| !a.trim().is_empty()) {
                             Some((a, b)) => {
                                 let (a, b) = (index(parse(a)?)?, index(parse(b)?)?);
                                 if a > b {
-                                    return Err(format!("`{spec}`: the range {a}-{b} is backwards"));
+                                    return Err(Syntax(format!("`{spec}`: the range {a}-{b} is backwards")));
                                 }
                                 indices.extend(a..=b);
                             }
@@ -157,6 +169,18 @@ impl Layers {
         indices.dedup();
         Ok(if indices.len() == num_layers { None } else { Some(indices) })
     }
+}
+
+/// Layers a spec is checked against before the model is known: more than
+/// any model has, few enough that resolving never allocates much.
+const SYNTAX_LAYERS: usize = 1 << 16;
+
+/// Why a layer spec does not resolve.
+enum LayersError {
+    /// It cannot be read.
+    Syntax(String),
+    /// It names layers the model does not have.
+    Range(String),
 }
 
 /// The modules and layers that get an adapter.
