@@ -15,6 +15,51 @@ pub fn temp_name(dir: &Path, stem: &str) -> std::path::PathBuf {
     dir.join(format!(".tmp-{stem}-{}-{n}", std::process::id()))
 }
 
+/// The process id in a name [`temp_name`] made (`.tmp-{stem}-{pid}-{n}`).
+pub fn temp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(".tmp-")?;
+    let mut parts = rest.rsplitn(3, '-');
+    parts.next()?.parse::<u64>().ok()?;
+    let pid = parts.next()?.parse::<u32>().ok()?;
+    parts.next().filter(|stem| !stem.is_empty())?;
+    Some(pid)
+}
+
+/// Whether process `pid` is running (on Linux, where `/proc` tells; elsewhere
+/// every process is taken to be running, so nothing is removed).
+fn running(pid: u32) -> bool {
+    !cfg!(target_os = "linux") || Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes the temporaries [`temp_name`] made in `dir` (files or folders)
+/// whose process has ended — what a kill -9 mid-write leaves — and returns
+/// their count. Another live process's temporaries are left alone; a
+/// missing `dir` has none.
+pub fn remove_orphans(dir: &Path) -> io::Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let Some(pid) = entry.file_name().to_str().and_then(temp_owner) else { continue };
+        if pid == std::process::id() || running(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let result = if entry.file_type()?.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        match result {
+            Ok(()) => removed += 1,
+            // Removed meanwhile by another run's cleanup.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes `bytes` to `path` atomically (temp + fsync + rename + directory fsync).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -53,5 +98,24 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("entry.json")]);
+    }
+
+    #[test]
+    fn orphaned_temporaries_of_ended_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(temp_owner(".tmp-out-abc-1234-7"), Some(1234));
+        assert_eq!(temp_owner(".tmp-1234-7"), None);
+        assert_eq!(temp_owner("model.safetensors"), None);
+        // A process id that no process has (above Linux's pid_max of 2^22).
+        let dead = dir.path().join(".tmp-export-4294967-0");
+        fs::create_dir_all(dead.join("merged")).unwrap();
+        fs::write(dir.path().join(".tmp-out-4294967-1"), b"partial").unwrap();
+        let mine = temp_name(dir.path(), "out");
+        fs::write(&mine, b"in progress").unwrap();
+        fs::write(dir.path().join("kept.txt"), b"not a temporary").unwrap();
+        let expected = if cfg!(target_os = "linux") { 2 } else { 0 };
+        assert_eq!(remove_orphans(dir.path()).unwrap(), expected);
+        assert!(mine.exists() && dir.path().join("kept.txt").exists());
+        assert_eq!(remove_orphans(&dir.path().join("missing")).unwrap(), 0);
     }
 }

@@ -87,6 +87,13 @@ impl Store {
         temp_name(&self.root.join("tmp"), stem)
     }
 
+    /// Removes the temporaries of processes that have ended from `tmp/`
+    /// (what a kill -9 mid-stage leaves; another live run's are kept), and
+    /// returns their count. Every run calls it when it starts.
+    pub fn remove_orphans(&self) -> std::io::Result<usize> {
+        crate::atomic::remove_orphans(&self.root.join("tmp"))
+    }
+
     /// Stores bytes as an object.
     pub fn put_bytes(&self, bytes: &[u8]) -> io::Result<ContentDigest> {
         let digest = ContentDigest::of(bytes);

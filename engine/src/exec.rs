@@ -134,6 +134,8 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
         Signals::new().map_err(anyhow::Error::from)?
     };
     let _guard = store.run_guard().map_err(anyhow::Error::from)?;
+    // Best effort: a read-only cache still runs what is cached.
+    let _ = store.remove_orphans();
     let selected = select(&pipeline, &options.only, options.until.as_deref()).map_err(RunError::Usage)?;
     let mut forced = HashSet::new();
     for name in &options.force {

@@ -125,3 +125,20 @@ fn run_json_reports_runtime_errors_as_json() {
     assert_eq!(last["ok"], false, "{run}");
     assert!(last["error"]["message"].as_str().unwrap().contains("cannot open the cache"), "{run}");
 }
+
+/// What a kill -9 leaves in the cache's `tmp/` (temporaries of a process
+/// that has ended) is removed by the next run; a live process's is kept.
+#[test]
+fn the_next_run_removes_what_killed_runs_left_in_tmp() {
+    let p = crate::util::chain_project();
+    p.run("pipelines/chain.toml", &[], 0);
+    let tmp = p.path(".swift/tmp");
+    // 4294967 is above Linux's largest process id: no process has it.
+    let orphan = tmp.join(".tmp-out-4294967-0");
+    std::fs::create_dir_all(orphan.join("part")).unwrap();
+    let live = tmp.join(format!(".tmp-out-{}-0", std::process::id()));
+    std::fs::write(&live, b"a live process's").unwrap();
+    p.run("pipelines/chain.toml", &[], 0);
+    assert!(!orphan.exists(), "the orphan survived the rerun");
+    assert!(live.exists(), "a live process's temporary was removed");
+}

@@ -16,7 +16,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use swift_cache::atomic::{sync_dir, temp_name};
+use swift_cache::atomic::{remove_orphans, sync_dir, temp_name};
 use swift_cache::store::{read_dir_sorted, remove_tree};
 use swift_cache::Artifact;
 use swift_engine::kind::CompileCtx;
@@ -79,6 +79,8 @@ pub fn publish(src: &Path, artifact: &Artifact, to: &Path, shown: &str, owner: &
     let parent = to.parent().context("`to` has no parent folder")?;
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let stem = to.file_name().and_then(|n| n.to_str()).unwrap_or("export");
+    // What an export killed mid-copy left beside its target (best effort).
+    let _ = remove_orphans(parent);
     let fresh = temp_name(parent, stem);
     let marker = Marker { digest, owner: owner.to_string(), files: files(src)? };
     let result = copy_tree(src, &fresh).and_then(|()| write_synced(&fresh.join(MARKER), &(serde_json::to_string_pretty(&marker)? + "\n")));
