@@ -18,6 +18,11 @@ struct HubState {
     repos: HashMap<String, (String, HashMap<String, Files>)>,
     token: Option<String>,
     requests: Vec<String>,
+    /// Files are served by a storage host here (`http://127.0.0.1:PORT`):
+    /// `resolve` answers 302 with the Hub's headers, as the real Hub does for LFS files.
+    storage: Option<String>,
+    /// What each resolve request's `Authorization` header was.
+    resolve_auth: Vec<Option<String>>,
 }
 
 struct FakeHub {
@@ -123,6 +128,12 @@ fn respond(path: &str, headers: &HashMap<String, String>, state: &Mutex<HubState
     let Some((sha, files)) = lookup(&state, &repo, parts[3]) else { return not_found() };
     let Some(content) = files.get(parts[4]) else { return not_found() };
     let etag = format!("\"{}\"", blake3::hash(content).to_hex());
+    state.resolve_auth.push(headers.get("authorization").cloned());
+    if let Some(storage) = &state.storage {
+        let location = format!("{storage}/blobs/{}", etag.trim_matches('"'));
+        let extra = vec![("X-Repo-Commit".to_string(), sha), ("X-Linked-Etag".to_string(), etag), ("Location".to_string(), location)];
+        return ("302 Found".into(), extra, vec![]);
+    }
     let mut extra = vec![("X-Repo-Commit".to_string(), sha), ("ETag".to_string(), etag)];
     let len = content.len();
     match headers.get("range").and_then(|r| r.strip_prefix("bytes=")) {
@@ -135,6 +146,61 @@ fn respond(path: &str, headers: &HashMap<String, String>, state: &Mutex<HubState
         }
         None => ("200 OK".into(), extra, content.clone()),
     }
+}
+
+/// A storage host on its own port: serves blobs by etag and records every
+/// `Authorization` header it receives.
+struct Storage {
+    port: u16,
+    blobs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    authorizations: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl Storage {
+    fn start(files: &Files) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let blobs: HashMap<String, Vec<u8>> = files.values().map(|c| (blake3::hash(c).to_hex().to_string(), c.clone())).collect();
+        let (blobs, authorizations) = (Arc::new(Mutex::new(blobs)), Arc::new(Mutex::new(Vec::new())));
+        let (b, a) = (blobs.clone(), authorizations.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (b, a) = (b.clone(), a.clone());
+                std::thread::spawn(move || serve_blob(stream, &b, &a));
+            }
+        });
+        Self { port, blobs, authorizations }
+    }
+}
+
+fn serve_blob(stream: TcpStream, blobs: &Mutex<HashMap<String, Vec<u8>>>, authorizations: &Mutex<Vec<Option<String>>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    let mut auth = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.trim_end().split_once(':') {
+            if k.trim().eq_ignore_ascii_case("authorization") {
+                auth = Some(v.trim().to_string());
+            }
+        }
+    }
+    authorizations.lock().unwrap().push(auth);
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let body = path.strip_prefix("/blobs/").and_then(|etag| blobs.lock().unwrap().get(etag).cloned());
+    let mut out = stream;
+    let (status, body) = match body {
+        Some(body) => ("200 OK", body),
+        None => ("404 Not Found", b"no such blob".to_vec()),
+    };
+    let _ = out.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes());
+    let _ = out.write_all(&body);
 }
 
 fn fixture_repo() -> Files {
@@ -171,7 +237,7 @@ fn hub_download_caches_and_follows_upstream_commits() {
     let model = std::path::PathBuf::from(run.json()["stages"][0]["outputs"]["model"].as_str().unwrap());
     assert!(model.join("model.safetensors").is_file() && model.join("config.json").is_file());
     assert!(!model.join("README.md").exists(), "only the files a model needs are fetched");
-    assert_eq!(hub.requests("/resolve/"), 10, "5 files × (metadata + download)");
+    assert_eq!(hub.requests("/resolve/"), 5, "one request per file: its headers and body together");
     assert!(p.read("pipelines/hub.lock").contains(&format!("revision = \"{SHA1}\"")));
     assert!(p.path("hf-cache/models--swift-test--tiny-qwen/snapshots").join(SHA1).join("config.json").exists());
 
@@ -189,13 +255,13 @@ fn hub_download_caches_and_follows_upstream_commits() {
     let rerun = p.run("pipelines/hub.toml", &[], 0);
     assert_eq!(rerun.status("base"), "cached");
     assert_eq!(hub.requests("/api/"), api_before + 1, "an unchanged upstream costs one metadata request");
-    assert_eq!(hub.requests("/resolve/"), 10, "and no transfer");
+    assert_eq!(hub.requests("/resolve/"), 5, "and no transfer");
 
     // A fresh swift cache over the same HF cache: no file is transferred again.
     swift_cache::store::remove_tree(&p.path(".swift")).unwrap();
     let reused = p.run("pipelines/hub.toml", &[], 0);
     assert_eq!(reused.json()["stages"][0]["metrics"]["files_cached"], 5, "{reused}");
-    assert_eq!(hub.requests("/resolve/"), 10);
+    assert_eq!(hub.requests("/resolve/"), 5);
 
     // A new upstream commit is seen, named by status, and fetched.
     let mut next = fixture_repo();
@@ -265,7 +331,7 @@ fn a_dataset_path_inside_a_repository_is_fetched_alone() {
     let run = p.run("pipelines/data.toml", &[], 0);
     let out = std::path::PathBuf::from(run.json()["stages"][0]["outputs"]["dataset"].as_str().unwrap());
     assert_eq!(std::fs::read_to_string(out.join("law.jsonl")).unwrap(), "{\"q\": 1}\n");
-    assert_eq!(hub.requests("/resolve/"), 2, "only train/law.jsonl");
+    assert_eq!(hub.requests("/resolve/"), 1, "only train/law.jsonl, one request");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -303,4 +369,58 @@ fn an_adapter_of_a_hub_model_names_its_repository_and_revision() {
         serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["base_model_name_or_path"], "swift-test/tiny-qwen");
     assert_eq!(config["revision"], "main");
+}
+
+/// The token goes to the endpoint only: a file the Hub redirects to another
+/// host (here another port) is fetched there without `Authorization`, as
+/// huggingface_hub does; the HF cache holds it as blobs and snapshot links.
+#[test]
+fn a_redirect_to_another_host_never_carries_the_token() {
+    let hub = FakeHub::start();
+    let files = fixture_repo();
+    let storage = Storage::start(&files);
+    hub.commit("models/swift-test/tiny-qwen", SHA1, files);
+    {
+        let mut state = hub.state.lock().unwrap();
+        state.token = Some("hf_secret_token".into());
+        state.storage = Some(format!("http://127.0.0.1:{}", storage.port));
+    }
+    let p = hub_project(&hub);
+    p.set_env("HF_TOKEN", "hf_secret_token");
+    let run = p.run("pipelines/hub.toml", &[], 0);
+    assert_eq!(run.status("base"), "ran", "{run}");
+    let resolves = hub.state.lock().unwrap().resolve_auth.clone();
+    assert_eq!(resolves.len(), 5);
+    assert!(resolves.iter().all(|a| a.as_deref() == Some("Bearer hf_secret_token")), "{resolves:?}");
+    let sent = storage.authorizations.lock().unwrap().clone();
+    assert_eq!(sent.len(), 5, "every file came from the storage host");
+    assert!(sent.iter().all(Option::is_none), "the storage host received {sent:?}");
+    let snapshot = p.path("hf-cache/models--swift-test--tiny-qwen/snapshots").join(SHA1);
+    let link = std::fs::read_link(snapshot.join("config.json")).unwrap();
+    assert!(link.starts_with("../../blobs"), "{}", link.display());
+    let blob = blake3::hash(&std::fs::read(snapshot.join("config.json")).unwrap()).to_hex().to_string();
+    assert!(storage.blobs.lock().unwrap().contains_key(&blob));
+}
+
+/// A token with a trailing CR (copied from a Windows file) is trimmed and
+/// works; one with control or non-ASCII characters inside is refused before
+/// any request, and never printed.
+#[test]
+fn tokens_are_trimmed_and_unusable_ones_are_refused_unseen() {
+    let hub = FakeHub::start();
+    hub.commit("models/swift-test/tiny-qwen", SHA1, fixture_repo());
+    hub.state.lock().unwrap().token = Some("hf_good_token".into());
+    let p = hub_project(&hub);
+    p.set_env("HF_TOKEN", "hf_good_token\r\n");
+    let run = p.run("pipelines/hub.toml", &[], 0);
+    assert_eq!(run.status("base"), "ran", "{run}");
+    for bad in ["hf_bad\u{7}token", "hf_bäd_token", "hf bad token"] {
+        let p = hub_project(&hub);
+        p.set_env("HF_TOKEN", bad);
+        let before = hub.requests("/");
+        let run = p.run("pipelines/hub.toml", &[], 1);
+        assert!(run.stderr.contains("the Hugging Face token from HF_TOKEN contains"), "{run}");
+        assert!(!run.stderr.contains("hf_b") && !run.stdout.contains("hf_b"), "the token was printed\n{run}");
+        assert_eq!(hub.requests("/"), before, "a request went out with an unusable token");
+    }
 }

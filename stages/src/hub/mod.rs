@@ -11,7 +11,10 @@
 //!   else `~/.cache/huggingface/hub`): what is already there is never fetched
 //!   again, and other tools share it.
 //! - `HF_ENDPOINT` points at a mirror; the token comes from `HF_TOKEN` or the
-//!   token file and is only ever sent to the endpoint, never logged or stored.
+//!   token file, trimmed of surrounding whitespace (one with control or
+//!   non-ASCII characters inside is refused, unseen), and is only ever sent to
+//!   the endpoint's origin — files come through [`file`], which follows the
+//!   Hub's redirects to storage hosts without it — never logged or stored.
 //! - Offline (`--offline` or `HF_HUB_OFFLINE=1`): no network at all; a file
 //!   missing from the cache is an error that says how to fetch it.
 
@@ -21,6 +24,10 @@ use std::sync::Mutex;
 use anyhow::{anyhow, bail};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Repo, RepoType};
+
+use file::FileError;
+
+mod file;
 
 /// Model or dataset repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -102,7 +109,8 @@ pub struct HubSettings {
     pub endpoint: String,
     /// The HF cache folder.
     pub cache: PathBuf,
-    token: Option<String>,
+    /// The token, or why the one configured is unusable (it is never shown).
+    token: Result<Option<String>, String>,
     /// No network.
     pub offline: bool,
 }
@@ -112,7 +120,7 @@ impl std::fmt::Debug for HubSettings {
         f.debug_struct("HubSettings")
             .field("endpoint", &self.endpoint)
             .field("cache", &self.cache)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.token.as_ref().map(|t| t.as_ref().map(|_| "<redacted>")))
             .field("offline", &self.offline)
             .finish()
     }
@@ -132,24 +140,55 @@ impl HubSettings {
         });
         let cache = env("HF_HUB_CACHE").or_else(|| env("HUGGINGFACE_HUB_CACHE")).map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
         let token_file = env("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
-        let token = env("HF_TOKEN")
-            .or_else(|| env("HUGGING_FACE_HUB_TOKEN"))
-            .or_else(|| std::fs::read_to_string(token_file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()));
+        let token = match (env("HF_TOKEN"), env("HUGGING_FACE_HUB_TOKEN")) {
+            (Some(token), _) => checked_token(&token, "HF_TOKEN"),
+            (None, Some(token)) => checked_token(&token, "HUGGING_FACE_HUB_TOKEN"),
+            (None, None) => match std::fs::read_to_string(&token_file) {
+                Ok(text) if !text.trim().is_empty() => checked_token(&text, &token_file.display().to_string()),
+                _ => Ok(None),
+            },
+        };
         let env_offline = env("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"));
         let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".to_string()).trim_end_matches('/').to_string();
         Self { endpoint, cache, token, offline: offline || env_offline }
+    }
+
+    /// The token to send to the endpoint, or the error that the configured
+    /// one is unusable.
+    fn token(&self) -> anyhow::Result<Option<&str>> {
+        match &self.token {
+            Ok(token) => Ok(token.as_deref()),
+            Err(problem) => bail!("{problem}"),
+        }
     }
 
     fn api(&self) -> anyhow::Result<Api> {
         ApiBuilder::new()
             .with_endpoint(self.endpoint.clone())
             .with_cache_dir(self.cache.clone())
-            .with_token(self.token.clone())
+            .with_token(self.token()?.map(str::to_string))
             .with_progress(false)
             .with_retries(2)
             .build()
             .map_err(|e| anyhow!("setting up the Hub client: {e}"))
     }
+}
+
+/// A token from `source` with surrounding whitespace (a trailing CR or
+/// newline from a copy or a Windows file) removed; one with control or
+/// non-ASCII characters left is an error that names the source, never the token.
+fn checked_token(raw: &str, source: &str) -> Result<Option<String>, String> {
+    let token = raw.trim();
+    if token.is_empty() {
+        return Ok(None);
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "the Hugging Face token from {source} contains spaces, control or non-ASCII characters, so no HTTP header can \
+             carry it: copy it again from your Hugging Face settings (it is not shown here)"
+        ));
+    }
+    Ok(Some(token.to_string()))
 }
 
 /// Resolves and fetches one source; remembers the file list the resolution
@@ -279,7 +318,10 @@ impl HubFetcher {
                 bail!("offline, and `{file}` of {}@{sha} is not in the Hugging Face cache; run without --offline to fetch it", self.source.repo);
             };
             let repo = Repo::with_revision(self.source.repo.clone(), self.source.repo_type(), sha.to_string());
-            api.repo(repo).download(file).map_err(|e| self.explain(e, sha))?;
+            let url = api.repo(repo).url(file);
+            let folder = self.source.cache_folder(&self.settings.cache);
+            file::download(&url, &self.settings.endpoint, self.settings.token()?, &folder, sha, file)
+                .map_err(|e| self.explain_file(e, sha, file))?;
             report.downloaded += 1;
         }
         let folder = scope.map_or(snapshot.clone(), |p| snapshot.join(p));
@@ -287,25 +329,40 @@ impl HubFetcher {
     }
 
     fn explain(&self, error: ApiError, revision: &str) -> anyhow::Error {
-        let what = format!("{}@{revision} on {}", self.source.repo, self.settings.endpoint);
         let error = match error {
             ApiError::TooManyRetries(inner) => *inner,
             other => other,
         };
         if let ApiError::RequestError(inner) = &error {
-            if let ureq::Error::Status(code, _) = inner.as_ref() {
-                let code = *code;
-                return match code {
-                    401 | 403 => anyhow!(
-                        "the Hub refused access to {what} (HTTP {code}): set HF_TOKEN to a token with access (or log in with `huggingface-cli login`)"
-                    ),
-                    404 => anyhow!("{what} was not found (HTTP 404): check the name and revision; a private repository also needs HF_TOKEN"),
-                    _ => anyhow!("the Hub answered HTTP {code} for {what}"),
-                };
-            }
-            return anyhow!("cannot reach {}: {inner}; use --offline to work from the Hugging Face cache", self.settings.endpoint);
+            return match inner.as_ref() {
+                ureq::Error::Status(code, _) => self.explain_status(*code, revision),
+                ureq::Error::Transport(transport) => self.unreachable(&transport.to_string()),
+            };
         }
-        anyhow!("fetching {what}: {error}")
+        anyhow!("fetching {}@{revision} on {}: {error}", self.source.repo, self.settings.endpoint)
+    }
+
+    fn explain_file(&self, error: FileError, revision: &str, file: &str) -> anyhow::Error {
+        match error {
+            FileError::Status(code) => self.explain_status(code, revision),
+            FileError::Transport(cause) => self.unreachable(&cause),
+            FileError::Other(error) => error.context(format!("fetching `{file}` of {}@{revision}", self.source.repo)),
+        }
+    }
+
+    fn explain_status(&self, code: u16, revision: &str) -> anyhow::Error {
+        let what = format!("{}@{revision} on {}", self.source.repo, self.settings.endpoint);
+        match code {
+            401 | 403 => anyhow!(
+                "the Hub refused access to {what} (HTTP {code}): set HF_TOKEN to a token with access (or log in with `huggingface-cli login`)"
+            ),
+            404 => anyhow!("{what} was not found (HTTP 404): check the name and revision; a private repository also needs HF_TOKEN"),
+            _ => anyhow!("the Hub answered HTTP {code} for {what}"),
+        }
+    }
+
+    fn unreachable(&self, cause: &str) -> anyhow::Error {
+        anyhow!("cannot reach {}: {cause}; use --offline to work from the Hugging Face cache", self.settings.endpoint)
     }
 }
 
