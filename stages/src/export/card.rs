@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use swift_engine::kind::{RunCtx, Upstream};
+use swift_engine::kind::{OutputType, RunCtx, Upstream};
 
 use super::Format;
 use crate::model_source::ModelSource;
@@ -99,7 +99,7 @@ impl Lineage {
             .iter()
             .map(|u| json!({
                 "name": u.name, "kind": u.kind, "key": u.key, "params": u.params,
-                "revision": u.revision, "outputs": u.outputs, "metrics": reproducible(&u.metrics),
+                "revision": u.revision, "outputs": results(u), "metrics": reproducible(&u.metrics),
             }))
             .collect();
         let data: Vec<Value> = self
@@ -264,6 +264,24 @@ fn reproducible(metrics: &serde_json::Map<String, Value>) -> serde_json::Map<Str
     metrics.iter().filter(|(name, _)| !MEASURES.iter().any(|m| name.contains(m))).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// A stage's outputs without its reports (training logs, metrics, quality
+/// and eval reports), whose files hold timings: what the lineage digests is
+/// then the same whenever the results are. The reports' figures that are
+/// results reach the lineage through the metrics and the eval scores.
+fn results(upstream: &Upstream) -> serde_json::Map<String, Value> {
+    let registry = crate::registry();
+    let reports: Vec<&str> = registry
+        .get(&upstream.kind)
+        .map(|kind| kind.outputs().iter().filter(|o| o.ty == OutputType::Report).map(|o| o.name).collect())
+        .unwrap_or_default();
+    upstream
+        .outputs
+        .iter()
+        .filter(|(name, _)| !reports.contains(&name.as_str()))
+        .map(|(name, digest)| (name.clone(), Value::String(digest.clone())))
+        .collect()
+}
+
 /// A parameter as a table cell.
 fn cell(value: &Value) -> String {
     match value {
@@ -303,4 +321,28 @@ pub fn write_all(out: &Path, lineage: &Lineage, written: &[Written]) -> anyhow::
         write(&w.folder, lineage.readme(Some(w)))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lineage_digests_results_and_no_timings() {
+        let outputs = [("adapter", "aa"), ("log", "bb"), ("loss_curve", "cc"), ("metrics", "dd")];
+        let upstream = Upstream {
+            name: "fine".into(),
+            kind: "finetune".into(),
+            key: "k".into(),
+            params: json!({}),
+            revision: None,
+            outputs: outputs.iter().map(|(n, d)| (n.to_string(), d.to_string())).collect(),
+            metrics: json!({"final_train_loss": 1.5, "seconds": 3.0, "tokens_per_s": 9.0, "peak_rss_bytes": 7})
+                .as_object()
+                .unwrap()
+                .clone(),
+        };
+        assert_eq!(Value::Object(results(&upstream)), json!({"adapter": "aa"}));
+        assert_eq!(Value::Object(reproducible(&upstream.metrics)), json!({"final_train_loss": 1.5}));
+    }
 }
