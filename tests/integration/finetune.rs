@@ -180,6 +180,7 @@ fn micro_batches_train_the_same_adapter_as_whole_batches() {
         .map(|micro| {
             let p = project(&stage(micro));
             let run = p.run("pipelines/tune.toml", &[], 0);
+            assert_eq!(run.stage("tune")["metrics"]["rows_without_labels"], 0, "{run}");
             (adapter_tensors(&run, "tune"), log_lines(&output_path(&run, "tune", "log")))
         })
         .collect();

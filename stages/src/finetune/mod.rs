@@ -397,7 +397,10 @@ impl StagePlan for FinetunePlan {
         let tokens_dir = &ctx.input("data")?.path;
         check_tokenizer(tokens_dir, &opened.folder).with_context(|| field("data"))?;
         let train = Split::open(tokens_dir, "train").with_context(|| format!("{}: reading the train split", field("data")))?;
-        let label_tokens: usize = (0..train.rows()).map(|r| train.row(r).labels.iter().filter(|&&l| l == 1).count()).sum();
+        let labels_per_row: Vec<usize> = (0..train.rows()).map(|r| train.row(r).labels.iter().filter(|&&l| l == 1).count()).collect();
+        let label_tokens: usize = labels_per_row.iter().sum();
+        // Rows with nothing to learn (every assistant turn cut off) are skipped, and counted.
+        let rows_without_labels = labels_per_row.iter().filter(|&&n| n == 0).count();
         if train.rows() == 0 || label_tokens == 0 {
             let hint = if train.rows() > 0 { " (did the preprocess `max_length` cut every assistant turn off?)" } else { "" };
             bail!("{}: the dataset is empty: the train split has {} rows and {label_tokens} tokens to train on{hint}",
@@ -507,6 +510,7 @@ impl StagePlan for FinetunePlan {
             put("val_accuracy", accuracy.into());
         }
         put("tokens", outcome.tokens.into());
+        put("rows_without_labels", rows_without_labels.into());
         put("seconds", seconds.into());
         put("trainable_parameters", trainer.trainable_parameters().into());
         put("adapted_modules", adapters.len().into());
