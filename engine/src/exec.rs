@@ -251,8 +251,12 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
                 stage.status = if *running { StageStatus::Running } else { StageStatus::Queued };
                 stage.job = Some(job.clone());
             }
-            State::Pending | State::Running => {
+            State::Pending => {
                 stage.error = Some("interrupted before it could run".to_string());
+                report.ok = false;
+            }
+            State::Running => {
+                stage.error = Some("interrupted while it ran (nothing of it is recorded)".to_string());
                 report.ok = false;
             }
         }
@@ -308,7 +312,9 @@ impl Scheduler {
         let mut running = 0usize;
         loop {
             while signals.pending() {
-                self.interrupt(&cancel, running);
+                if self.interrupt(&cancel, running) {
+                    return Ok((states, true));
+                }
             }
             if !cancel.load(Ordering::Relaxed) {
                 for &i in &self.pipeline.order {
@@ -387,21 +393,26 @@ impl Scheduler {
                     announce(&self.pipeline, &*self.reporter, i, &state);
                     states[i] = state;
                 }
-                _ = signals.interrupt.recv() => self.interrupt(&cancel, running),
-                _ = signals.terminate.recv() => self.interrupt(&cancel, running),
+                _ = signals.interrupt.recv() => if self.interrupt(&cancel, running) { return Ok((states, true)) },
+                _ = signals.terminate.recv() => if self.interrupt(&cancel, running) { return Ok((states, true)) },
             }
         }
         Ok((states, cancel.load(Ordering::Relaxed)))
     }
 
-    fn interrupt(&self, cancel: &AtomicBool, running: usize) {
+    /// Handles Ctrl-C or SIGTERM: the first stops launching and tells running
+    /// stages to stop; a second means leave now (returns true): the run is
+    /// recorded without waiting for them, and the process exits from `main`
+    /// with 130, ending their threads (nothing half-done is ever recorded).
+    fn interrupt(&self, cancel: &AtomicBool, running: usize) -> bool {
         if cancel.swap(true, Ordering::Relaxed) {
             self.reporter.note("interrupted again: exiting now");
-            std::process::exit(130);
+            return true;
         }
         self.reporter.note(&format!(
             "interrupted: waiting for {running} running stage(s) to stop (Ctrl-C again to exit at once; nothing half-done is recorded)"
         ));
+        false
     }
 
     /// What to do with a pending stage now, or `None` to wait for its inputs.

@@ -41,6 +41,9 @@ struct Params {
     gpu: Option<String>,
     #[serde(default)]
     trace: Option<String>,
+    /// Keep sleeping when cancelled (a stage that does not stop at once).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    ignore_cancel: bool,
 }
 
 const OUTPUTS: &[OutputDecl] = &[OutputDecl { name: "out", ty: OutputType::Dataset }];
@@ -99,7 +102,7 @@ impl StagePlan for TestPlan {
         self.trace(ctx, "start")?;
         let steps = self.params.sleep_ms / 10;
         for step in 0..steps {
-            if ctx.cancelled() {
+            if ctx.cancelled() && !self.params.ignore_cancel {
                 self.trace(ctx, "cancelled")?;
                 return Err(Cancelled.into());
             }

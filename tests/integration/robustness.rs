@@ -142,3 +142,28 @@ fn the_next_run_removes_what_killed_runs_left_in_tmp() {
     assert!(!orphan.exists(), "the orphan survived the rerun");
     assert!(live.exists(), "a live process's temporary was removed");
 }
+
+/// A second Ctrl-C leaves at once, even while a stage does not stop: exit
+/// 130, the run recorded, nothing of the stage stored.
+#[test]
+fn a_second_ctrl_c_exits_at_once_and_records_the_run() {
+    let p = Project::new();
+    p.write("pipelines/slow.toml", &SLOW.replace("sleep_ms = 1500", "sleep_ms = 60000\nignore_cancel = true"));
+    let started = std::time::Instant::now();
+    let child = p.spawn(&["run", "pipelines/slow.toml"]);
+    p.wait_for("the slow stage to start", |p| p.started().contains(&"slow".to_string()));
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let (code, _, stderr) = output_of(child);
+    assert_eq!(code, 130, "{stderr}");
+    assert!(stderr.contains("interrupted again: exiting now"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "it waited for the stage");
+    let report = p.swift(&["report", "pipelines/slow.toml", "--json"]);
+    assert_eq!(report.code, 0, "{report}");
+    let runs: serde_json::Value = serde_json::from_str(&report.stdout).unwrap();
+    assert_eq!(runs.as_array().map(Vec::len), Some(1), "the run was not recorded: {report}");
+    assert_eq!(runs[0]["ok"], false, "{report}");
+    let status = p.swift(&["status", "pipelines/slow.toml", "--json"]);
+    assert_eq!(status.json()["stages"][0]["fresh"], false);
+}
