@@ -347,6 +347,27 @@ impl Store {
         Ok(file)
     }
 
+    /// [`Store::run_guard`] for commands that only read (`status`, `show`,
+    /// `generate`), which also work on a cache they cannot write: there the
+    /// lock file is opened read-only (a shared lock needs no write access),
+    /// and where it does not exist and cannot be made, no lock is taken —
+    /// this user cannot run `gc` on such a cache either.
+    pub fn read_guard(&self) -> io::Result<Option<File>> {
+        match self.run_guard() {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem) => {
+                match File::open(self.root.join("gc.lock")) {
+                    Ok(file) => {
+                        file.lock_shared()?;
+                        Ok(Some(file))
+                    }
+                    Err(_) => Ok(None),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The exclusive side of [`Store::run_guard`]; `None` while a run holds the cache.
     pub fn maintenance_guard(&self) -> io::Result<Option<File>> {
         let file = open_lock_file(&self.root.join("gc.lock"))?;

@@ -165,7 +165,7 @@ fn resolve_model(cache: Option<&Path>, offline: bool, spec: &str) -> anyhow::Res
         return Ok(Err(Exit::Invalid));
     };
     let store = open_store(cache, &pipeline.manifest.root)?;
-    let _guard = store.run_guard()?;
+    let _guard = store.read_guard()?;
     let stats = store.stat_cache();
     let assessment = assess(&pipeline, &store, &stats, false, offline)?.swap_remove(index);
     match assessment.cached {

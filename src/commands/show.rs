@@ -31,7 +31,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         }
     };
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
-    let _guard = store.run_guard()?;
+    let _guard = store.read_guard()?;
     let stats = store.stat_cache();
     let assessment = assess(&pipeline, &store, &stats, false, offline)?.swap_remove(index);
     let node = &pipeline.nodes[index];

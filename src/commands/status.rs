@@ -25,7 +25,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         Err(exit) => return Ok(exit),
     };
     let store = open_store(cache.as_deref(), &pipeline.manifest.root)?;
-    let _guard = store.run_guard()?;
+    let _guard = store.read_guard()?;
     let stats = store.stat_cache();
     let assessments = assess(&pipeline, &store, &stats, args.rehash, offline)?;
     let _ = stats.save();

@@ -167,3 +167,37 @@ fn a_second_ctrl_c_exits_at_once_and_records_the_run() {
     let status = p.swift(&["status", "pipelines/slow.toml", "--json"]);
     assert_eq!(status.json()["stages"][0]["fresh"], false);
 }
+
+/// Reading commands work on a cache this user cannot write (another user's,
+/// or a read-only mount): run as `nobody` through `setpriv` when the tests
+/// run as root, as CI's do; elsewhere there is no second user to be.
+#[test]
+fn reading_commands_work_on_a_read_only_cache() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = crate::util::chain_project();
+    p.run("pipelines/chain.toml", &[], 0);
+    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !is_root || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: needs root and setpriv to act as another user");
+        return;
+    }
+    let mut dir = p.root().to_path_buf();
+    loop {
+        // Every folder up to the project root readable by others, nothing writable.
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
+        if !dir.pop() || dir.as_os_str().len() <= 1 {
+            break;
+        }
+    }
+    for args in [&["status", "pipelines/chain.toml"][..], &["show", "pipelines/chain.toml", "a"], &["report", "pipelines/chain.toml"]] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_swift")])
+            .args(args)
+            .current_dir(p.root())
+            .env_remove("SWIFT_CACHE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "swift {args:?} as nobody: {stderr}");
+    }
+}
