@@ -63,6 +63,12 @@ pub fn hash_path(path: &Path, stats: &StatCache, rehash: bool) -> io::Result<(Ha
         let summary = HashStats { bytes_hashed: if hashed { meta.len() } else { 0 }, stat_hits: u64::from(!hashed) };
         return Ok((Hashed::File { digest, size: meta.len(), executable }, summary));
     }
+    if let Some(what) = special_file(&meta) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is {what}, not a file or a folder: give a regular file or a folder", path.display()),
+        ));
+    }
     let mut files = Vec::new();
     walk(path, path, &mut files)?;
     let results: Vec<io::Result<(TreeEntry, bool)>> = files
@@ -117,6 +123,27 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf, fs::Metadata)>)
         }
     }
     Ok(())
+}
+
+/// What a path that is neither a regular file nor a folder is ("a named pipe
+/// (FIFO)", "a character device", …), or `None` for a file or a folder.
+/// Inside input folders such entries are skipped; as an input they are refused.
+pub fn special_file(meta: &fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() || t.is_dir() {
+        None
+    } else if t.is_fifo() {
+        Some("a named pipe (FIFO)")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("neither a file nor a folder")
+    }
 }
 
 /// Adds the path to an I/O error's message.

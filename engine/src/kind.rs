@@ -265,10 +265,24 @@ impl<'a> CompileCtx<'a> {
     /// it must exist.
     pub fn local_input(&mut self, input: &str, field: &[&str], shown: &str) -> Result<PathBuf, ManifestError> {
         let path = self.manifest.root.join(shown);
-        if !path.exists() {
-            return Err(self
-                .error(field, format!("input `{shown}` does not exist (looked for {})", path.display()))
-                .with_help("relative paths resolve against the project root (the folder holding .git)"));
+        match std::fs::metadata(&path) {
+            Ok(meta) => {
+                if let Some(what) = swift_cache::hash::special_file(&meta) {
+                    return Err(self
+                        .error(field, format!("input `{shown}` is {what}, not a file or a folder"))
+                        .with_help("give a regular file or a folder; to read a stream, save it to a file first"));
+                }
+            }
+            Err(_) if std::fs::symlink_metadata(&path).is_ok() => {
+                return Err(self
+                    .error(field, format!("input `{shown}` is a symbolic link that leads nowhere (a loop, or its target is missing)"))
+                    .with_help(format!("check where {} points", path.display())));
+            }
+            Err(_) => {
+                return Err(self
+                    .error(field, format!("input `{shown}` does not exist (looked for {})", path.display()))
+                    .with_help("relative paths resolve against the project root (the folder holding .git)"));
+            }
         }
         self.inputs.push(InputDecl {
             name: input.to_string(),

@@ -109,3 +109,20 @@ fn devices_are_refused_where_they_were_chosen() {
     let run = p.run("pipelines/x.toml", &["--device", "cpu"], 0);
     assert_eq!(run.status("d"), "ran", "{run}");
 }
+
+/// A dataset that is a FIFO, a device or a symbolic link loop is named for
+/// what it is, at the key that gives it (not "Not a directory").
+#[test]
+fn special_files_and_link_loops_as_inputs_say_what_they_are() {
+    let download = |path: &str| format!("[stages.a]\nkind = \"download\"\ndataset = \"{path}\"\n");
+    rejects(&download("/dev/zero"), &[], 3, 11, "input `/dev/zero` is a character device, not a file or a folder");
+    let p = Project::new();
+    assert!(std::process::Command::new("mkfifo").arg(p.path("data.fifo")).status().unwrap().success());
+    std::os::unix::fs::symlink("loop-b", p.path("loop-a")).unwrap();
+    std::os::unix::fs::symlink("loop-a", p.path("loop-b")).unwrap();
+    for (path, needle) in [("data.fifo", "is a named pipe (FIFO)"), ("loop-a", "is a symbolic link that leads nowhere")] {
+        p.write("pipelines/bad.toml", &download(path));
+        let run = p.run("pipelines/bad.toml", &[], 2);
+        assert!(run.json()["error"]["message"].as_str().unwrap().contains(needle), "{run}");
+    }
+}
