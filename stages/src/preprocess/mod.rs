@@ -17,7 +17,7 @@ pub mod records;
 pub mod shards;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use rand::seq::SliceRandom;
@@ -35,6 +35,46 @@ use crate::llm::{ModelConfig, TextTokenizer};
 
 /// The preprocess kind.
 pub struct Preprocess;
+
+/// Where a dataset input came from, as the user wrote it: messages about its
+/// rows name `data/law.jsonl:41`, not the cache copy the stage reads
+/// (`.swift/m/2936…/law.jsonl:41`). The source is the upstream `download`
+/// stage whose output is this input; without one, the cache path is shown.
+struct UserPath {
+    /// The input as the stage reads it (a file or a folder in the cache).
+    actual: PathBuf,
+    /// Its source as the manifest gives it.
+    source: Option<String>,
+}
+
+impl UserPath {
+    fn of(ctx: &RunCtx<'_>, actual: &Path, digest: &str) -> Self {
+        let source = ctx
+            .upstream
+            .iter()
+            .find(|u| u.kind == "download" && u.outputs.get("dataset").map(String::as_str) == Some(digest))
+            .and_then(|u| u.params.get("path")?.as_str().map(str::to_string));
+        Self { actual: actual.to_path_buf(), source }
+    }
+
+    /// `file` (the input itself or a file inside it) as the user knows it.
+    fn of_file(&self, file: &Path) -> PathBuf {
+        let Some(source) = &self.source else { return file.to_path_buf() };
+        match file.strip_prefix(&self.actual) {
+            Ok(rel) if rel.as_os_str().is_empty() => PathBuf::from(source),
+            Ok(rel) => Path::new(source).join(rel),
+            Err(_) => file.to_path_buf(),
+        }
+    }
+
+    /// A message with the input's cache path replaced by its source.
+    fn in_message(&self, message: &str) -> String {
+        match &self.source {
+            Some(source) => message.replace(&self.actual.display().to_string(), source),
+            None => message.to_string(),
+        }
+    }
+}
 
 /// What to do when a sample is longer than `max_length`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -116,7 +156,8 @@ impl StageKind for Preprocess {
         "preprocess"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: skipped rows in stats.json name the user's file, not the cache copy.
+        2
     }
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
@@ -212,16 +253,19 @@ impl PreprocessPlan {
         let mut all = Vec::new();
         for i in 0..count {
             let input = ctx.input(&format!("{prefix}.{i}"))?;
+            let shown = UserPath::of(ctx, &input.path, &input.artifact.digest().to_hex());
             let mut converted = Vec::new();
-            let files = records::data_files(&input.path).with_context(|| format!("listing {}", input.path.display()))?;
+            let files = records::data_files(&input.path).with_context(|| format!("listing {}", shown.of_file(&input.path).display()))?;
             if files.is_empty() {
-                bail!("{}: no .jsonl, .json or .csv file", input.path.display());
+                bail!("{}: no .jsonl, .json or .csv file", shown.of_file(&input.path).display());
             }
             for file in files {
-                let (rows, bad) = records::read_file(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
-                for error in bad {
+                let (mut rows, bad) = records::read_file(&file).map_err(|e| anyhow::anyhow!("{}", shown.in_message(&e.to_string())))?;
+                for mut error in bad {
+                    error.file = shown.of_file(&error.file);
                     self.row_error(&error, stats)?;
                 }
+                rows.iter_mut().for_each(|row| row.file = shown.of_file(&row.file));
                 for row in rows {
                     match formats::conversation(&row, config.format, config.system.as_deref()) {
                         Ok(messages) => converted.push(Conversation { messages, origin: format!("{}:{}", row.file.display(), row.line) }),
