@@ -129,6 +129,18 @@ fn scaled_softmax_generic(row: &[f32], lse: f32, scale: f32, out: &mut [f32]) {
 }
 dispatch!(scaled_softmax, scaled_softmax_generic, (row: &[f32], lse: f32, scale: f32, out: &mut [f32]));
 
+/// Divides exponentials by their sum (eight fixed lanes), making them a
+/// softmax; returns the sum.
+#[inline(always)]
+fn normalize(e: &mut [f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    lane_sum(e, &mut acc);
+    let sum = acc.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    e.iter_mut().for_each(|v| *v *= inv);
+    sum
+}
+
 #[inline(always)]
 fn loss_and_grad_row_generic(row: &[f32], target: usize, grad: &mut [f32]) -> f32 {
     let max = max_of(row);
@@ -139,11 +151,7 @@ fn loss_and_grad_row_generic(row: &[f32], target: usize, grad: &mut [f32]) -> f3
     for (g, &x) in grad.iter_mut().zip(row) {
         *g = exp(x - max);
     }
-    let mut acc = [0f32; LANES];
-    lane_sum(grad, &mut acc);
-    let sum = acc.iter().sum::<f32>();
-    let inv = 1.0 / sum;
-    grad.iter_mut().for_each(|g| *g *= inv);
+    let sum = normalize(grad);
     grad[target] -= 1.0;
     max + sum.ln() - row[target]
 }
@@ -159,10 +167,7 @@ fn softmax_row_generic(x: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = exp(v - max);
     }
-    let mut acc = [0f32; LANES];
-    lane_sum(y, &mut acc);
-    let inv = 1.0 / acc.iter().sum::<f32>();
-    y.iter_mut().for_each(|o| *o *= inv);
+    normalize(y);
 }
 dispatch!(softmax_row, softmax_row_generic, (x: &[f32], y: &mut [f32]));
 
@@ -280,10 +285,7 @@ fn masked_softmax_row_generic(x: &[f32], mask: &[f32], scale: f32, y: &mut [f32]
     for o in y.iter_mut() {
         *o = exp(*o - max);
     }
-    let mut acc = [0f32; LANES];
-    lane_sum(y, &mut acc);
-    let inv = 1.0 / acc.iter().sum::<f32>();
-    y.iter_mut().for_each(|o| *o *= inv);
+    normalize(y);
 }
 dispatch!(masked_softmax_row, masked_softmax_row_generic, (x: &[f32], mask: &[f32], scale: f32, y: &mut [f32]));
 

@@ -312,7 +312,7 @@ fn batched_loss(decoder: &Arc<Decoder>, state: &DropoutState, rows: &[&Row], see
     for (r, (row, (_, segments))) in rows.iter().zip(&layouts).enumerate() {
         for i in 0..row.ids.len() - 1 {
             if segments[i] == segments[i + 1] {
-                at.push((r * batch.len() + i) as u32);
+                at.push((r * batch.row_len() + i) as u32);
                 targets.push(row.ids[i + 1]);
             }
         }
@@ -334,30 +334,16 @@ fn check_batch_matches_rows(base: BaseFormat, dora: bool, dropout: f32) {
     ];
     let seeds = [11u64, 22, 33, 44];
     let vars: Vec<candle_core::Var> = adapters.iter().flat_map(|(_, p)| p.vars().into_iter().cloned()).collect();
-    let mut loop_loss = 0f32;
-    let mut loop_grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    for (row, &seed) in rows.iter().zip(&seeds) {
-        let loss = batched_loss(&decoder, &state, &[row], &[seed]);
-        loop_loss += loss.to_scalar::<f32>().unwrap();
-        let grads = loss.backward().unwrap();
-        for (sum, var) in loop_grads.iter_mut().zip(&vars) {
-            let g = grads.get(var.as_tensor()).unwrap().clone();
-            *sum = Some(match sum.take() {
-                Some(s) => (s + g).unwrap(),
-                None => g,
-            });
-        }
-    }
-    // The whole batch at once, and in micro-batches of two rows.
-    for split in [4, 2] {
-        let mut batch_loss = 0f32;
-        let mut batch_grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    // The summed loss and gradients of the rows taken `split` at a time.
+    let run = |split: usize| -> (f32, Vec<Tensor>) {
+        let mut total = 0f32;
+        let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
         for (chunk, chunk_seeds) in rows.chunks(split).zip(seeds.chunks(split)) {
             let chunk: Vec<&Row> = chunk.iter().collect();
             let loss = batched_loss(&decoder, &state, &chunk, chunk_seeds);
-            batch_loss += loss.to_scalar::<f32>().unwrap();
+            total += loss.to_scalar::<f32>().unwrap();
             let grads = loss.backward().unwrap();
-            for (sum, var) in batch_grads.iter_mut().zip(&vars) {
+            for (sum, var) in sums.iter_mut().zip(&vars) {
                 let g = grads.get(var.as_tensor()).unwrap().clone();
                 *sum = Some(match sum.take() {
                     Some(s) => (s + g).unwrap(),
@@ -365,9 +351,14 @@ fn check_batch_matches_rows(base: BaseFormat, dora: bool, dropout: f32) {
                 });
             }
         }
+        (total, sums.into_iter().map(Option::unwrap).collect())
+    };
+    let (loop_loss, loop_grads) = run(1);
+    // The whole batch at once, and in micro-batches of two rows.
+    for split in [4, 2] {
+        let (batch_loss, batch_grads) = run(split);
         assert!((batch_loss - loop_loss).abs() < 1e-5 * loop_loss.abs(), "loss {batch_loss} vs the loop's {loop_loss}");
         for ((a, b), var) in batch_grads.iter().zip(&loop_grads).zip(&vars) {
-            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
             let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
             let diff = max_abs_diff(a, b);
             assert!(diff < 1e-4 * scale, "micro-batches of {split}: a gradient of shape {:?} differs by {diff} (scale {scale})", var.shape());

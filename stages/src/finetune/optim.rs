@@ -163,10 +163,7 @@ pub fn global_norm(grads: &Tensor) -> candle_core::Result<f64> {
     if grads.device().is_cuda() {
         return Ok(swift_kernels::cuda::optim::sum_squares(grads)?.sqrt());
     }
-    let (storage, layout) = grads.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("global_norm: gradients on an unknown device") };
-    let values = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()];
-    Ok(swift_kernels::adamw::sum_squares(values).sqrt())
+    crate::llm::ops::with_f32(&grads.contiguous()?, |values| swift_kernels::adamw::sum_squares(values).sqrt())
 }
 
 /// The norm of `grads` and the factor that clips it to `max_norm` (as

@@ -256,7 +256,8 @@ impl Trainer {
             bail!("the checkpoint in {} does not fit this model's adapters", scratch.display());
         }
         let flat = c.params.concat();
-        let params = Tensor::from_vec(flat.clone(), flat.len(), device)?;
+        let total = flat.len();
+        let params = Tensor::from_vec(flat, total, device)?;
         self.write_params(&params, sizes)?;
         Ok(RunState { optimizer, params, log: c.log, first_step: c.step, resumed_from: Some(c.step) })
     }
@@ -341,7 +342,7 @@ impl Trainer {
             examples.iter().map(|e| (e.ids.as_slice(), e.positions.as_slice(), e.segments.as_slice())).collect();
         let batch = TrainBatch::new(&rows)?;
         let hidden = self.decoder.train_hidden(&batch, checkpoint)?;
-        let len = batch.len() as u32;
+        let len = batch.row_len() as u32;
         let at: Vec<u32> =
             examples.iter().enumerate().flat_map(|(r, e)| e.predict_at.iter().map(move |&i| r as u32 * len + i)).collect();
         let targets: Vec<u32> = examples.iter().flat_map(|e| e.targets.iter().copied()).collect();

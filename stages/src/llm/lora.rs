@@ -264,17 +264,17 @@ impl FusedLora {
 
     fn run(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         let dropped = self.dropped_rows(x)?;
-        let y = match (self.base_on_dropped, &self.mask) {
-            (false, _) => self.base.forward(x)?,
-            (true, None) => self.base.forward(x)?,
-            (true, Some(_)) => self.base.forward(&dropped.reshape(x.shape())?.to_dtype(x.dtype())?)?,
+        let y = if self.base_on_dropped && self.mask.is_some() {
+            self.base.forward(&dropped.reshape(x.shape())?.to_dtype(x.dtype())?)?
+        } else {
+            self.base.forward(x)?
         };
         let y = match (self.base_on_dropped, self.base.bias()) {
             (true, Some(bias)) => y.broadcast_sub(bias)?,
             _ => y,
         };
-        let lora = (dropped.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scaling)?;
-        y.clone() + lora.reshape(y.shape())?.to_dtype(y.dtype())?
+        let lora = (dropped.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scaling)?.reshape(y.shape())?.to_dtype(y.dtype())?;
+        y + lora
     }
 }
 

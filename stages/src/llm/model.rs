@@ -511,19 +511,9 @@ impl TrainBatch {
         Ok(batch)
     }
 
-    /// Rows in the batch.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Tokens per row, padding included.
-    pub fn len(&self) -> usize {
+    pub fn row_len(&self) -> usize {
         self.len
-    }
-
-    /// Whether the batch has no tokens (never, once built).
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
     }
 }
 

@@ -3,11 +3,11 @@
 //!
 //! The weight enters autograd through a custom op on the activation: forward
 //! dequantizes the weight a panel of output rows ([`PANEL_VALUES`] values at
-//! most) at a time and
-//! multiplies each panel into its columns of the output; backward dequantizes
-//! the panels **again** and sums their products into the activation's
-//! gradient. So no f32 copy of a whole frozen matrix is ever built, let alone
-//! kept between forward and backward — the memory QLoRA exists to save. On a GPU the codes live in GPU memory and
+//! most) at a time and multiplies each panel into its columns of the output;
+//! backward dequantizes the panels **again** and sums their products into the
+//! activation's gradient. So no f32 copy of a large frozen matrix is ever
+//! built, let alone kept between forward and backward — the memory QLoRA
+//! exists to save. On a GPU the codes live in GPU memory and
 //! both products run swift's fused dequant-matmul kernels, which dequantize
 //! tiles in shared memory only.
 

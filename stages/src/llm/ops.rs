@@ -30,6 +30,27 @@ pub(crate) fn cpu_tensor(storage: &CpuStorage, layout: &Layout, op: &str) -> can
         .reshape(layout.shape())
 }
 
+/// A contiguous f32 slice of a CPU storage at `layout`.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    if !layout.is_contiguous() {
+        candle_core::bail!("expected a contiguous input");
+    }
+    let start = layout.start_offset();
+    Ok(&storage.as_slice::<f32>()?[start..start + layout.shape().elem_count()])
+}
+
+/// The values of a tensor as one f32 vector (a copy).
+fn f32_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Runs `f` on the values of a contiguous f32 CPU tensor, in place (no copy).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("expected a tensor on the CPU") };
+    Ok(f(f32_slice(cpu, layout)?))
+}
+
 /// A tensor's CPU storage, for returning from `cpu_fwd`.
 pub(crate) fn into_cpu(t: &Tensor, op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
     let t = t.contiguous()?;
@@ -170,7 +191,7 @@ impl CustomOp1 for CrossEntropy {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, vocab) = layout.shape().dims2()?;
-        let data = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * vocab];
+        let data = f32_slice(storage, layout)?;
         let (mut loss, mut lse) = (vec![0f32; rows], vec![0f32; rows]);
         swift_kernels::loss::cross_entropy_rows(data, vocab, &self.targets, &mut loss, &mut lse);
         let _ = self.lse.set(lse);
@@ -197,14 +218,8 @@ impl CustomOp1 for CrossEntropy {
         let (rows, vocab) = arg.dims2()?;
         let grad_out = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let mut grad = vec![0f32; rows * vocab];
-        {
-            let arg = arg.contiguous()?;
-            let (storage, layout) = arg.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("cross-entropy: logits left the CPU") };
-            let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * vocab];
-            let lse = self.lse.get().ok_or_else(|| candle_core::Error::Msg("cross-entropy: backward before forward".into()))?;
-            swift_kernels::loss::cross_entropy_grad(data, vocab, &self.targets, lse, &grad_out, &mut grad);
-        }
+        let lse = self.lse.get().ok_or_else(|| candle_core::Error::Msg("cross-entropy: backward before forward".into()))?;
+        with_f32(&arg.contiguous()?, |data| swift_kernels::loss::cross_entropy_grad(data, vocab, &self.targets, lse, &grad_out, &mut grad))?;
         Ok(Some(Tensor::from_vec(grad, (rows, vocab), arg.device())?))
     }
 }
@@ -280,12 +295,7 @@ fn block_loss_and_grad(logits: Tensor, targets: &[u32]) -> candle_core::Result<(
     let logits = logits.contiguous()?;
     let mut loss = vec![0f32; n];
     let mut grad = vec![0f32; n * vocab];
-    {
-        let (storage, layout) = logits.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("linear-cross-entropy: logits left the CPU") };
-        let values = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * vocab];
-        swift_kernels::loss::cross_entropy_loss_and_grad(values, vocab, targets, &mut loss, &mut grad);
-    }
+    with_f32(&logits, |values| swift_kernels::loss::cross_entropy_loss_and_grad(values, vocab, targets, &mut loss, &mut grad))?;
     Ok((Tensor::from_vec(loss, n, logits.device())?, Tensor::from_vec(grad, (n, vocab), logits.device())?))
 }
 
@@ -322,6 +332,16 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct Softmax;
 
+/// The CPU backward of a softmax over the last dimension whose input was
+/// scaled by `scale` (and shifted by a constant mask), from its output `res`.
+fn softmax_backward(res: &Tensor, grad_res: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    let n = *res.dims().last().unwrap_or(&1);
+    let (y, g) = (f32_values(res)?, f32_values(grad_res)?);
+    let mut dx = vec![0f32; y.len()];
+    swift_kernels::rows::masked_softmax_rows_grad(&y, &g, n, scale, &mut dx);
+    Tensor::from_vec(dx, res.shape(), res.device())
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "softmax-last-dim"
@@ -329,9 +349,8 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = *layout.dims().last().unwrap_or(&1);
-        let count = layout.shape().elem_count();
-        let x = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + count];
-        let mut y = vec![0f32; count];
+        let x = f32_slice(storage, layout)?;
+        let mut y = vec![0f32; x.len()];
         swift_kernels::rows::softmax_rows(x, n, &mut y);
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
@@ -348,12 +367,7 @@ impl CustomOp1 for Softmax {
             let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
             return Ok(Some(swift_kernels::cuda::rows::softmax_grad(&res.contiguous()?, &g)?));
         }
-        let n = *res.dims().last().unwrap_or(&1);
-        let y = res.flatten_all()?.to_vec1::<f32>()?;
-        let g = grad_res.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; y.len()];
-        swift_kernels::rows::softmax_rows_grad(&y, &g, n, &mut dx);
-        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+        softmax_backward(res, grad_res, 1.0).map(Some)
     }
 }
 
@@ -391,7 +405,7 @@ impl CustomOp1 for RmsNorm {
         if layout.dims().last() != Some(&weight.len()) {
             candle_core::bail!("rms-norm: rows of {:?} do not match a weight of {}", layout.dims(), weight.len());
         }
-        let x = &storage.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + count];
+        let x = f32_slice(storage, layout)?;
         let mut y = vec![0f32; count];
         swift_kernels::rows::rms_norm_rows(x, &weight, self.eps, &mut y);
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -416,27 +430,6 @@ impl CustomOp1 for RmsNorm {
         swift_kernels::rows::rms_norm_rows_grad(&x, &weight, &g, self.eps, &mut dx);
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
-}
-
-/// A contiguous f32 slice of a CPU storage at `layout`.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    if !layout.is_contiguous() {
-        candle_core::bail!("expected a contiguous input");
-    }
-    let start = layout.start_offset();
-    Ok(&storage.as_slice::<f32>()?[start..start + layout.shape().elem_count()])
-}
-
-/// The values of a tensor as one f32 vector (a copy).
-fn f32_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-}
-
-/// Runs `f` on the values of a contiguous f32 CPU tensor, in place (no copy).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("expected a tensor on the CPU") };
-    Ok(f(f32_slice(cpu, layout)?))
 }
 
 /// Attention probabilities for training, `softmax(scores·scale + mask)`
@@ -474,11 +467,7 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let n = *res.dims().last().unwrap_or(&1);
-        let (y, g) = (f32_values(res)?, f32_values(grad_res)?);
-        let mut dx = vec![0f32; y.len()];
-        swift_kernels::rows::masked_softmax_rows_grad(&y, &g, n, self.scale, &mut dx);
-        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+        softmax_backward(res, grad_res, self.scale).map(Some)
     }
 }
 
