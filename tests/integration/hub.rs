@@ -299,11 +299,17 @@ fn offline_miss_is_a_clear_error_and_a_populated_cache_needs_no_server() {
     assert!(p.read("pipelines/hub.lock").contains(SHA1));
 }
 
-#[test]
-fn a_refused_token_is_explained_and_never_written_anywhere() {
+/// A hub serving the fixture repository at SHA1 to requests with `token` only.
+fn hub_requiring(token: &str) -> FakeHub {
     let hub = FakeHub::start();
     hub.commit("models/swift-test/tiny-qwen", SHA1, fixture_repo());
-    hub.state.lock().unwrap().token = Some("hf_good_token".into());
+    hub.state.lock().unwrap().token = Some(token.into());
+    hub
+}
+
+#[test]
+fn a_refused_token_is_explained_and_never_written_anywhere() {
+    let hub = hub_requiring("hf_good_token");
     let p = hub_project(&hub);
     p.set_env("HF_TOKEN", "hf_bad_token_123");
     let run = p.run("pipelines/hub.toml", &[], 1);
@@ -376,15 +382,9 @@ fn an_adapter_of_a_hub_model_names_its_repository_and_revision() {
 /// huggingface_hub does; the HF cache holds it as blobs and snapshot links.
 #[test]
 fn a_redirect_to_another_host_never_carries_the_token() {
-    let hub = FakeHub::start();
-    let files = fixture_repo();
-    let storage = Storage::start(&files);
-    hub.commit("models/swift-test/tiny-qwen", SHA1, files);
-    {
-        let mut state = hub.state.lock().unwrap();
-        state.token = Some("hf_secret_token".into());
-        state.storage = Some(format!("http://127.0.0.1:{}", storage.port));
-    }
+    let hub = hub_requiring("hf_secret_token");
+    let storage = Storage::start(&fixture_repo());
+    hub.state.lock().unwrap().storage = Some(format!("http://127.0.0.1:{}", storage.port));
     let p = hub_project(&hub);
     p.set_env("HF_TOKEN", "hf_secret_token");
     let run = p.run("pipelines/hub.toml", &[], 0);
@@ -407,9 +407,7 @@ fn a_redirect_to_another_host_never_carries_the_token() {
 /// any request, and never printed.
 #[test]
 fn tokens_are_trimmed_and_unusable_ones_are_refused_unseen() {
-    let hub = FakeHub::start();
-    hub.commit("models/swift-test/tiny-qwen", SHA1, fixture_repo());
-    hub.state.lock().unwrap().token = Some("hf_good_token".into());
+    let hub = hub_requiring("hf_good_token");
     let p = hub_project(&hub);
     p.set_env("HF_TOKEN", "hf_good_token\r\n");
     let run = p.run("pipelines/hub.toml", &[], 0);

@@ -21,40 +21,16 @@ use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
+use url::Url;
 
 /// Redirects followed at most.
 const MAX_REDIRECTS: usize = 10;
 
-/// The scheme, host and port of a URL (`http://127.0.0.1:8000`).
-pub fn origin(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit('@').next()?.to_ascii_lowercase();
-    let scheme = scheme.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "https" => ":443",
-        "http" => ":80",
-        _ => "",
-    };
-    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.chars().all(|c| c.is_ascii_digit()) && !authority.ends_with(']'));
-    Some(if has_port { format!("{scheme}://{authority}") } else { format!("{scheme}://{authority}{default_port}") })
-}
-
-/// `location` (absolute, or relative to `base`) as an absolute URL.
-fn resolve_location(base: &str, location: &str) -> anyhow::Result<String> {
-    if location.contains("://") {
-        return Ok(location.to_string());
-    }
-    let origin_end = base.find("://").map(|i| i + 3).and_then(|start| base[start..].find('/').map(|j| start + j)).unwrap_or(base.len());
-    if let Some(path) = location.strip_prefix("//") {
-        let scheme = base.split("://").next().unwrap_or("https");
-        return Ok(format!("{scheme}://{path}"));
-    }
-    if location.starts_with('/') {
-        return Ok(format!("{}{location}", &base[..origin_end]));
-    }
-    let dir_end = base[..base.find('?').unwrap_or(base.len())].rfind('/').filter(|&i| i >= origin_end).unwrap_or(origin_end);
-    Ok(format!("{}/{location}", &base[..dir_end]))
+/// Whether `url` has the scheme, host and port of `trusted` (default ports
+/// included, hosts compared case-insensitively, as `url` normalizes them).
+fn same_origin(url: &Url, trusted: &Url) -> bool {
+    let origin = url.origin();
+    origin.is_tuple() && origin == trusted.origin()
 }
 
 /// What the Hub said about a file before its body.
@@ -69,16 +45,17 @@ struct FileHead {
 pub fn download(url: &str, endpoint: &str, token: Option<&str>, repo_folder: &Path, sha: &str, file: &str)
     -> Result<PathBuf, FileError> {
     let agent = ureq::AgentBuilder::new().redirects(0).user_agent(concat!("swift/", env!("CARGO_PKG_VERSION"))).build();
-    let trusted = origin(endpoint);
-    let mut current = url.to_string();
+    let parse = |u: &str| Url::parse(u).map_err(|e| FileError::Other(anyhow!("`{u}` is not a URL: {e}")));
+    let trusted = parse(endpoint)?;
+    let mut current = parse(url)?;
     let mut head: Option<FileHead> = None;
     let mut token = token;
     for _ in 0..=MAX_REDIRECTS {
-        if origin(&current) != trusted {
+        if !same_origin(&current, &trusted) {
             // Once off the endpoint's origin, never back with the token.
             token = None;
         }
-        let mut request = agent.get(&current);
+        let mut request = agent.get(current.as_str());
         if let Some(token) = token {
             request = request.set("Authorization", &format!("Bearer {token}"));
         }
@@ -94,11 +71,11 @@ pub fn download(url: &str, endpoint: &str, token: Option<&str>, repo_folder: &Pa
             }
         }
         if (300..400).contains(&response.status()) {
-            let location = response.header("location").ok_or(FileError::Other(anyhow!("a redirect without a Location")))?;
-            current = resolve_location(&current, location).map_err(FileError::Other)?;
+            let location = response.header("location").ok_or_else(|| FileError::Other(anyhow!("a redirect without a Location")))?;
+            current = current.join(location).map_err(|e| FileError::Other(anyhow!("a redirect to `{location}`: {e}")))?;
             continue;
         }
-        let head = head.ok_or(FileError::Other(anyhow!("the Hub sent no ETag for `{file}`")))?;
+        let head = head.ok_or_else(|| FileError::Other(anyhow!("the Hub sent no ETag for `{file}`")))?;
         if head.commit.as_deref().is_some_and(|c| !c.eq_ignore_ascii_case(sha)) {
             return Err(FileError::Other(anyhow!("the Hub served `{file}` of commit {} when {sha} was asked for", head.commit.unwrap_or_default())));
         }
@@ -161,19 +138,22 @@ mod tests {
 
     #[test]
     fn origins_tell_hosts_and_ports_apart() {
-        assert_eq!(origin("https://huggingface.co/a/b").as_deref(), Some("https://huggingface.co:443"));
-        assert_eq!(origin("https://HuggingFace.co:443/x"), origin("https://huggingface.co/y"));
-        assert_ne!(origin("http://127.0.0.1:8000/a"), origin("http://127.0.0.1:8001/a"));
-        assert_ne!(origin("https://huggingface.co/a"), origin("https://cdn-lfs.huggingface.co/a"));
-        assert_ne!(origin("http://h/a"), origin("https://h/a"));
+        let same = |a: &str, b: &str| same_origin(&Url::parse(a).unwrap(), &Url::parse(b).unwrap());
+        assert!(same("https://HuggingFace.co:443/x", "https://huggingface.co/y"));
+        assert!(same("http://127.0.0.1:8000/a/resolve", "http://127.0.0.1:8000"));
+        assert!(!same("http://127.0.0.1:8000/a", "http://127.0.0.1:8001/a"));
+        assert!(!same("https://cdn-lfs.huggingface.co/a", "https://huggingface.co"));
+        assert!(!same("http://h/a", "https://h/a"));
+        assert!(!same("file:///etc/passwd", "file:///etc/passwd"), "no origin is trusted");
     }
 
     #[test]
     fn relative_locations_resolve_against_the_request() {
-        let base = "http://127.0.0.1:9/org/name/resolve/abc/dir/f.json?x=1";
-        assert_eq!(resolve_location(base, "/api/x").unwrap(), "http://127.0.0.1:9/api/x");
-        assert_eq!(resolve_location(base, "g.json").unwrap(), "http://127.0.0.1:9/org/name/resolve/abc/dir/g.json");
-        assert_eq!(resolve_location(base, "//cdn.example/f").unwrap(), "http://cdn.example/f");
-        assert_eq!(resolve_location(base, "https://cdn.example/f").unwrap(), "https://cdn.example/f");
+        let base = Url::parse("http://127.0.0.1:9/org/name/resolve/abc/dir/f.json?x=1").unwrap();
+        let join = |l: &str| base.join(l).unwrap().to_string();
+        assert_eq!(join("/api/x"), "http://127.0.0.1:9/api/x");
+        assert_eq!(join("g.json"), "http://127.0.0.1:9/org/name/resolve/abc/dir/g.json");
+        assert_eq!(join("//cdn.example/f"), "http://cdn.example/f");
+        assert_eq!(join("https://cdn.example/f"), "https://cdn.example/f");
     }
 }
