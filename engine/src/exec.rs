@@ -34,7 +34,9 @@ use crate::kind::{Cancelled, OutputValue, Resource, RunCtx, Upstream};
 use crate::placement::Executor;
 use crate::pipeline::{InputRef, Pipeline};
 use crate::report::{Reporter, RunReport, StageReport, StageStatus};
-use crate::resolve::{hash_locals, input_artifacts, input_values, key_of, lookup, params_of, resolve_revisions, Locals};
+use crate::resolve::{
+    hash_locals, input_artifacts, input_values, key_of, lookup, params_of, resolve_revisions, user_names, with_user_names, Locals,
+};
 
 /// How to run.
 #[derive(Clone, Debug, Default)]
@@ -549,7 +551,9 @@ impl StageTask {
         match self.try_execute() {
             Ok((entry, paths, reused)) => Outcome::Done { reused, entry, paths, seconds: started.elapsed().as_secs_f64() },
             Err(error) => {
-                Outcome::Failed { key: Some(self.key), error: format!("{error:#}"), seconds: started.elapsed().as_secs_f64() }
+                let names = user_names(&self.pipeline, &self.store, self.index, &self.inputs, &self.locals);
+                let error = with_user_names(&format!("{error:#}"), &names);
+                Outcome::Failed { key: Some(self.key), error, seconds: started.elapsed().as_secs_f64() }
             }
         }
     }

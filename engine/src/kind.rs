@@ -302,6 +302,31 @@ pub struct InputValue {
     pub path: PathBuf,
     /// For local inputs, what hashing found (lets a stage ingest without rehashing).
     pub hashed: Option<swift_cache::Hashed>,
+    /// For a stage's output that is a verbatim copy of a file or folder the
+    /// manifest names (what a `download` stage makes of a local path): that
+    /// name, for messages and reports to show instead of the store's copy.
+    pub shown: Option<String>,
+}
+
+impl InputValue {
+    /// `file` (the input itself or a file inside it) as the user knows it:
+    /// under the original's name where the input is a copy, else as it is.
+    pub fn shown_path(&self, file: &Path) -> PathBuf {
+        let Some(shown) = &self.shown else { return file.to_path_buf() };
+        match file.strip_prefix(&self.path) {
+            Ok(rel) if rel.as_os_str().is_empty() => PathBuf::from(shown),
+            Ok(rel) => Path::new(shown).join(rel),
+            Err(_) => file.to_path_buf(),
+        }
+    }
+
+    /// A message with the input's store path given as the original's name.
+    pub fn shown_in(&self, message: &str) -> String {
+        match &self.shown {
+            Some(shown) => message.replace(&self.path.display().to_string(), shown),
+            None => message.to_string(),
+        }
+    }
 }
 
 /// An output a stage returns.

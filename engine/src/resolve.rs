@@ -93,13 +93,57 @@ pub fn input_values(
 ) -> std::io::Result<IndexMap<String, InputValue>> {
     let mut values = IndexMap::new();
     for (j, (input, (name, artifact))) in pipeline.nodes[stage].inputs.iter().zip(artifacts).enumerate() {
-        let (path, hashed): (PathBuf, _) = match &input.source {
-            InputRef::Local { path, .. } => (path.clone(), locals.get(&(stage, j)).map(|l| l.hashed.clone())),
-            InputRef::Stage { .. } => (store.materialize(artifact)?, None),
+        let (path, hashed, shown): (PathBuf, _, _) = match &input.source {
+            InputRef::Local { path, .. } => (path.clone(), locals.get(&(stage, j)).map(|l| l.hashed.clone()), None),
+            InputRef::Stage { stage: producer, .. } => {
+                (store.materialize(artifact)?, None, original_of(pipeline, locals, *producer, artifact))
+            }
         };
-        values.insert(name.clone(), InputValue { artifact: artifact.clone(), path, hashed });
+        values.insert(name.clone(), InputValue { artifact: artifact.clone(), path, hashed, shown });
     }
     Ok(values)
+}
+
+/// The local file or folder, as the manifest names it, of which `artifact`
+/// (an output of `producer`) is a verbatim copy: a local input of the
+/// producer (or of its producers, copy after copy) with the same digest.
+/// This is how a stage's messages name `data/law.jsonl` rather than the
+/// store's `.swift/m/2936…/law.jsonl` that a download stage made of it.
+fn original_of(pipeline: &Pipeline, locals: &Locals, producer: usize, artifact: &Artifact) -> Option<String> {
+    pipeline.nodes[producer].inputs.iter().enumerate().find_map(|(j, input)| match &input.source {
+        InputRef::Local { shown, .. } => {
+            (locals.get(&(producer, j))?.artifact.digest() == artifact.digest()).then(|| shown.clone())
+        }
+        InputRef::Stage { stage, .. } => original_of(pipeline, locals, *stage, artifact),
+    })
+}
+
+/// The store paths of a stage's inputs that are copies of the user's files,
+/// each with the name the manifest gives the original (see [`original_of`]).
+pub fn user_names(
+    pipeline: &Pipeline,
+    store: &Store,
+    stage: usize,
+    artifacts: &[(String, Artifact)],
+    locals: &Locals,
+) -> Vec<(PathBuf, String)> {
+    pipeline.nodes[stage]
+        .inputs
+        .iter()
+        .zip(artifacts)
+        .filter_map(|(input, (_, artifact))| match &input.source {
+            InputRef::Stage { stage: producer, .. } => {
+                Some((store.materialized_path(artifact), original_of(pipeline, locals, *producer, artifact)?))
+            }
+            InputRef::Local { .. } => None,
+        })
+        .collect()
+}
+
+/// `message` with every store path in `names` (and paths inside it) given as
+/// the user's original.
+pub fn with_user_names(message: &str, names: &[(PathBuf, String)]) -> String {
+    names.iter().fold(message.to_string(), |text, (path, shown)| text.replace(&path.display().to_string(), shown))
 }
 
 /// The stage's key given its resolved revision and input artifacts.

@@ -96,6 +96,26 @@ data = ["chat"]
 max_length = 2048
 "#;
 
+/// The row length the benchmark packs to (the manifest's `max_length`).
+const MAX_LENGTH: usize = 2048;
+
+/// The fixture model (its tokenizer and template) copied to `dir` with a
+/// context of `positions` tokens: preprocess refuses rows longer than the
+/// model's context, and the fixture has 512 positions.
+fn with_context_of(dir: &Path, positions: usize) -> anyhow::Result<std::path::PathBuf> {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2-tiny");
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(&fixture)? {
+        let from = entry?.path();
+        let to = dir.join(from.file_name().context("a file name")?);
+        std::fs::copy(&from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json"))?)?;
+    config["max_position_embeddings"] = positions.into();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    Ok(dir.to_path_buf())
+}
+
 /// Runs the preprocess stage on a fresh cache; returns (seconds, samples, tokens).
 fn run_swift(dir: &Path, model: &Path) -> anyhow::Result<(f64, u64, u64)> {
     std::fs::write(dir.join("pipelines/bench.toml"), MANIFEST.replace("MODEL", &model.display().to_string()))?;
@@ -120,7 +140,7 @@ pub fn exec(args: PreprocessArgs) -> anyhow::Result<Exit> {
     let dir = args.dir.canonicalize()?;
     let corpus = dir.join("data/chat.jsonl");
     write_corpus(&corpus, args.conversations)?;
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2-tiny");
+    let fixture = with_context_of(&dir.join("models/fixture"), MAX_LENGTH)?;
     let mut models = vec![("fixture BPE (640)".to_string(), fixture.clone())];
     if let Some(python) = &args.python {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_preprocess_reference.py");
@@ -134,7 +154,7 @@ pub fn exec(args: PreprocessArgs) -> anyhow::Result<Exit> {
         let vocab = tokenizer["model"]["vocab"].as_object().map_or(0, |v| v.len());
         models.push((format!("trained byte-level BPE ({vocab})"), large));
     }
-    outln!("machine: {} ({} cores); {} conversations, max_length 2048, packing on\n", cpu_model(), num_cores(), args.conversations);
+    outln!("machine: {} ({} cores); {} conversations, max_length {MAX_LENGTH}, packing on\n", cpu_model(), num_cores(), args.conversations);
     outln!("| tokenizer | swift conv/s | swift tokens/s | Python conv/s | Python tokens/s | ratio |");
     outln!("|---|---|---|---|---|---|");
     for (label, model) in &models {
@@ -144,7 +164,7 @@ pub fn exec(args: PreprocessArgs) -> anyhow::Result<Exit> {
             Some(python) => {
                 let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_preprocess_reference.py");
                 let mut cmd = Command::new(python);
-                cmd.arg(&script).arg("run").arg(model).arg(&corpus).arg("2048").arg(num_cores().to_string());
+                cmd.arg(&script).arg("run").arg(model).arg(&corpus).arg(MAX_LENGTH.to_string()).arg(num_cores().to_string());
                 let (_, stdout) = timed(&mut cmd)?;
                 let peer: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?;
                 let peer_seconds = peer["seconds"].as_f64().context("seconds")?;

@@ -19,6 +19,7 @@ pub mod export;
 pub mod finetune;
 pub mod hub;
 pub mod llm;
+pub mod memory;
 pub mod model_source;
 pub mod preprocess;
 pub mod quantize;

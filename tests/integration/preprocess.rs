@@ -112,7 +112,7 @@ fn same_seed_same_shards_and_max_length_reruns_only_preprocess() {
     assert_eq!(again.status("prep"), "ran");
     assert_eq!(train_split(&again, "prep").0, tokens, "identical shard digests");
     assert!(tokens.join("val.ids").exists(), "val_fraction makes a validation split");
-    let longer = p.run("pipelines/p.toml", &["--set", "stages.prep.max_length=1024"], 0);
+    let longer = p.run("pipelines/p.toml", &["--set", "stages.prep.max_length=256"], 0);
     assert_eq!(longer.status("prep"), "ran");
     for stage in ["qwen", "llama", "chat"] {
         assert_eq!(longer.status(stage), "cached");
@@ -137,6 +137,32 @@ fn bad_rows_fail_with_file_line_and_field_or_are_skipped_and_counted() {
     assert_eq!(stats["skipped"]["malformed JSON"], 1);
     assert_eq!(stats["skipped"]["unknown role"], 1);
     assert!(stats["skipped_examples"][1].as_str().unwrap().starts_with("data/messages.jsonl:4: field `messages[0].role`"), "{stats}");
+}
+
+#[test]
+fn rows_are_bounded_by_the_model_context_and_huge_lines_by_max_length() {
+    // Left out, max_length is the model's context when that is under 2048 (the fixture has 512).
+    let p = project("model = \"qwen\"\ndata = [\"chat\"]\n");
+    let run = p.run("pipelines/p.toml", &[], 0);
+    let (tokens, _) = train_split(&run, "prep");
+    let header = swift_stages::preprocess::shards::Header::read(&tokens).unwrap();
+    assert_eq!(header.max_length, 512);
+    let run = p.run("pipelines/p.toml", &["--set", "stages.prep.max_length=8192"], 1);
+    assert!(
+        run.stderr.contains("stages.prep.max_length: max_length = 8192 is longer than the model's context (max_position_embeddings = 512)"),
+        "{run}"
+    );
+
+    // One 4 MB line is tokenized only as far as a row holds.
+    let long = "the tenant shall repair the premises ".repeat(110_000);
+    let row = serde_json::json!({"messages": [{"role": "user", "content": "Summarise."}, {"role": "assistant", "content": long}]});
+    p.write("data/huge.jsonl", &format!("{row}\n"));
+    let p2 = p.read("pipelines/p.toml").replace("data = [\"chat\"]", "data = [\"data/huge.jsonl\"]\nmax_length = 64");
+    p.write("pipelines/p.toml", &p2);
+    let run = p.run("pipelines/p.toml", &[], 0);
+    assert_eq!(run.stage("prep")["metrics"]["truncated"], 1, "{run}");
+    let (_, split) = train_split(&run, "prep");
+    assert_eq!(split.row(0).len(), 64);
 }
 
 #[test]

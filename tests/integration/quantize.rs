@@ -220,11 +220,31 @@ fn bad_settings_are_clear_errors() {
     let run = p.run("pipelines/q.toml", &[], 1);
     assert!(run.stderr.contains("stages.int4.calibration") && run.stderr.contains("too few calibration tokens"), "{run}");
 
+    // Sizes past the model's context or the machine's memory are refused before any allocation.
+    let sized = |keys: &str| project("qwen2-tiny", &format!("[stages.int4]\nkind = \"quantize\"\nmodel = \"base\"\ncalibration = \"data/calib.jsonl\"\n{keys}"));
+    let run = sized("seq_len = 100000\n").run("pipelines/q.toml", &[], 1);
+    assert!(run.stderr.contains("stages.int4.seq_len") && run.stderr.contains("max_position_embeddings = 512"), "{run}");
+    let run = sized("samples = 1000000000000\nseq_len = 512\n").run("pipelines/q.toml", &[], 1);
+    assert!(run.stderr.contains("stages.int4.samples") && run.stderr.contains("GiB are free"), "{run}");
+    let run = sized("samples = 9223372036854775807\nheld_out = 9223372036854775807\n").run("pipelines/q.toml", &[], 1);
+    assert!(run.code == 1 && run.stderr.contains("stages.int4."), "{run}");
+
     let p = project("qwen2-tiny", &format!("[stages.int4]\nkind = \"quantize\"\nmodel = \"base\"\n{SMALL}"));
     let config = p.read("models/base/config.json").replace("\"qwen2\"", "\"gpt_neox\"");
     p.write("models/base/config.json", &config);
     let run = p.run("pipelines/q.toml", &[], 1);
     assert!(run.stderr.contains("no known AWQ layer grouping"), "{run}");
+}
+
+#[test]
+fn a_broken_checkpoint_is_named_as_the_user_gave_it() {
+    let p = project("qwen2-tiny", &format!("[stages.int4]\nkind = \"quantize\"\nmodel = \"base\"\n{SMALL}"));
+    let weights = std::fs::read(p.path("models/base/model.safetensors")).unwrap();
+    std::fs::write(p.path("models/base/model.safetensors"), &weights[..weights.len() / 2]).unwrap();
+    let run = p.run("pipelines/q.toml", &[], 1);
+    // The download stage's copy in the store is named by the folder the manifest gives.
+    assert!(run.stderr.contains("models/base/model.safetensors"), "{run}");
+    assert!(!run.stderr.contains("/m/"), "{run}");
 }
 
 #[test]

@@ -20,12 +20,10 @@ pub mod checkpoint;
 pub mod collective;
 pub mod curve;
 pub mod data;
-pub mod memory;
 pub mod optim;
 pub mod targets;
 pub mod train;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,6 +41,7 @@ use self::train::{Hooks, Settings, Trainer};
 use crate::llm::adapted::{AdaptedLoader, BaseFormat, NewAdapter};
 use crate::llm::adapter::{self, AdapterSpec};
 use crate::llm::{Decoder, ModelConfig};
+use crate::memory;
 use crate::model_source::ModelSource;
 use crate::preprocess::shards::{self, Split};
 
@@ -313,7 +312,7 @@ fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
 fn check_sizes(c: &Config, model: &ModelConfig, train: &Split, field: &dyn Fn(&str) -> String) -> anyhow::Result<()> {
     let Some(available) = memory::available_bytes() else { return Ok(()) };
     let longest = (0..train.rows()).map(|r| train.row(r).len()).max().unwrap_or(0).max(1);
-    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let gib = memory::gib;
     let per_step = c.batch_size.saturating_mul(c.grad_accum);
     let stream = c.epochs.saturating_mul(train.rows());
     let step_rows = if c.max_steps.is_some() { per_step } else { per_step.min(stream) };
@@ -395,7 +394,7 @@ impl StagePlan for FinetunePlan {
         check_rank(&model_config, &selection, c.lora.rank).map_err(|e| anyhow!("{}: {e}", field("lora.rank")))?;
 
         let tokens_dir = &ctx.input("data")?.path;
-        check_tokenizer(tokens_dir, &opened.folder).with_context(|| field("data"))?;
+        shards::check_tokenizer(tokens_dir, &opened.folder).with_context(|| field("data"))?;
         let train = Split::open(tokens_dir, "train").with_context(|| format!("{}: reading the train split", field("data")))?;
         let labels_per_row: Vec<usize> = (0..train.rows()).map(|r| train.row(r).labels.iter().filter(|&&l| l == 1).count()).collect();
         let label_tokens: usize = labels_per_row.iter().sum();
@@ -555,17 +554,6 @@ fn check_rank(config: &ModelConfig, selection: &Selection, rank: usize) -> Resul
                 inp.min(out)
             ));
         }
-    }
-    Ok(())
-}
-
-/// The tokens must come from this model's tokenizer.
-pub(crate) fn check_tokenizer(tokens_dir: &Path, model: &Path) -> anyhow::Result<()> {
-    let header = shards::Header::read(tokens_dir)?;
-    let tokenizer = std::fs::read(model.join("tokenizer.json")).with_context(|| format!("{}: no tokenizer.json", model.display()))?;
-    if blake3::hash(&tokenizer).to_hex().as_str() != header.tokenizer_digest {
-        bail!("the tokens were made with a different tokenizer than this model's ({}): give the preprocess stage \
-            the same `model` (or its base)", model.display());
     }
     Ok(())
 }

@@ -17,9 +17,9 @@ pub mod records;
 pub mod shards;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use rand::SeedableRng;
@@ -35,46 +35,6 @@ use crate::llm::{ModelConfig, TextTokenizer};
 
 /// The preprocess kind.
 pub struct Preprocess;
-
-/// Where a dataset input came from, as the user wrote it: messages about its
-/// rows name `data/law.jsonl:41`, not the cache copy the stage reads
-/// (`.swift/m/2936…/law.jsonl:41`). The source is the upstream `download`
-/// stage whose output is this input; without one, the cache path is shown.
-struct UserPath {
-    /// The input as the stage reads it (a file or a folder in the cache).
-    actual: PathBuf,
-    /// Its source as the manifest gives it.
-    source: Option<String>,
-}
-
-impl UserPath {
-    fn of(ctx: &RunCtx<'_>, actual: &Path, digest: &str) -> Self {
-        let source = ctx
-            .upstream
-            .iter()
-            .find(|u| u.kind == "download" && u.outputs.get("dataset").map(String::as_str) == Some(digest))
-            .and_then(|u| u.params.get("path")?.as_str().map(str::to_string));
-        Self { actual: actual.to_path_buf(), source }
-    }
-
-    /// `file` (the input itself or a file inside it) as the user knows it.
-    fn of_file(&self, file: &Path) -> PathBuf {
-        let Some(source) = &self.source else { return file.to_path_buf() };
-        match file.strip_prefix(&self.actual) {
-            Ok(rel) if rel.as_os_str().is_empty() => PathBuf::from(source),
-            Ok(rel) => Path::new(source).join(rel),
-            Err(_) => file.to_path_buf(),
-        }
-    }
-
-    /// A message with the input's cache path replaced by its source.
-    fn in_message(&self, message: &str) -> String {
-        match &self.source {
-            Some(source) => message.replace(&self.actual.display().to_string(), source),
-            None => message.to_string(),
-        }
-    }
-}
 
 /// What to do when a sample is longer than `max_length`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -98,9 +58,9 @@ pub enum OnError {
     Skip,
 }
 
-fn default_max_length() -> usize {
-    2048
-}
+/// The row length when `max_length` is left out, unless the model's context
+/// is shorter.
+const DEFAULT_MAX_LENGTH: usize = 2048;
 
 fn yes() -> bool {
     true
@@ -120,8 +80,8 @@ struct Config {
     system: Option<String>,
     #[serde(default)]
     fallback_template: Option<String>,
-    #[serde(default = "default_max_length")]
-    max_length: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_length: Option<usize>,
     #[serde(default)]
     truncation: Truncation,
     #[serde(default)]
@@ -157,7 +117,8 @@ impl StageKind for Preprocess {
     }
     fn version(&self) -> u32 {
         // 2: skipped rows in stats.json name the user's file, not the cache copy.
-        2
+        // 3: max_length left out is the model's context when that is shorter than 2048.
+        3
     }
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
@@ -181,7 +142,7 @@ impl StageKind for Preprocess {
         if config.val_fraction > 0.0 && !config.val_data.is_empty() {
             return Err(ctx.error(&["val_fraction"], "give `val_fraction` or `val_data`, not both"));
         }
-        if config.max_length < 2 {
+        if config.max_length.is_some_and(|n| n < 2) {
             return Err(ctx.error(&["max_length"], "max_length must be at least 2"));
         }
         if let Some(name) = &config.fallback_template {
@@ -253,19 +214,20 @@ impl PreprocessPlan {
         let mut all = Vec::new();
         for i in 0..count {
             let input = ctx.input(&format!("{prefix}.{i}"))?;
-            let shown = UserPath::of(ctx, &input.path, &input.artifact.digest().to_hex());
+            // Rows and messages name the user's file (`data/law.jsonl:41`), not the store's copy.
+            let shown = |file: &Path| input.shown_path(file);
             let mut converted = Vec::new();
-            let files = records::data_files(&input.path).with_context(|| format!("listing {}", shown.of_file(&input.path).display()))?;
+            let files = records::data_files(&input.path).with_context(|| format!("listing {}", shown(&input.path).display()))?;
             if files.is_empty() {
-                bail!("{}: no .jsonl, .json or .csv file", shown.of_file(&input.path).display());
+                bail!("{}: no .jsonl, .json or .csv file", shown(&input.path).display());
             }
             for file in files {
-                let (mut rows, bad) = records::read_file(&file).map_err(|e| anyhow::anyhow!("{}", shown.in_message(&e.to_string())))?;
+                let (mut rows, bad) = records::read_file(&file).map_err(|e| anyhow!("{}", input.shown_in(&e.to_string())))?;
                 for mut error in bad {
-                    error.file = shown.of_file(&error.file);
+                    error.file = shown(&error.file);
                     self.row_error(&error, stats)?;
                 }
-                rows.iter_mut().for_each(|row| row.file = shown.of_file(&row.file));
+                rows.iter_mut().for_each(|row| row.file = shown(&row.file));
                 for row in rows {
                     match formats::conversation(&row, config.format, config.system.as_deref()) {
                         Ok(messages) => converted.push(Conversation { messages, origin: format!("{}:{}", row.file.display(), row.line) }),
@@ -289,11 +251,14 @@ impl PreprocessPlan {
         }
     }
 
-    fn encode_all(&self, encoder: &Encoder<'_>, conversations: Vec<Conversation>, stats: &mut Stats) -> anyhow::Result<Vec<Sample>> {
+    fn encode_all(&self, encoder: &Encoder<'_>, conversations: Vec<Conversation>, max_length: usize, stats: &mut Stats) -> anyhow::Result<Vec<Sample>> {
         let config = self.config();
         // Rendering and tokenizing in parallel; errors and truncation are then
         // handled in order, so results do not depend on the thread count.
-        let encoded: Vec<Result<Sample, String>> = conversations.par_iter().map(|c| encoder.encode(&c.messages)).collect();
+        // Tokenizing stops a little past max_length: one token more than fits
+        // is enough to know a sample is too long.
+        let encoded: Vec<Result<Sample, String>> =
+            conversations.par_iter().map(|c| encoder.encode(&c.messages, max_length + 1)).collect();
         let mut samples = Vec::with_capacity(conversations.len());
         for (conversation, encoded) in conversations.into_iter().zip(encoded) {
             let mut sample = match encoded {
@@ -311,7 +276,7 @@ impl PreprocessPlan {
                     continue;
                 }
             };
-            if sample.ids.len() > config.max_length {
+            if sample.ids.len() > max_length {
                 match config.truncation {
                     Truncation::Drop => {
                         stats.dropped += 1;
@@ -319,14 +284,31 @@ impl PreprocessPlan {
                     }
                     Truncation::Truncate => {
                         stats.truncated += 1;
-                        sample.ids.truncate(config.max_length);
-                        sample.labels.truncate(config.max_length);
+                        sample.ids.truncate(max_length);
+                        sample.labels.truncate(max_length);
                     }
                 }
             }
             samples.push(sample);
         }
         Ok(samples)
+    }
+}
+
+/// The row length: `max_length` as set, which must fit the model's context
+/// (`max_position_embeddings`: longer rows would train positions the model
+/// never learned, on attention memory that grows with the square), or when
+/// left out 2048 or the model's context, whichever is shorter.
+fn row_capacity(max_length: Option<usize>, model: &ModelConfig) -> Result<usize, String> {
+    let context = model.max_position_embeddings;
+    match max_length {
+        None => Ok(DEFAULT_MAX_LENGTH.min(context)),
+        Some(n) if n <= context => Ok(n),
+        Some(n) => Err(format!(
+            "max_length = {n} is longer than the model's context (max_position_embeddings = {context}): \
+             set max_length at most {context}, or leave it out to use {}",
+            DEFAULT_MAX_LENGTH.min(context)
+        )),
     }
 }
 
@@ -387,6 +369,7 @@ impl StagePlan for PreprocessPlan {
         let config = self.config();
         let model = &ctx.input("model")?.path;
         let model_config = ModelConfig::load(model)?;
+        let max_length = row_capacity(config.max_length, &model_config).map_err(|e| anyhow!("stages.{}.max_length: {e}", ctx.stage))?;
         let tokenizer = TextTokenizer::load(model, &model_config)?;
         let fallback;
         let template = match (tokenizer.chat_template()?, config.fallback_template.as_deref()) {
@@ -427,36 +410,36 @@ impl StagePlan for PreprocessPlan {
         }
 
         ctx.progress(0, train.len() as u64, "tokenizing");
-        let train = self.encode_all(&encoder, train, &mut stats)?;
-        let val = self.encode_all(&encoder, val, &mut stats)?;
+        let train = self.encode_all(&encoder, train, max_length, &mut stats)?;
+        let val = self.encode_all(&encoder, val, max_length, &mut stats)?;
         if train.is_empty() {
-            bail!("every training sample was dropped as longer than max_length = {}", config.max_length);
+            bail!("every training sample was dropped as longer than max_length = {max_length}");
         }
 
         let tokens_dir = ctx.out_dir.join("tokens");
         std::fs::create_dir_all(&tokens_dir)?;
         let mut splits = BTreeMap::new();
-        let train_counts = write_rows(&tokens_dir, "train", &train, config.max_length, config.packing)?;
+        let train_counts = write_rows(&tokens_dir, "train", &train, max_length, config.packing)?;
         if !val.is_empty() {
-            splits.insert("val".to_string(), write_rows(&tokens_dir, "val", &val, config.max_length, config.packing)?);
+            splits.insert("val".to_string(), write_rows(&tokens_dir, "val", &val, max_length, config.packing)?);
         }
         stats.samples = train_counts.samples;
         stats.tokens = train_counts.tokens;
         stats.label_tokens = train_counts.label_tokens;
         stats.rows = train_counts.rows;
         stats.padding_pct = if config.packing {
-            100.0 * (1.0 - train_counts.tokens as f64 / (train_counts.rows * config.max_length) as f64)
+            100.0 * (1.0 - train_counts.tokens as f64 / (train_counts.rows * max_length) as f64)
         } else {
             0.0
         };
-        stats.length_histogram = histogram(train.iter().map(|s| s.ids.len()), config.max_length);
+        stats.length_histogram = histogram(train.iter().map(|s| s.ids.len()), max_length);
         splits.insert("train".to_string(), train_counts);
         let tokenizer_bytes = std::fs::read(model.join("tokenizer.json"))?;
         let header = shards::Header {
             format: shards::FORMAT.to_string(),
             tokenizer_digest: blake3::hash(&tokenizer_bytes).to_hex().to_string(),
             template_digest: blake3::hash(template_text.as_bytes()).to_hex().to_string(),
-            max_length: config.max_length,
+            max_length,
             packing: config.packing,
             splits,
         };

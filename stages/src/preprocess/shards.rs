@@ -174,6 +174,19 @@ impl Split {
     }
 }
 
+/// Checks that a tokens folder was made with the tokenizer of the model
+/// folder `model` (its `tokenizer.json`, by digest).
+pub fn check_tokenizer(tokens_dir: &Path, model: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let header = Header::read(tokens_dir)?;
+    let tokenizer = std::fs::read(model.join("tokenizer.json")).with_context(|| format!("{}: no tokenizer.json", model.display()))?;
+    if blake3::hash(&tokenizer).to_hex().as_str() != header.tokenizer_digest {
+        anyhow::bail!("the tokens were made with a different tokenizer than this model's ({}): give the preprocess stage \
+            the same `model` (or its base)", model.display());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

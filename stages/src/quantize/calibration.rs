@@ -92,7 +92,7 @@ pub fn stream_from_dataset(path: &Path, field: &str, tokenizer: &TextTokenizer, 
 
 /// Cuts the stream into blocks, or says how many tokens are missing.
 pub fn cut(stream: &[u32], counts: BlockCounts) -> Result<Blocks, String> {
-    let needed = (counts.samples + counts.held_out) * counts.seq_len;
+    let needed = counts.samples.saturating_add(counts.held_out).saturating_mul(counts.seq_len);
     if stream.len() < needed {
         return Err(format!(
             "too few calibration tokens: {} samples and {} held-out blocks of {} tokens need {needed}, the data has {}; \

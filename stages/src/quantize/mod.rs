@@ -32,7 +32,7 @@ use swift_engine::ManifestError;
 use self::calibration::{BlockCounts, Blocks};
 use self::quality::Perplexities;
 use self::search::{LayerReport, Options, LINEARS};
-use crate::finetune::memory;
+use crate::memory;
 use crate::llm::adapted::{AdaptedLoader, BaseFormat};
 use crate::llm::awq::AwqLoader;
 use crate::llm::config::AwqSettings;
@@ -192,6 +192,40 @@ fn check(ctx: &CompileCtx<'_>, c: &Config) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// Checks `samples` × `seq_len` against the model's context and against the
+/// memory the layer-by-layer search holds, before anything is allocated:
+/// every calibration block's input and output of the current layer, the
+/// search's per-linear inputs, and one chunk's attention probabilities, in f32.
+fn check_sizes(c: &Config, model: &ModelConfig, field: &dyn Fn(&str) -> String) -> anyhow::Result<()> {
+    if c.seq_len > model.max_position_embeddings {
+        bail!(
+            "{}: seq_len = {} is longer than the model's context (max_position_embeddings = {}): set seq_len at most {} \
+             (AWQ uses 512)",
+            field("seq_len"),
+            c.seq_len,
+            model.max_position_embeddings,
+            model.max_position_embeddings
+        );
+    }
+    let Some(available) = memory::available_bytes() else { return Ok(()) };
+    let tokens = c.samples as f64 * c.seq_len as f64;
+    let activations = tokens * (4 * model.hidden_size + model.intermediate_size) as f64 * 4.0;
+    let attention = (CHUNK_ROWS.min(c.samples) * model.num_heads) as f64 * (c.seq_len as f64).powi(2) * 4.0;
+    let needed = activations + attention;
+    if needed > available as f64 {
+        bail!(
+            "{}: {} samples × {} tokens need about {:.1} GiB of activations to calibrate on, and {:.1} GiB are free: \
+             lower samples or seq_len (AWQ uses 128 × 512)",
+            field("samples"),
+            c.samples,
+            c.seq_len,
+            memory::gib(needed),
+            memory::gib(available as f64)
+        );
+    }
+    Ok(())
+}
+
 struct QuantizePlan {
     resolved: Resolved,
     model: ModelSource,
@@ -232,6 +266,7 @@ impl StagePlan for QuantizePlan {
         };
         check_skip(&config, &opts).map_err(|e| anyhow!("{}: {e}", field("skip")))?;
         check_shapes(&config, &opts).map_err(|e| anyhow!("{}: {e}", field("group_size")))?;
+        check_sizes(c, &config, &field)?;
         let blocks = self.blocks(ctx, &opened.folder, &config).with_context(|| field("calibration"))?;
 
         let device = self.compute.open()?;
@@ -307,7 +342,7 @@ impl QuantizePlan {
         let input = &ctx.input("calibration")?.path;
         let stream = match self.source {
             Source::Tokens => {
-                crate::finetune::check_tokenizer(input, model)?;
+                crate::preprocess::shards::check_tokenizer(input, model)?;
                 calibration::stream_from_tokens(input, self.resolved.seed)?
             }
             Source::Dataset => {

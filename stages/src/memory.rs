@@ -1,5 +1,5 @@
 //! Memory: the peak resident memory of this process (Linux `/proc`), so a
-//! stage can report what training actually took (the peak is reset when the
+//! stage can report what its work actually took (the peak is reset when the
 //! stage starts); what the machine has free; and what a training pass will
 //! take, so that sizes a user set are refused before anything is allocated.
 
@@ -30,6 +30,11 @@ pub fn available_bytes() -> Option<u64> {
         (Some(max), Some(current)) => Some(available.min(max.saturating_sub(current))),
         _ => Some(available),
     }
+}
+
+/// Bytes in GiB, for messages.
+pub fn gib(bytes: f64) -> f64 {
+    bytes / (1u64 << 30) as f64
 }
 
 /// About how many bytes autograd keeps per token of a training pass: per
