@@ -65,17 +65,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let stem = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = temp_name(dir, stem);
-    let result = (|| {
-        let mut file = File::create(&tmp)?;
+    cleaned_on_error(&temp_name(dir, stem), |tmp| {
+        let mut file = File::create(tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
-        fs::rename(&tmp, path)?;
+        fs::rename(tmp, path)?;
         sync_dir(dir)
-    })();
+    })
+}
+
+/// Runs `write` on the temporary path `tmp` and, should it fail, removes
+/// whatever it left there (a file or a folder): a write that fails half-way
+/// — on a full disk, say — leaves nothing behind to keep the disk full.
+pub fn cleaned_on_error<T>(tmp: &Path, write: impl FnOnce(&Path) -> io::Result<T>) -> io::Result<T> {
+    let result = write(tmp);
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = crate::store::remove_tree(tmp);
     }
     result
 }

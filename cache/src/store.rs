@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use crate::action::ActionEntry;
 use crate::artifact::Artifact;
-use crate::atomic::{sync_dir, temp_name, write_atomic};
+use crate::atomic::{cleaned_on_error, sync_dir, temp_name, write_atomic};
 use crate::digest::{ContentDigest, StageKey};
 use crate::hash::{hash_file, with_path, Hashed};
 use crate::tree::{TreeEntry, TreeListing};
@@ -98,9 +98,10 @@ impl Store {
     pub fn put_bytes(&self, bytes: &[u8]) -> io::Result<ContentDigest> {
         let digest = ContentDigest::of(bytes);
         if !self.has_object(&digest) {
-            let tmp = self.temp_path("obj");
-            fs::write(&tmp, bytes)?;
-            self.commit_object(&tmp, &digest)?;
+            cleaned_on_error(&self.temp_path("obj"), |tmp| {
+                fs::write(tmp, bytes)?;
+                self.commit_object(tmp, &digest)
+            })?;
         }
         Ok(digest)
     }
@@ -133,19 +134,18 @@ impl Store {
         if self.has_object(digest) {
             return Ok(());
         }
-        let tmp = self.temp_path("ingest");
-        reflink_copy::reflink_or_copy(src, &tmp).map_err(|e| with_path(e, src))?;
-        // Hash what was copied: a source rewritten since it was hashed must not
-        // be stored under the old digest.
-        let copied = hash_file(&tmp)?;
-        if copied != *digest {
-            fs::remove_file(&tmp)?;
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} changed while swift was reading it; run again", src.display()),
-            ));
-        }
-        self.commit_object(&tmp, digest)
+        cleaned_on_error(&self.temp_path("ingest"), |tmp| {
+            reflink_copy::reflink_or_copy(src, tmp).map_err(|e| with_path(e, src))?;
+            // Hash what was copied: a source rewritten since it was hashed must not
+            // be stored under the old digest.
+            if hash_file(tmp)? != *digest {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} changed while swift was reading it; run again", src.display()),
+                ));
+            }
+            self.commit_object(tmp, digest)
+        })
     }
 
     /// Stores a local file or folder hashed by [`crate::hash_path`], by copy; the
@@ -207,7 +207,7 @@ impl Store {
         }
         let tmp = self.temp_path("out");
         fs::rename(file, &tmp).map_err(|e| with_path(e, file))?;
-        self.commit_object(&tmp, digest)
+        cleaned_on_error(&tmp, |tmp| self.commit_object(tmp, digest))
     }
 
     /// Reads a stored folder listing.
@@ -237,22 +237,25 @@ impl Store {
             Artifact::File { digest, .. } => {
                 let parent = dest.parent().expect("materialized file has a folder");
                 fs::create_dir_all(parent)?;
-                let tmp = temp_name(parent, "link");
-                self.link_object(digest, &tmp)?;
-                fs::rename(&tmp, &dest)?;
+                cleaned_on_error(&temp_name(parent, "link"), |tmp| {
+                    self.link_object(digest, tmp)?;
+                    fs::rename(tmp, &dest)
+                })?;
             }
             Artifact::Tree { digest, .. } => {
                 let listing = self.read_tree(digest)?;
-                let tmp = self.temp_path("tree");
-                fs::create_dir_all(&tmp)?;
-                for entry in listing.entries() {
-                    let target = tmp.join(&entry.path);
-                    fs::create_dir_all(target.parent().expect("entry has a parent"))?;
-                    self.link_object(&entry.digest, &target)?;
-                }
-                match fs::rename(&tmp, &dest) {
+                let built = cleaned_on_error(&self.temp_path("tree"), |tmp| {
+                    fs::create_dir_all(tmp)?;
+                    for entry in listing.entries() {
+                        let target = tmp.join(&entry.path);
+                        fs::create_dir_all(target.parent().expect("entry has a parent"))?;
+                        self.link_object(&entry.digest, &target)?;
+                    }
+                    fs::rename(tmp, &dest)
+                });
+                match built {
                     Ok(()) => set_dirs_read_only(&dest)?,
-                    Err(_) if dest.exists() => remove_tree(&tmp)?,
+                    Err(_) if dest.exists() => {} // another process materialized it first
                     Err(e) => return Err(with_path(e, &dest)),
                 }
             }
@@ -396,6 +399,27 @@ impl Store {
     pub fn scratch_dir(&self, key: &StageKey) -> PathBuf {
         self.root.join("scratch").join(key.to_hex())
     }
+
+    /// Bytes free to this user on the filesystem holding the cache, if known.
+    pub fn free_bytes(&self) -> Option<u64> {
+        free_bytes(&self.root)
+    }
+}
+
+/// Bytes free to an unprivileged user on the filesystem holding `path`
+/// (`statvfs`: available blocks × fragment size).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a NUL-terminated string and `stat` is a writable
+    // statvfs that the call fills in when it returns 0.
+    if unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialized `stat`.
+    let stat = unsafe { stat.assume_init() };
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 fn open_lock_file(path: &Path) -> io::Result<File> {
@@ -443,6 +467,14 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_space_is_read_from_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = free_bytes(dir.path()).unwrap();
+        assert!(free > 0);
+        assert_eq!(free_bytes(&dir.path().join("missing")), None);
+    }
 
     #[test]
     fn object_path_layout_is_pinned() {

@@ -210,6 +210,7 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
         interrupted,
         lock_written: false,
         seconds: 0.0,
+        problems: Vec::new(),
     };
     for &i in &pipeline.order {
         let node = &pipeline.nodes[i];
@@ -266,20 +267,30 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
     }
 
     if !options.dry_run {
+        // Bookkeeping that fails (on a full disk, say) fails the run, but the
+        // summary is still printed and every stage's outcome kept.
+        let mut problems = Vec::new();
         if !options.locked {
-            // Re-read under a lock: a concurrent run of the same manifest may
-            // have updated other stages since this run started.
-            let _lock_guard = store.lock_file_guard(&lock_path).map_err(anyhow::Error::from)?;
-            let current = LockFile::read(&lock_path).map_err(anyhow::Error::from)?;
-            let lock = updated_lock(&pipeline, current, &states);
-            report.lock_written = lock.write_if_changed(&lock_path).map_err(anyhow::Error::from)?;
+            match write_lock(&pipeline, &store, &lock_path, &states) {
+                Ok(written) => report.lock_written = written,
+                Err(e) => problems.push(format!("could not write the lock file {}: {e}", lock_path.display())),
+            }
         }
-        store.register_root(&lock_path).map_err(anyhow::Error::from)?;
+        if let Err(e) = store.register_root(&lock_path) {
+            problems.push(format!("could not register {} as a gc root: {e}", lock_path.display()));
+        }
         report.seconds = clock.elapsed().as_secs_f64();
-        journal.finish(&report).map_err(anyhow::Error::from)?;
+        if let Err(e) = journal.finish(&report) {
+            problems.push(format!("could not record the run in {}: {e}", store.root().join("runs").display()));
+        }
         if let Err(e) = stats.save() {
             reporter.note(&format!("could not save the stat cache (inputs will be rehashed next time): {e}"));
         }
+        for problem in &problems {
+            reporter.note(problem);
+        }
+        report.ok &= problems.is_empty();
+        report.problems = problems;
     }
     report.seconds = clock.elapsed().as_secs_f64();
     Ok(report)
@@ -548,12 +559,16 @@ impl StageTask {
     /// Computes the stage (or finds another process finished it meanwhile).
     pub(crate) fn execute(self) -> Outcome {
         let started = Instant::now();
+        let free_before = self.store.free_bytes();
         match self.try_execute() {
             Ok((entry, paths, reused)) => Outcome::Done { reused, entry, paths, seconds: started.elapsed().as_secs_f64() },
             Err(error) => {
                 let names = user_names(&self.pipeline, &self.store, self.index, &self.inputs, &self.locals);
-                let error = with_user_names(&format!("{error:#}"), &names);
-                Outcome::Failed { key: Some(self.key), error, seconds: started.elapsed().as_secs_f64() }
+                let mut message = with_user_names(&format!("{error:#}"), &names);
+                if crate::full_disk::is_full_disk(&error) {
+                    message.push_str(&crate::full_disk::free_and_explain(&self.store, &self.key, free_before));
+                }
+                Outcome::Failed { key: Some(self.key), error: message, seconds: started.elapsed().as_secs_f64() }
             }
         }
     }
@@ -710,6 +725,15 @@ fn check_locked(
     } else {
         Err(problems)
     }
+}
+
+/// Rewrites the lock file with this run's stages; returns whether it changed.
+/// Re-read under a lock: a concurrent run of the same manifest may have
+/// updated other stages since this run started.
+fn write_lock(pipeline: &Pipeline, store: &Store, lock_path: &Path, states: &[State]) -> std::io::Result<bool> {
+    let _lock_guard = store.lock_file_guard(lock_path)?;
+    let current = LockFile::read(lock_path)?;
+    updated_lock(pipeline, current, states).write_if_changed(lock_path)
 }
 
 fn updated_lock(pipeline: &Pipeline, old: Option<LockFile>, states: &[State]) -> LockFile {

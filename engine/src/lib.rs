@@ -15,6 +15,7 @@
 
 pub mod error;
 pub mod exec;
+mod full_disk;
 pub mod key;
 pub mod kind;
 pub mod manifest;

@@ -85,6 +85,10 @@ pub struct RunReport {
     /// Wall time of the run.
     #[serde(skip)]
     pub seconds: f64,
+    /// What went wrong after the stages settled (the lock file or the run
+    /// record could not be written); any makes the run fail.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// Receives events while a pipeline runs. Called from worker threads.

@@ -201,3 +201,38 @@ fn reading_commands_work_on_a_read_only_cache() {
         assert!(out.status.success(), "swift {args:?} as nobody: {stderr}");
     }
 }
+
+/// A cache on a full disk: the stage fails naming the disk and the room it
+/// had, its partial files are freed, and the run still prints its summary and
+/// records itself. Mounts a 1 MiB tmpfs as the cache, which needs root (as
+/// CI's tests run); elsewhere there is nothing to mount.
+#[test]
+fn a_full_disk_fails_the_stage_frees_its_partial_files_and_keeps_the_summary() {
+    let p = Project::new();
+    crate::util::copy_dir(&crate::util::fixtures().join("models/qwen2-tiny"), &p.path("models/base"));
+    p.write("pipelines/d.toml", "[stages.base]\nkind = \"download\"\nmodel = \"models/base\"\n");
+    let cache = p.path("small-disk");
+    std::fs::create_dir_all(&cache).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&cache).output();
+    if !mounted.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: needs root to mount a small tmpfs");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(cache.clone());
+    p.set_env("SWIFT_CACHE", cache.to_str().unwrap());
+    let run = p.run("pipelines/d.toml", &[], 1);
+    assert_eq!(run.status("base"), "failed", "{run}");
+    assert!(run.stderr.contains("is full. It had") && run.stderr.contains("SWIFT_CACHE"), "{run}");
+    assert!(run.stderr.contains("FAILED: 0 ran, 0 cached, 1 failed"), "the summary is printed: {run}");
+    let leftovers: Vec<_> = ["tmp", "scratch"].iter().flat_map(|d| std::fs::read_dir(cache.join(d)).unwrap()).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let record = std::fs::read_dir(cache.join("runs")).unwrap().flatten().find(|e| e.path().extension().is_some_and(|x| x == "json"));
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(record.unwrap().path()).unwrap()).unwrap();
+    assert!(record["seconds"].as_f64().unwrap() > 0.0 && record["ok"] == false, "{record}");
+}
