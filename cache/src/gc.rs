@@ -68,11 +68,19 @@ pub fn collect(store: &Store, keep_runs: usize) -> Result<GcReport, GcError> {
             fs::remove_file(&root)?;
             continue;
         }
+        if root.extension().is_some_and(|e| e == "keys") {
+            continue; // read with its lock file's root below
+        }
         let lock_path = fs::read_to_string(&root)?;
+        let machine_keys = root.with_extension("keys");
         match LockFile::read(Path::new(&lock_path)) {
-            Ok(Some(lock)) => live_keys.extend(lock.stages.values().map(|s| s.key)),
+            Ok(Some(lock)) => {
+                live_keys.extend(lock.stages.values().filter_map(|s| s.key));
+                live_keys.extend(crate::roots::read_keys(&machine_keys)?.into_values());
+            }
             Ok(None) => {
                 fs::remove_file(&root)?;
+                let _ = fs::remove_file(&machine_keys);
                 report.dropped_roots += 1;
             }
             Err(e) => return Err(GcError::UnreadableRoot(e.to_string())),

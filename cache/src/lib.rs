@@ -20,6 +20,7 @@ pub mod digest;
 pub mod gc;
 pub mod hash;
 pub mod lockfile;
+pub mod roots;
 pub mod runs;
 pub mod statcache;
 pub mod store;

@@ -1,6 +1,25 @@
 //! Lock files: `NAME.lock` beside `NAME.toml`, TOML with stages sorted by name so
-//! diffs stay small. Records every stage's key, a digest of its parameters, its
-//! input and output digests and resolved upstream revisions.
+//! diffs stay small. Records every stage's kind, a digest of its parameters,
+//! its resolved upstream revision and its local inputs' digests — what
+//! `swift run --locked` enforces — and, where they are the same on every
+//! machine, its key and its stage inputs' and outputs' digests.
+//!
+//! Training, calibration, scoring and weight merging compute in floating
+//! point through vectorized, threaded or device kernels, so their outputs
+//! differ in the last bits from one CPU or GPU to another, and so do the keys
+//! of everything downstream. A lock that recorded those would be rewritten by
+//! the first run on another machine (a nightly job committing its lock would
+//! see churn every time the machine changed). So the rule is:
+//!
+//! | recorded for a stage | when |
+//! |---|---|
+//! | `kind`, `params`, `revision`, local inputs' digests | always (enforced by `--locked`) |
+//! | `key`, outputs' digests | the stage and everything upstream of it are portable |
+//! | a stage input's digest | its producer and everything upstream of it are portable |
+//!
+//! Which kinds are portable is each kind's to say (`StageKind::portable`);
+//! `download` and `preprocess` are, `finetune`, `quantize`, `eval` and
+//! `export` are not. Output digests are recorded, never enforced.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -15,7 +34,9 @@ use crate::digest::{ContentDigest, StageKey};
 /// The lock file format version.
 pub const LOCK_VERSION: u32 = 1;
 
-const HEADER: &str = "# Written by swift. Commit it beside the manifest: `swift run --locked` reproduces this run.\n\n";
+const HEADER: &str = "# Written by swift. Commit it beside the manifest: `swift run --locked` reproduces this run.\n\
+# Stages whose results depend on the machine's floating point (training, calibration, scoring) and\n\
+# those downstream of them record no key or output digests, so runs on other machines leave it unchanged.\n\n";
 
 /// A lock file's content.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -36,18 +57,20 @@ pub struct LockFile {
 pub struct LockedStage {
     /// Stage kind.
     pub kind: String,
-    /// The stage key.
-    pub key: StageKey,
+    /// The stage key, where it is the same on every machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<StageKey>,
     /// Digest of the kind, its version and the resolved parameters.
     pub params: StageKey,
     /// A resolved upstream revision (a Hub commit sha), if the stage has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// Input digests by input name.
-    #[serde(default)]
+    /// Input digests by input name (those the same on every machine).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inputs: BTreeMap<String, ContentDigest>,
-    /// Output digests by output name (recorded, not enforced).
-    #[serde(default)]
+    /// Output digests by output name (recorded, not enforced; where the same
+    /// on every machine).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outputs: BTreeMap<String, ContentDigest>,
 }
 
@@ -94,7 +117,7 @@ mod tests {
             "data".into(),
             LockedStage {
                 kind: "download".into(),
-                key: StageKey::of(b"k"),
+                key: Some(StageKey::of(b"k")),
                 params: StageKey::of(b"p"),
                 revision: None,
                 inputs: [("source".to_string(), ContentDigest::of(b"i"))].into(),

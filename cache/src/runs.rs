@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -61,16 +61,5 @@ impl Store {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .filter_map(|p| fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()))
             .collect())
-    }
-
-    /// Registers a lock file as a GC root of this cache.
-    pub fn register_root(&self, lock_file: &Path) -> io::Result<()> {
-        let text = lock_file.to_string_lossy();
-        let id = blake3::hash(text.as_bytes()).to_hex();
-        let path = self.root().join("roots").join(&id[..32]);
-        if fs::read_to_string(&path).ok().as_deref() == Some(&*text) {
-            return Ok(());
-        }
-        write_atomic(&path, text.as_bytes())
     }
 }

@@ -276,7 +276,7 @@ pub fn run(pipeline: Arc<Pipeline>, store: Store, options: &RunOptions, reporter
                 Err(e) => problems.push(format!("could not write the lock file {}: {e}", lock_path.display())),
             }
         }
-        if let Err(e) = store.register_root(&lock_path) {
+        if let Err(e) = store.register_root(&lock_path).and_then(|()| write_machine_keys(&pipeline, &store, &lock_path, &states)) {
             problems.push(format!("could not register {} as a gc root: {e}", lock_path.display()));
         }
         report.seconds = clock.elapsed().as_secs_f64();
@@ -736,20 +736,40 @@ fn write_lock(pipeline: &Pipeline, store: &Store, lock_path: &Path, states: &[St
     updated_lock(pipeline, current, states).write_if_changed(lock_path)
 }
 
+/// Records in the cache the key of every stage this run settled, with those
+/// it left alone as they were: the machine's own pins of the keys a lock
+/// file leaves out (see `swift_cache::roots`).
+fn write_machine_keys(pipeline: &Pipeline, store: &Store, lock_path: &Path, states: &[State]) -> std::io::Result<()> {
+    let mut keys = store.machine_keys(lock_path)?;
+    keys.retain(|name, _| pipeline.index(name).is_some());
+    for (node, state) in pipeline.nodes.iter().zip(states) {
+        if let State::Done { entry, .. } = state {
+            keys.insert(node.name.clone(), entry.key);
+        }
+    }
+    store.write_machine_keys(lock_path, &keys)
+}
+
 fn updated_lock(pipeline: &Pipeline, old: Option<LockFile>, states: &[State]) -> LockFile {
     let old = old.unwrap_or_default();
     let mut lock = LockFile { version: swift_cache::lockfile::LOCK_VERSION, pipeline: pipeline.manifest.name.clone(), stages: Default::default() };
+    let portable = pipeline.portable_outputs();
     for (i, node) in pipeline.nodes.iter().enumerate() {
         if let State::Done { entry, .. } = &states[i] {
+            // What differs from machine to machine stays out (see swift_cache::lockfile).
+            let same_everywhere = |input: &str| match node.inputs.iter().find(|n| n.name == input).map(|n| &n.source) {
+                Some(InputRef::Stage { stage, .. }) => portable[*stage],
+                _ => true,
+            };
             lock.stages.insert(
                 node.name.clone(),
                 LockedStage {
                     kind: node.kind.clone(),
-                    key: entry.key,
+                    key: portable[i].then_some(entry.key),
                     params: params_of(pipeline, i),
                     revision: entry.revision.clone(),
-                    inputs: entry.inputs.iter().map(|(k, a)| (k.clone(), a.digest())).collect(),
-                    outputs: entry.outputs.iter().map(|(k, a)| (k.clone(), a.digest())).collect(),
+                    inputs: entry.inputs.iter().filter(|(k, _)| same_everywhere(k)).map(|(k, a)| (k.clone(), a.digest())).collect(),
+                    outputs: if portable[i] { entry.outputs.iter().map(|(k, a)| (k.clone(), a.digest())).collect() } else { Default::default() },
                 },
             );
         } else if let Some(previous) = old.stages.get(&node.name) {

@@ -96,6 +96,16 @@ pub trait StageKind: Send + Sync {
     fn data_parallel(&self) -> bool {
         false
     }
+    /// Whether the kind's outputs are the same bits on every machine, given
+    /// the same inputs. Kinds that compute in floating point through
+    /// vectorized, threaded or device kernels (training, calibration,
+    /// scoring, merging weights) are not: their last bits follow the CPU and
+    /// the device. Lock files record keys and output digests only where a
+    /// stage and everything upstream of it are portable, so a run on another
+    /// machine leaves a committed lock unchanged (see `swift_cache::lockfile`).
+    fn portable(&self) -> bool {
+        true
+    }
     /// Types the stage's parameters, declares its inputs, and returns its plan.
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError>;
 }

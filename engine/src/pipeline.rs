@@ -61,6 +61,9 @@ pub struct StageNode {
     pub device: Option<DeviceSpec>,
     /// Whether its kind can run as several data-parallel processes.
     pub data_parallel: bool,
+    /// Whether its kind's outputs are the same bits on every machine
+    /// ([`crate::kind::StageKind::portable`]); see [`Pipeline::portable_outputs`].
+    pub portable: bool,
 }
 
 impl StageNode {
@@ -85,6 +88,16 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// Whether each stage's outputs are the same bits on every machine: its
+    /// kind's are, and so are those of every stage upstream of it.
+    pub fn portable_outputs(&self) -> Vec<bool> {
+        let mut portable = vec![true; self.nodes.len()];
+        for &i in &self.order {
+            portable[i] = self.nodes[i].portable && self.nodes[i].deps().all(|d| portable[d]);
+        }
+        portable
+    }
+
     /// Compiles a manifest with the kinds of `registry`.
     pub fn compile(manifest: Manifest, registry: &Registry) -> Result<Self, ManifestError> {
         let locator = manifest.locator().clone();
@@ -110,7 +123,7 @@ impl Pipeline {
             let mut ctx = CompileCtx::new(&manifest, &decl.name);
             let plan = kind.compile(&mut ctx, &decl.params)?;
             let device = kind.uses_device().then(|| manifest.device_of(&decl.name).0);
-            let placement = (device, kind.data_parallel());
+            let placement = (device, kind.data_parallel(), kind.portable());
             compiled.push((decl.name.clone(), kind.name().to_string(), kind.version(), plan, ctx.into_inputs(), placement));
         }
 
@@ -152,9 +165,9 @@ impl Pipeline {
         let nodes: Vec<StageNode> = compiled
             .into_iter()
             .zip(resolved_inputs)
-            .map(|((name, kind, kind_version, plan, _, (device, data_parallel)), inputs)| {
+            .map(|((name, kind, kind_version, plan, _, (device, data_parallel, portable)), inputs)| {
                 let resources = manifest.stages[&name].placement.resources.over(&manifest.pipeline.resources);
-                StageNode { name, kind, kind_version, plan, inputs, resources, device, data_parallel }
+                StageNode { name, kind, kind_version, plan, inputs, resources, device, data_parallel, portable }
             })
             .collect();
 

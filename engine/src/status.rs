@@ -122,7 +122,10 @@ impl Assessment {
 /// Assesses every stage without running anything (upstream revisions are
 /// resolved, which asks the Hub unless `offline`).
 pub fn assess(pipeline: &Pipeline, store: &Store, stats: &StatCache, rehash: bool, offline: bool) -> anyhow::Result<Vec<Assessment>> {
-    let lock = LockFile::read(&pipeline.manifest.lock_path())?.unwrap_or_default();
+    let lock_path = pipeline.manifest.lock_path();
+    let lock = LockFile::read(&lock_path)?.unwrap_or_default();
+    // The keys a lock leaves out (machine-dependent ones) as this cache last settled them.
+    let machine_keys = store.machine_keys(&lock_path).unwrap_or_default();
     let revisions = resolve_revisions(pipeline, 0..pipeline.nodes.len(), Some(&lock), offline, false)?;
     let (locals, _) = hash_locals(pipeline, 0..pipeline.nodes.len(), stats, rehash)?;
     let mut outputs: Vec<Option<IndexMap<String, Artifact>>> = vec![None; pipeline.nodes.len()];
@@ -138,7 +141,7 @@ pub fn assess(pipeline: &Pipeline, store: &Store, stats: &StatCache, rehash: boo
             Vec::new()
         } else {
             let now = Now { key: key.as_ref(), revision: revisions[i].as_deref(), inputs: inputs.as_deref() };
-            stale_reasons(pipeline, store, &lock, i, &now, &outputs)
+            stale_reasons(pipeline, store, &lock, machine_keys.get(&pipeline.nodes[i].name), i, &now, &outputs)
         };
         result[i] = Some(Assessment { key, cached, reasons });
     }
@@ -156,6 +159,7 @@ fn stale_reasons(
     pipeline: &Pipeline,
     store: &Store,
     lock: &LockFile,
+    machine_key: Option<&StageKey>,
     stage: usize,
     now: &Now<'_>,
     outputs: &[Option<IndexMap<String, Artifact>>],
@@ -163,10 +167,11 @@ fn stale_reasons(
     let Now { key, revision, inputs } = *now;
     let node = &pipeline.nodes[stage];
     let Some(locked) = lock.stages.get(&node.name) else { return vec![StaleReason::NeverRun] };
-    if Some(&locked.key) == key {
+    let locked_key = locked.key.as_ref().or(machine_key);
+    if locked_key.is_some() && locked_key == key {
         return vec![StaleReason::NotInCache];
     }
-    let previous = store.read_action(&locked.key).ok().flatten();
+    let previous = locked_key.and_then(|k| store.read_action(k).ok().flatten());
     let mut reasons = Vec::new();
     if locked.kind != node.kind {
         reasons.push(StaleReason::KindChanged { old: locked.kind.clone(), new: node.kind.clone() });
@@ -198,7 +203,13 @@ fn stale_reasons(
             }
             source => {
                 let now = inputs.map(|all| all[j].1.digest());
-                if now.is_some() && locked.inputs.get(&input.name) != now.as_ref() {
+                // Digests the lock leaves out are compared with the previous run's.
+                let before = locked
+                    .inputs
+                    .get(&input.name)
+                    .copied()
+                    .or_else(|| previous.as_ref().and_then(|p| p.inputs.get(&input.name)).map(|a| a.digest()));
+                if now.is_some() && before != now {
                     let from = match source {
                         InputRef::Local { shown, .. } => shown.clone(),
                         InputRef::Stage { stage, output } => format!("{}.{output}", pipeline.nodes[*stage].name),

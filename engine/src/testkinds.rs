@@ -5,7 +5,10 @@
 //! (checking for Ctrl-C), fail (always, or while a file exists, which a test
 //! creates to make a rerun of the same key fail), claim a GPU slot, and append
 //! `start`/`end` lines with timestamps to a trace file so tests can see what
-//! ran and what overlapped.
+//! ran and what overlapped. `test-float` is the same step standing for a kind
+//! whose outputs follow the machine's floating point: it is not portable, and
+//! appends `SWIFT_TEST_MACHINE` (when set) to its output, as another CPU would
+//! change a trained adapter's last bits.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,10 +20,13 @@ use crate::kind::{Cancelled, CompileCtx, OutputDecl, OutputType, OutputValue, Re
 
 /// Every test-only kind.
 pub fn kinds() -> Vec<Box<dyn StageKind>> {
-    vec![Box::new(TestStep)]
+    vec![Box::new(TestStep { float: false }), Box::new(TestStep { float: true })]
 }
 
-struct TestStep;
+struct TestStep {
+    /// `test-float`: not portable, and its output depends on `SWIFT_TEST_MACHINE`.
+    float: bool,
+}
 
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +56,14 @@ const OUTPUTS: &[OutputDecl] = &[OutputDecl { name: "out", ty: OutputType::Datas
 
 impl StageKind for TestStep {
     fn name(&self) -> &'static str {
-        "test-step"
+        if self.float {
+            "test-float"
+        } else {
+            "test-step"
+        }
+    }
+    fn portable(&self) -> bool {
+        !self.float
     }
     fn version(&self) -> u32 {
         1
@@ -67,11 +80,12 @@ impl StageKind for TestStep {
             ctx.local_input(&format!("file{i}"), &["files", &i.to_string()], file)?;
         }
         let trace = params.trace.as_ref().map(|t| ctx.root().join(t));
-        Ok(Box::new(TestPlan { params, trace, root: ctx.root().to_path_buf() }))
+        Ok(Box::new(TestPlan { params, trace, root: ctx.root().to_path_buf(), float: self.float }))
     }
 }
 
 struct TestPlan {
+    float: bool,
     params: Params,
     trace: Option<std::path::PathBuf>,
     root: std::path::PathBuf,
@@ -127,6 +141,9 @@ impl StagePlan for TestPlan {
                 std::fs::read_to_string(&input.path)?
             };
             text.push_str(&format!("\n[{name}]\n{content}"));
+        }
+        if self.float {
+            text.push_str(&std::env::var("SWIFT_TEST_MACHINE").unwrap_or_default());
         }
         let out = ctx.out_dir.join("out.txt");
         std::fs::write(&out, &text)?;

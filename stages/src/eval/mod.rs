@@ -112,6 +112,10 @@ impl StageKind for Eval {
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
     }
+    /// Not portable: log-likelihoods in the report follow the CPU's or GPU's float kernels in their last bits.
+    fn portable(&self) -> bool {
+        false
+    }
     fn uses_device(&self) -> bool {
         true
     }

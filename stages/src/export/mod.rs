@@ -108,6 +108,10 @@ impl StageKind for Export {
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
     }
+    /// Not portable: merging an adapter into the weights multiplies in float kernels whose last bits follow the CPU.
+    fn portable(&self) -> bool {
+        false
+    }
     fn compile(&self, ctx: &mut CompileCtx<'_>, params: &toml::Table) -> Result<Box<dyn StagePlan>, ManifestError> {
         let mut config: Config = ctx.parse(params)?;
         check_formats(ctx, &mut config)?;

@@ -224,6 +224,10 @@ impl StageKind for Finetune {
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
     }
+    /// Not portable: training sums gradients in vectorized, threaded kernels: the adapter's last bits follow the CPU or GPU.
+    fn portable(&self) -> bool {
+        false
+    }
     fn uses_device(&self) -> bool {
         true
     }

@@ -147,6 +147,10 @@ impl StageKind for Quantize {
     fn outputs(&self) -> &'static [OutputDecl] {
         OUTPUTS
     }
+    /// Not portable: calibration activations (and so the scales searched) follow the CPU's or GPU's float kernels in their last bits.
+    fn portable(&self) -> bool {
+        false
+    }
     fn uses_device(&self) -> bool {
         true
     }
