@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::DType;
 use swift_engine::kind::OutputType;
+use swift_engine::pipeline::{InputRef, NodeInput};
 use swift_engine::status::assess;
 use swift_stages::llm::chat::Message;
 use swift_stages::llm::generate::{generate, Finish, GenerateOptions};
-use swift_stages::llm::awq;
-use swift_stages::llm::{Compute, Decoder, ModelConfig, TextTokenizer};
+use swift_stages::llm::adapter::PeftAdapter;
+use swift_stages::llm::{Compute, ModelConfig, TextTokenizer};
+use swift_stages::model_source::OpenedModel;
 
 use super::{open_store, Exit, ManifestArgs};
 
@@ -60,10 +62,11 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         eprintln!("error: --temperature must be 0 (greedy) or positive");
         return Ok(Exit::Invalid);
     }
-    let folder = match resolve_model(cache.as_deref(), offline, &args.model)? {
-        Ok(folder) => folder,
+    let opened = match resolve_model(cache.as_deref(), offline, &args.model)? {
+        Ok(opened) => opened,
         Err(exit) => return Ok(exit),
     };
+    let folder = &opened.folder;
     let compute = match Compute::parse(&args.device) {
         Ok(compute) => compute,
         Err(e) => {
@@ -84,8 +87,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     };
     let config = ModelConfig::load(&folder)?;
     let tokenizer = TextTokenizer::load(&folder, &config)?;
-    let loader = awq::loader_for(&config);
-    let model = Decoder::load(&folder, config, dtype, &device, loader.as_ref())?;
+    let model = opened.load(dtype, &device)?;
     let prompt_ids = if args.chat {
         let template = tokenizer.chat_template()?.with_context(|| {
             format!("{} has no chat template (tokenizer_config.json or chat_template.jinja); drop --chat", folder.display())
@@ -138,11 +140,15 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     Ok(Exit::Success)
 }
 
-/// A model folder from a path or `MANIFEST:STAGE`; `Err(exit)` after printing why not.
-fn resolve_model(cache: Option<&Path>, offline: bool, spec: &str) -> anyhow::Result<Result<PathBuf, Exit>> {
+/// The model `--model` names: a model folder, or `MANIFEST:STAGE` for a
+/// stage that yields one (`download`, `quantize`), a fine-tune (its base with
+/// every adapter of its chain, merged in memory as eval loads it) or an
+/// export (its `merged` folder, else its `awq` one). `Err(exit)` after
+/// printing why not.
+fn resolve_model(cache: Option<&Path>, offline: bool, spec: &str) -> anyhow::Result<Result<OpenedModel, Exit>> {
     let path = Path::new(spec);
     if path.is_dir() {
-        return Ok(Ok(path.to_path_buf()));
+        return Ok(Ok(OpenedModel { folder: path.to_path_buf(), adapters: Vec::new() }));
     }
     let Some((manifest, stage)) = spec.rsplit_once(':') else {
         bail!("--model {spec}: not a folder; give a model folder or MANIFEST:STAGE");
@@ -160,16 +166,46 @@ fn resolve_model(cache: Option<&Path>, offline: bool, spec: &str) -> anyhow::Res
         }
     };
     let node = &pipeline.nodes[index];
-    let Some(output) = node.plan.outputs().into_iter().find(|o| o.ty == OutputType::Model) else {
+    let yields = |ty: OutputType| node.plan.outputs().into_iter().find(|o| o.ty == ty).map(|o| o.name);
+    let (model, adapter, export) = (yields(OutputType::Model), yields(OutputType::Adapter), yields(OutputType::Export));
+    if model.is_none() && adapter.is_none() && export.is_none() {
         eprintln!("error: stage `{stage}` ({}) does not yield a model", node.kind);
         return Ok(Err(Exit::Invalid));
-    };
+    }
     let store = open_store(cache, &pipeline.manifest.root)?;
     let _guard = store.read_guard()?;
     let stats = store.stat_cache();
-    let assessment = assess(&pipeline, &store, &stats, false, offline)?.swap_remove(index);
-    match assessment.cached {
-        Some((_, paths)) => Ok(Ok(paths[output.name].clone())),
-        None => bail!("stage `{stage}` is not in the cache yet; run `swift run {manifest} --only {stage}` first"),
+    let assessments = assess(&pipeline, &store, &stats, false, offline)?;
+    let output_of = |i: usize, output: &str| -> anyhow::Result<PathBuf> {
+        match &assessments[i].cached {
+            Some((_, paths)) => Ok(paths[output].clone()),
+            None => {
+                let name = &pipeline.nodes[i].name;
+                bail!("stage `{name}` is not in the cache yet; run `swift run {manifest} --only {name}` first")
+            }
+        }
+    };
+    if let Some(output) = model {
+        return Ok(Ok(OpenedModel { folder: output_of(index, output)?, adapters: Vec::new() }));
     }
+    if let Some(output) = export {
+        let folder = output_of(index, output)?;
+        let Some(model) = ["merged", "awq"].iter().map(|f| folder.join(f)).find(|f| f.join("config.json").is_file()) else {
+            bail!("export `{stage}` has no model folder (its formats have neither `merged` nor `awq`): add one, or pass --model with a folder");
+        };
+        return Ok(Ok(OpenedModel { folder: model, adapters: Vec::new() }));
+    }
+    // A fine-tune: its inputs are the chain's base (`model`) and the adapters
+    // before its own (`adapter.0`, …), base-most first.
+    let input_path = |input: &NodeInput| match &input.source {
+        InputRef::Stage { stage, output } => output_of(*stage, output),
+        InputRef::Local { path, .. } => Ok(path.clone()),
+    };
+    let base = node.inputs.iter().find(|i| i.name == "model").context("a fine-tune stage without a model input")?;
+    let mut adapters = Vec::new();
+    for input in node.inputs.iter().filter(|i| i.name.starts_with("adapter.")) {
+        adapters.push(PeftAdapter::open(&input_path(input)?)?);
+    }
+    adapters.push(PeftAdapter::open(&output_of(index, adapter.expect("a fine-tune yields an adapter"))?)?);
+    Ok(Ok(OpenedModel { folder: input_path(base)?, adapters }))
 }

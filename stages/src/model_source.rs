@@ -15,7 +15,9 @@ use swift_cache::Artifact;
 use swift_engine::kind::{CompileCtx, OutputType, RunCtx};
 use swift_engine::ManifestError;
 
+use crate::llm::adapted::{AdaptedLoader, BaseFormat};
 use crate::llm::adapter::PeftAdapter;
+use crate::llm::{awq, Decoder, ModelConfig};
 
 /// The kind whose stages stand for "base + adapter chain".
 const FINETUNE: &str = "finetune";
@@ -42,6 +44,25 @@ pub struct OpenedModel {
     pub folder: PathBuf,
     /// The adapters to merge into it, in order.
     pub adapters: Vec<PeftAdapter>,
+}
+
+impl OpenedModel {
+    /// Loads the model in `dtype` on `device`: the base with its adapters
+    /// merged in memory, or an AWQ int4 model through the int4 kernels.
+    pub fn load(&self, dtype: candle_core::DType, device: &candle_core::Device) -> anyhow::Result<Decoder> {
+        let config = ModelConfig::load(&self.folder)?;
+        if config.quantization.is_some() {
+            if !self.adapters.is_empty() {
+                anyhow::bail!("an AWQ int4 model cannot carry adapters: use the fine-tune before quantizing, or quantize the fine-tune");
+            }
+            let loader = awq::loader_for(&config);
+            return Ok(Decoder::load(&self.folder, config, dtype, device, loader.as_ref())?);
+        }
+        let loader = AdaptedLoader::new(&self.adapters, BaseFormat::Dense);
+        let decoder = Decoder::load(&self.folder, config, dtype, device, &loader)?;
+        loader.check_all_applied()?;
+        Ok(decoder)
+    }
 }
 
 impl ModelSource {

@@ -93,6 +93,20 @@ fn every_format_loads_with_the_logits_the_python_tools_computed() {
         assert!(d < tolerance, "swift's merged logits vs {name} (Python): {d}");
     }
 
+    // `swift generate` on every model the pipeline made: the fine-tune (its
+    // base and chain, merged in memory) answers as its merged export does.
+    let answer = |model: &str| {
+        let run = p.swift(&["generate", "--model", model, "--prompt", "The tenant shall", "--max-tokens", "8", "--json"]);
+        assert_eq!(run.code, 0, "{run}");
+        let line = run.stdout.lines().last().unwrap().to_string();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()["new_ids"].clone()
+    };
+    let fine = answer("pipelines/x.toml:fine");
+    assert_eq!(fine, answer("pipelines/x.toml:export"), "export gives its merged folder");
+    assert_eq!(fine, answer(out.join("merged").to_str().unwrap()));
+    assert_ne!(fine, answer("pipelines/x.toml:base"), "the adapters change the answer");
+    assert_eq!(answer("pipelines/x.toml:int4").as_array().unwrap().len(), 8);
+
     // The card names every stage key; the lineage says what went in.
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     for stage in ["base", "prep", "coarse", "fine", "int4"] {

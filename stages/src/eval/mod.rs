@@ -32,8 +32,7 @@ use self::prompt::{Template, TemplateName};
 use self::report::{ModelScores, QuestionResult, SubjectResult};
 use self::score::{Encoded, ScoreOptions};
 use self::suites::Suite;
-use crate::llm::adapted::{AdaptedLoader, BaseFormat};
-use crate::llm::{awq, Compute, Decoder, ModelConfig, TextTokenizer};
+use crate::llm::{Compute, Decoder, ModelConfig, TextTokenizer};
 use crate::model_source::{ModelSource, OpenedModel};
 
 /// The eval kind.
@@ -274,19 +273,7 @@ impl ScoringModel {
     pub fn load(opened: &OpenedModel, compute: Compute) -> anyhow::Result<ScoringModel> {
         let config = ModelConfig::load(&opened.folder)?;
         let tokenizer = TextTokenizer::load(&opened.folder, &config)?;
-        let (device, dtype) = (compute.open()?, compute.dtype());
-        let decoder = if config.quantization.is_some() {
-            if !opened.adapters.is_empty() {
-                return Err(anyhow!("an AWQ int4 model cannot carry adapters: evaluate the fine-tune before quantizing, or quantize the fine-tune"));
-            }
-            let loader = awq::loader_for(&config);
-            Decoder::load(&opened.folder, config, dtype, &device, loader.as_ref())?
-        } else {
-            let loader = AdaptedLoader::new(&opened.adapters, BaseFormat::Dense);
-            let decoder = Decoder::load(&opened.folder, config, dtype, &device, &loader)?;
-            loader.check_all_applied()?;
-            decoder
-        };
+        let decoder = opened.load(compute.dtype(), &compute.open()?)?;
         Ok(ScoringModel { decoder, tokenizer })
     }
 
