@@ -85,18 +85,8 @@ fn generate_in_chunks(
     chunk: usize,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, LlmError> {
-    if prompt.is_empty() {
-        return Err(LlmError::Template("the prompt has no tokens".into()));
-    }
+    check_prompt(model, prompt)?;
     let context = model.config().max_position_embeddings;
-    if prompt.len() >= context {
-        return Err(LlmError::TooLong(format!(
-            "the prompt has {} tokens, and the model's context is {context} (max_position_embeddings in config.json): \
-             shorten the prompt to at most {} tokens to leave room for an answer",
-            prompt.len(),
-            context - 1
-        )));
-    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
     let mut cache = KvCache::default();
     let (head, last) = prompt.split_at(prompt.len() - prompt.len().min(chunk.max(1)));
@@ -130,6 +120,38 @@ fn generate_in_chunks(
         }
         input = vec![next];
     }
+}
+
+/// Refuses an empty prompt, and one that leaves no room in the context.
+pub(crate) fn check_prompt(model: &Decoder, prompt: &[u32]) -> Result<(), LlmError> {
+    if prompt.is_empty() {
+        return Err(LlmError::Template("the prompt has no tokens".into()));
+    }
+    let context = model.config().max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(LlmError::TooLong(format!(
+            "the prompt has {} tokens, and the model's context is {context} (max_position_embeddings in config.json): \
+             shorten the prompt to at most {} tokens to leave room for an answer",
+            prompt.len(),
+            context - 1
+        )));
+    }
+    Ok(())
+}
+
+/// The next token from one position's logits: the first highest (greedy,
+/// as [`argmax`] picks it) or a draw.
+pub(crate) fn next_token(logits: &[f32], options: &GenerateOptions, rng: &mut rand::rngs::StdRng) -> u32 {
+    if options.temperature > 0.0 {
+        return sample(logits, options, rng);
+    }
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// Runs `tokens` through the model after the cached ones, keeping only

@@ -15,16 +15,21 @@
 //!   and sliding-window masks, SwiGLU, KV cache);
 //! - [`tokenizer`] and [`chat`]: `tokenizer.json`, special tokens and chat
 //!   templates rendered as transformers renders them;
-//! - [`generate`]: greedy and sampled generation;
+//! - [`generate`]: greedy and sampled generation of one sequence;
+//!   [`kv_blocks`] (a block KV cache shared by many sequences), [`batch`] (one
+//!   forward pass over many sequences' new tokens) and [`scheduler`] (many
+//!   prompts at once: continuous batching, shared prefixes);
 //! - [`save`]: writing checkpoints as transformers does (sharded with an index
 //!   above a size).
 
 pub mod adapted;
 pub mod awq;
+pub mod batch;
 pub mod adapter;
 pub mod chat;
 pub mod config;
 pub mod device;
+pub mod kv_blocks;
 pub mod generate;
 pub mod linear;
 pub mod lora;
@@ -32,6 +37,7 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod save;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 

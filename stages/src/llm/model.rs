@@ -276,6 +276,17 @@ impl Decoder {
         Ok(self.rms_norm(x, weight, Pass::Inference)?)
     }
 
+    /// The last RMSNorm, before `lm_head` (inference).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor, LlmError> {
+        Ok(self.rms_norm(x, &self.norm, Pass::Inference)?)
+    }
+
+    /// RoPE cos and sin tables `[t, head_dim / 2]` for these positions, in
+    /// the compute dtype.
+    pub fn rope(&self, positions: &[u32]) -> Result<(Tensor, Tensor), LlmError> {
+        self.rope_tables(positions)
+    }
+
     /// Self-attention up to o_proj's input, on an already normalised `x`
     /// `[rows, t, hidden]` (rows of the same length, each its own sequence),
     /// with the given q, k and v projections.
