@@ -24,8 +24,17 @@ pub struct Args {
     #[arg(long, value_name = "PATH_OR_STAGE")]
     model: String,
     /// The prompt.
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Prompts to decode together, one per line; a `.jsonl` file holds one
+    /// JSON object per line, `{"messages": [...]}` (rendered with the chat
+    /// template) or `{"prompt": "..."}`. Prints one JSON object per prompt.
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
+    /// With --prompt-file: sequences decoded at once at most (the others
+    /// join as sequences end).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
     /// Wrap the prompt in the model's chat template (as a user message).
     #[arg(long)]
     chat: bool,
@@ -85,19 +94,17 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
             return Ok(Exit::Invalid);
         }
     };
-    let config = ModelConfig::load(&folder)?;
-    let tokenizer = TextTokenizer::load(&folder, &config)?;
+    let config = ModelConfig::load(folder)?;
+    let tokenizer = TextTokenizer::load(folder, &config)?;
     let model = opened.load(dtype, &device)?;
-    let prompt_ids = if args.chat {
-        let template = tokenizer.chat_template()?.with_context(|| {
-            format!("{} has no chat template (tokenizer_config.json or chat_template.jinja); drop --chat", folder.display())
-        })?;
-        let messages = [Message { role: "user".into(), content: args.prompt.clone() }];
-        tokenizer.encode_rendered(&template.render(&messages, None::<&()>, true)?)?
-    } else {
-        tokenizer.encode(&args.prompt)?
-    };
     let options = GenerateOptions { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+    let Some(prompt) = &args.prompt else {
+        let file = args.prompt_file.as_deref().expect("clap requires --prompt or --prompt-file");
+        let prompts = super::generate_file::read_prompts(file, &tokenizer, folder, args.chat)?;
+        super::generate_file::run(&model, &tokenizer, &prompts, &options, args.batch_size)?;
+        return Ok(Exit::Success);
+    };
+    let prompt_ids = encode_prompt(&tokenizer, folder, prompt, args.chat)?;
     let mut printed = String::new();
     let mut so_far = Vec::new();
     let generation = generate(&model, &prompt_ids, tokenizer.eos_ids(), &options, |id| {
@@ -138,6 +145,23 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
         }
     }
     Ok(Exit::Success)
+}
+
+/// A prompt's ids: wrapped as a user message in the chat template with
+/// `chat`, else as transformers' `tokenizer(prompt)` gives them.
+pub(super) fn encode_prompt(tokenizer: &TextTokenizer, folder: &Path, prompt: &str, chat: bool) -> anyhow::Result<Vec<u32>> {
+    if !chat {
+        return Ok(tokenizer.encode(prompt)?);
+    }
+    encode_chat(tokenizer, folder, &[Message { role: "user".into(), content: prompt.to_string() }])
+}
+
+/// Messages rendered with the chat template and its generation prompt.
+pub(super) fn encode_chat(tokenizer: &TextTokenizer, folder: &Path, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
+    let template = tokenizer.chat_template()?.with_context(|| {
+        format!("{} has no chat template (tokenizer_config.json or chat_template.jinja); drop --chat", folder.display())
+    })?;
+    Ok(tokenizer.encode_rendered(&template.render(&messages, None::<&()>, true)?)?)
 }
 
 /// The model `--model` names: a model folder, or `MANIFEST:STAGE` for a

@@ -15,6 +15,7 @@ mod dag;
 mod exec_stage;
 mod gc;
 mod generate;
+mod generate_file;
 mod report;
 mod run;
 mod selftest;

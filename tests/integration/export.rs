@@ -107,6 +107,25 @@ fn every_format_loads_with_the_logits_the_python_tools_computed() {
     assert_ne!(fine, answer("pipelines/x.toml:base"), "the adapters change the answer");
     assert_eq!(answer("pipelines/x.toml:int4").as_array().unwrap().len(), 8);
 
+    // A prompt file decodes every prompt in one batch, each as it decodes
+    // alone: the adapter chain and the AWQ model alike.
+    let prompts = ["The tenant shall", "A contract is void when", "The court", "Damages"];
+    p.write("prompts.txt", &(prompts.join("\n\n") + "\n"));
+    for model in ["pipelines/x.toml:fine", "pipelines/x.toml:int4"] {
+        let run = p.swift(&["generate", "--model", model, "--prompt-file", "prompts.txt", "--max-tokens", "8", "--batch-size", "3"]);
+        assert_eq!(run.code, 0, "{run}");
+        let lines: Vec<serde_json::Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), prompts.len());
+        for (i, (line, prompt)) in lines.iter().zip(prompts).enumerate() {
+            assert_eq!(line["line"], 2 * i + 1, "{line}");
+            let alone = p.swift(&["generate", "--model", model, "--prompt", prompt, "--max-tokens", "8", "--json"]);
+            let alone: serde_json::Value = serde_json::from_str(alone.stdout.lines().last().unwrap()).unwrap();
+            for field in ["prompt_ids", "new_ids", "text", "finish_reason"] {
+                assert_eq!(line[field], alone[field], "{model}, {prompt:?}: {field}");
+            }
+        }
+    }
+
     // The card names every stage key; the lineage says what went in.
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     for stage in ["base", "prep", "coarse", "fine", "int4"] {

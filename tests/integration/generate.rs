@@ -109,3 +109,27 @@ fn the_context_bounds_prompts_and_answers() {
         assert!(run.stderr.contains("fill the model's context (512 tokens)"), "{run}");
     }
 }
+
+#[test]
+fn prompt_files_take_chat_messages_and_name_bad_lines() {
+    let p = crate::util::Project::new();
+    let model = fixture("qwen2-tiny");
+    let chat = r#"{"messages": [{"role": "user", "content": "Who pays the rent?"}]}"#;
+    p.write("prompts.jsonl", &format!("{chat}\n{{\"prompt\": \"Who pays the rent?\"}}\n"));
+    let run = p.swift(&["generate", "--model", &model, "--prompt-file", "prompts.jsonl", "--max-tokens", "4", "--chat"]);
+    assert_eq!(run.code, 0, "{run}");
+    let lines: Vec<serde_json::Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["prompt_ids"], lines[1]["prompt_ids"], "messages render as --chat wraps a prompt");
+    let alone = p.swift(&["generate", "--model", &model, "--prompt", "Who pays the rent?", "--chat", "--max-tokens", "4", "--json"]);
+    let alone: serde_json::Value = serde_json::from_str(alone.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(lines[0]["new_ids"], alone["new_ids"]);
+
+    p.write("bad.jsonl", &format!("{chat}\n{{\"messages\": 3}}\n"));
+    let run = p.swift(&["generate", "--model", &model, "--prompt-file", "bad.jsonl"]);
+    assert!(run.code == 1 && run.stderr.contains("bad.jsonl:2: not a prompt object"), "{run}");
+    p.write("long.txt", &format!("short\n{}\n", "word ".repeat(600)));
+    let run = p.swift(&["generate", "--model", &model, "--prompt-file", "long.txt"]);
+    assert!(run.code == 1 && run.stderr.contains("line 2: the prompt has"), "{run}");
+    let run = p.swift(&["generate", "--model", &model]);
+    assert_eq!(run.code, 2, "--prompt or --prompt-file is required: {run}");
+}
