@@ -6,7 +6,8 @@
 //! - [`awq`]: AWQ int4 weights in AutoAWQ's GEMM layout: round-to-nearest
 //!   quantization with zero points, packing, dequantization, the int4 matmul
 //!   and the clip search.
-//! - [`gemv`]: matrix-vector products for single-token decoding.
+//! - [`gemv`]: matrix-vector products for decoding (one row, or a batch's few);
+//!   [`gemv_half`]: the same on bf16/f16 weights with f32 accumulation.
 //! - [`nf4`]: QLoRA's NF4 4-bit weights (with double-quantized scales), bit-exact
 //!   with bitsandbytes.
 //! - [`loss`]: fused cross-entropy (loss and gradient) over rows of logits.
@@ -25,6 +26,7 @@ pub mod awq;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gemv;
+pub mod gemv_half;
 pub mod loss;
 pub mod nf4;
 pub mod rope;

@@ -10,10 +10,11 @@ use swift_engine::kind::OutputType;
 use swift_engine::pipeline::{InputRef, NodeInput};
 use swift_engine::status::assess;
 use swift_stages::llm::chat::Message;
-use swift_stages::llm::generate::{generate, Finish, GenerateOptions};
+use swift_stages::llm::generate::{Finish, GenerateOptions};
+use swift_stages::llm::scheduler::{generate_all, BatchLimits, Request};
 use swift_stages::llm::adapter::PeftAdapter;
 use swift_stages::llm::{Compute, ModelConfig, TextTokenizer};
-use swift_stages::model_source::OpenedModel;
+use swift_stages::model_source::{OpenedModel, WeightsAs};
 
 use super::{open_store, Exit, ManifestArgs};
 
@@ -96,7 +97,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     };
     let config = ModelConfig::load(folder)?;
     let tokenizer = TextTokenizer::load(folder, &config)?;
-    let model = opened.load(dtype, &device)?;
+    let model = opened.load(dtype, &device, WeightsAs::Stored)?;
     let options = GenerateOptions { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
     let Some(prompt) = &args.prompt else {
         let file = args.prompt_file.as_deref().expect("clap requires --prompt or --prompt-file");
@@ -107,7 +108,10 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
     let prompt_ids = encode_prompt(&tokenizer, folder, prompt, args.chat)?;
     let mut printed = String::new();
     let mut so_far = Vec::new();
-    let generation = generate(&model, &prompt_ids, tokenizer.eos_ids(), &options, |id| {
+    // The batch decoder with one sequence: its block cache grows in place
+    // (the reference `generate` re-concatenates its cache at every token).
+    let request = Request { prompt: prompt_ids.clone(), options };
+    let (mut generations, _) = generate_all(&model, &[request], tokenizer.eos_ids(), BatchLimits::default(), |_, id| {
         if args.json {
             return;
         }
@@ -122,6 +126,7 @@ pub fn exec(cache: Option<PathBuf>, offline: bool, args: Args) -> anyhow::Result
             }
         }
     })?;
+    let generation = generations.pop().expect("one request, one generation");
     let new_ids = generation.ids;
     let text = tokenizer.decode(&new_ids, true)?;
     if generation.finish == Finish::Context {

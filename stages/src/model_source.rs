@@ -17,6 +17,7 @@ use swift_engine::ManifestError;
 
 use crate::llm::adapted::{AdaptedLoader, BaseFormat};
 use crate::llm::adapter::PeftAdapter;
+use crate::llm::stored::StoredLoader;
 use crate::llm::{awq, Decoder, ModelConfig};
 
 /// The kind whose stages stand for "base + adapter chain".
@@ -46,10 +47,21 @@ pub struct OpenedModel {
     pub adapters: Vec<PeftAdapter>,
 }
 
+/// How a model's plain (dense) weights are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightsAs {
+    /// Converted to the compute dtype (what stages score and train with).
+    Compute,
+    /// A bf16/f16 checkpoint's weights kept 16-bit for f32 compute on the
+    /// CPU ([`crate::llm::stored`]): half the bytes a decoding step reads.
+    Stored,
+}
+
 impl OpenedModel {
     /// Loads the model in `dtype` on `device`: the base with its adapters
-    /// merged in memory, or an AWQ int4 model through the int4 kernels.
-    pub fn load(&self, dtype: candle_core::DType, device: &candle_core::Device) -> anyhow::Result<Decoder> {
+    /// merged in memory, or an AWQ int4 model through the int4 kernels; a
+    /// base without adapters holds its weights as `weights` says.
+    pub fn load(&self, dtype: candle_core::DType, device: &candle_core::Device, weights: WeightsAs) -> anyhow::Result<Decoder> {
         let config = ModelConfig::load(&self.folder)?;
         if config.quantization.is_some() {
             if !self.adapters.is_empty() {
@@ -57,6 +69,9 @@ impl OpenedModel {
             }
             let loader = awq::loader_for(&config);
             return Ok(Decoder::load(&self.folder, config, dtype, device, loader.as_ref())?);
+        }
+        if self.adapters.is_empty() && weights == WeightsAs::Stored {
+            return Ok(Decoder::load(&self.folder, config, dtype, device, &StoredLoader)?);
         }
         let loader = AdaptedLoader::new(&self.adapters, BaseFormat::Dense);
         let decoder = Decoder::load(&self.folder, config, dtype, device, &loader)?;

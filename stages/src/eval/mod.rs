@@ -33,7 +33,7 @@ use self::report::{ModelScores, QuestionResult, SubjectResult};
 use self::score::{Encoded, ScoreOptions};
 use self::suites::Suite;
 use crate::llm::{Compute, Decoder, ModelConfig, TextTokenizer};
-use crate::model_source::{ModelSource, OpenedModel};
+use crate::model_source::{ModelSource, OpenedModel, WeightsAs};
 
 /// The eval kind.
 pub struct Eval;
@@ -273,7 +273,7 @@ impl ScoringModel {
     pub fn load(opened: &OpenedModel, compute: Compute) -> anyhow::Result<ScoringModel> {
         let config = ModelConfig::load(&opened.folder)?;
         let tokenizer = TextTokenizer::load(&opened.folder, &config)?;
-        let decoder = opened.load(compute.dtype(), &compute.open()?)?;
+        let decoder = opened.load(compute.dtype(), &compute.open()?, WeightsAs::Compute)?;
         Ok(ScoringModel { decoder, tokenizer })
     }
 

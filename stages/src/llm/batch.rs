@@ -127,7 +127,7 @@ impl<'m> BatchDecoder<'m> {
         }
         let last = Tensor::new(last.iter().map(|&i| i as u32).collect::<Vec<_>>(), model.device())?;
         let hidden = model.final_norm(&x)?.squeeze(0)?.index_select(&last, 0)?;
-        let logits = model.lm_head().forward(&hidden.unsqueeze(0)?)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let logits = model.lm_head().forward_batch(&hidden.unsqueeze(0)?)?.squeeze(0)?.to_dtype(DType::F32)?;
         Ok(logits.to_vec2::<f32>()?)
     }
 
@@ -140,7 +140,7 @@ impl<'m> BatchDecoder<'m> {
         let normed = model.norm(x, parts.input_layernorm)?;
         // [1, N, heads · d] → [1, heads, N, d] for RoPE → back to [N, heads · d] in f32.
         let project = |p: &dyn super::linear::Projection, heads: usize, rotate: bool| -> candle_core::Result<Vec<f32>> {
-            let y = p.forward(&normed)?.reshape((1, n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
+            let y = p.forward_batch(&normed)?.reshape((1, n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
             let y = if rotate { candle_nn::rotary_emb::rope(&y, &row.cos, &row.sin)? } else { y };
             y.transpose(1, 2)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
         };
@@ -160,10 +160,10 @@ impl<'m> BatchDecoder<'m> {
             attend(pool, layer, seq, &q[t * width..(t + 1) * width], row.positions[t] as usize, &shape, out_row);
         });
         let values = Tensor::from_vec(out, (1, n, width), model.device())?.to_dtype(model.dtype())?;
-        let x = (x + parts.o_proj.forward(&values)?)?;
+        let x = (x + parts.o_proj.forward_batch(&values)?)?;
         let normed = model.norm(&x, parts.post_attention_layernorm)?;
-        let gated = (parts.gate_proj.forward(&normed)?.silu()? * parts.up_proj.forward(&normed)?)?;
-        Ok((x + parts.down_proj.forward(&gated)?)?)
+        let gated = (parts.gate_proj.forward_batch(&normed)?.silu()? * parts.up_proj.forward_batch(&normed)?)?;
+        Ok((x + parts.down_proj.forward_batch(&gated)?)?)
     }
 }
 

@@ -1,4 +1,6 @@
-//! Generation: greedy when the temperature is 0, else temperature and nucleus
+//! Generation of one sequence — the plain reference the batch decoder
+//! ([`super::scheduler`], which `swift generate` runs) is tested against:
+//! greedy when the temperature is 0, else temperature and nucleus
 //! (top-p) sampling from a seeded generator. Stops after `max_tokens`, at any
 //! end-of-sequence id (kept in the output), or when prompt and output fill the
 //! model's context (`max_position_embeddings`); a prompt that fills it alone

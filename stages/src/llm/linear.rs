@@ -14,6 +14,14 @@ use super::LlmError;
 pub trait Projection: Send + Sync {
     /// Applies the projection.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    /// Applies the projection to one step of the batch decoder (a row per
+    /// decoding sequence, or prompt chunks): the same result as `forward`
+    /// up to the last bits, and for a few rows each row's result equals
+    /// `forward` on that row alone. Formats with a kernel for that case
+    /// override it.
+    fn forward_batch(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(x)
+    }
     /// Input size.
     fn in_features(&self) -> usize;
     /// Output size.
@@ -45,7 +53,17 @@ pub trait LinearLoader {
     /// Loads `{prefix}.weight` (`[out, in]`) and, if `bias`, `{prefix}.bias`.
     fn load(&self, weights: &Weights, prefix: &str, in_features: usize, out_features: usize, bias: bool)
         -> Result<Box<dyn Projection>, LlmError>;
+    /// `lm_head` for a model that ties it to the input embeddings (already
+    /// loaded, in the compute dtype): by default that very matrix.
+    fn tied_head(&self, _weights: &Weights, embed_tokens: &Tensor) -> Result<Box<dyn Projection>, LlmError> {
+        Ok(Box::new(Dense::new(embed_tokens.clone(), None)?))
+    }
 }
+
+/// Rows at most that [`Dense::forward_batch`] multiplies by matrix-vector
+/// products rather than candle's GEMM, which packs the whole weight on every
+/// call and so reads it several times over for a handful of rows.
+const FEW_ROWS: usize = 32;
 
 /// A plain weight matrix in the compute dtype.
 pub struct Dense {
@@ -68,22 +86,24 @@ impl Dense {
 }
 
 impl Dense {
-    /// One f32 row on the CPU (single-token decoding): a matrix-vector product,
-    /// bandwidth-bound, through swift's own kernel; `None` for anything else.
-    fn forward_single_row(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// Up to `most` f32 rows on the CPU (decoding: one token, or one per
+    /// sequence of a batch): matrix-vector products that read the weight
+    /// once, bandwidth-bound, through swift's own kernel; `None` for anything
+    /// else (prompts go through candle's GEMM).
+    fn forward_few_rows(&self, x: &Tensor, most: usize) -> candle_core::Result<Option<Tensor>> {
         let weight = self.inner.weight();
         let rows_in = x.elem_count() / self.in_features.max(1);
-        if rows_in != 1 || !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !weight.is_contiguous() {
+        if rows_in > most || !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !weight.is_contiguous() {
             return Ok(None);
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; self.out_features];
+        let mut out = vec![0f32; rows_in * self.out_features];
         {
             let (storage, layout) = weight.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
             let start = layout.start_offset();
             let w = &cpu.as_slice::<f32>()?[start..start + self.out_features * self.in_features];
-            swift_kernels::gemv::gemv_f32(w, &xs, self.in_features, &mut out);
+            swift_kernels::gemv::gemv_rows_f32(w, &xs, self.in_features, &mut out);
         }
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("x has a feature dimension") = self.out_features;
@@ -105,9 +125,15 @@ impl Projection for Dense {
                 None => Ok(y),
             };
         }
-        match self.forward_single_row(x)? {
+        match self.forward_few_rows(x, 1)? {
             Some(y) => Ok(y),
             None => self.inner.forward(x),
+        }
+    }
+    fn forward_batch(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.forward_few_rows(x, FEW_ROWS)? {
+            Some(y) => Ok(y),
+            None => self.forward(x),
         }
     }
     fn in_features(&self) -> usize {

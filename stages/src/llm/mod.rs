@@ -9,7 +9,8 @@
 //!   AWQ weights and LoRA adapters slot in without touching the decoder;
 //!   [`awq`] (AWQ int4 weights in AutoAWQ's GEMM layout), [`nf4`] (bitsandbytes NF4 weights), [`lora`] (LoRA/DoRA adapters),
 //!   [`adapter`] (PEFT adapter folders) and [`adapted`] (a loader that merges
-//!   an adapter chain and adds new adapters); [`ops`] (custom autograd ops
+//!   an adapter chain and adds new adapters); [`stored`] (bf16/f16 weights
+//!   kept as stored for f32 compute on the CPU); [`ops`] (custom autograd ops
 //!   for training: frozen-weight matmul, fused cross-entropy);
 //! - [`model`]: the decoder (RMSNorm, RoPE, GQA attention with causal, packed
 //!   and sliding-window masks, SwiGLU, KV cache);
@@ -38,6 +39,7 @@ pub mod nf4;
 pub mod ops;
 pub mod save;
 pub mod scheduler;
+pub mod stored;
 pub mod tokenizer;
 pub mod weights;
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId, Var, D};
 
 use super::config::{Llama3RopeScaling, ModelConfig};
-use super::linear::{Dense, LinearLoader, Projection};
+use super::linear::{LinearLoader, Projection};
 use super::ops::{cpu_tensor, into_cpu};
 use super::weights::Weights;
 use super::LlmError;
@@ -120,7 +120,7 @@ impl Decoder {
         }
         let norm = weights.get("model.norm.weight", &[h])?;
         let lm_head: Box<dyn Projection> = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            Box::new(Dense::new(embed_tokens.clone(), None)?)
+            linear.tied_head(weights, &embed_tokens)?
         } else {
             linear.load(weights, "lm_head", h, c.vocab_size, false)?
         };

@@ -70,6 +70,8 @@ pub struct BatchStats {
     pub prompt_tokens_cached: usize,
     /// Forward passes.
     pub steps: usize,
+    /// Bytes the KV block pool grew to.
+    pub cache_bytes: usize,
 }
 
 /// Generates for every request; `on_token(request, id)` sees each new token.
@@ -108,6 +110,7 @@ pub fn generate_all(
         stats.steps += 1;
         let views: Vec<(SeqId, &[u32])> = feeds.iter().map(|(i, tokens)| (live[*i].id, tokens.as_slice())).collect();
         let logits = batch.step(&views)?;
+        stats.cache_bytes = stats.cache_bytes.max(batch.cache_bytes());
         let mut ended = Vec::new();
         for ((i, tokens), logits) in feeds.iter().zip(logits) {
             let l = &mut live[*i];
