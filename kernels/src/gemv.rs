@@ -47,6 +47,25 @@ pub fn gemv_f32(weight: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
 /// If `xs.len()` is not a multiple of `cols`, or `weight.len() * m !=
 /// out.len() * cols`.
 pub fn gemv_rows_f32(weight: &[f32], xs: &[f32], cols: usize, out: &mut [f32]) {
+    let (dot, dot4) = (dot_for_this_cpu(), dot4_for_this_cpu());
+    rows_times_weight(weight, xs, cols, out, &dot, &dot4);
+}
+
+/// `out = X Wᵀ` (`xs` `[m, cols]`, `weight` `[rows, cols]` of any element
+/// type, `out` `[m, rows]`) through `dot` and `dot4` (four input rows against
+/// one weight row, each summed as `dot` sums it): threads split the weight
+/// rows, and each weight row meets every input row while it is in cache.
+///
+/// # Panics
+/// If the lengths do not fit those shapes.
+pub(crate) fn rows_times_weight<W: Sync>(
+    weight: &[W],
+    xs: &[f32],
+    cols: usize,
+    out: &mut [f32],
+    dot: &(dyn Fn(&[W], &[f32]) -> f32 + Sync),
+    dot4: &(dyn Fn(&[W], [&[f32]; 4]) -> [f32; 4] + Sync),
+) {
     assert_eq!(xs.len() % cols.max(1), 0, "gemv_rows: xs is not [m, cols]");
     let m = xs.len() / cols.max(1);
     let rows = weight.len() / cols.max(1);
@@ -55,7 +74,6 @@ pub fn gemv_rows_f32(weight: &[f32], xs: &[f32], cols: usize, out: &mut [f32]) {
     if m == 0 {
         return;
     }
-    let (dot, dot4) = (dot_for_this_cpu(), dot4_for_this_cpu());
     // Weight-row-major results, so each task writes one contiguous run.
     let mut by_row = vec![0f32; rows * m];
     let x = |i: usize| &xs[i * cols..(i + 1) * cols];
@@ -64,7 +82,7 @@ pub fn gemv_rows_f32(weight: &[f32], xs: &[f32], cols: usize, out: &mut [f32]) {
         for (r, y) in ys.chunks_mut(m).enumerate() {
             let w = &weight[(first + r) * cols..(first + r + 1) * cols];
             // Four input rows at a time share the weight's loads and keep
-            // eight FMA chains in flight; each row sums in dot's order.
+            // more FMA chains in flight; each row sums in dot's order.
             let quads = m - m % 4;
             for i in (0..quads).step_by(4) {
                 y[i..i + 4].copy_from_slice(&dot4(w, [x(i), x(i + 1), x(i + 2), x(i + 3)]));
@@ -79,6 +97,13 @@ pub fn gemv_rows_f32(weight: &[f32], xs: &[f32], cols: usize, out: &mut [f32]) {
             out[i * rows + r] = y;
         }
     }
+}
+
+/// The f32 dot product [`gemv_f32`] uses on this CPU (AVX2+FMA when it has
+/// them), for callers with dot products of their own to take, such as
+/// attention over cached keys.
+pub fn dot_f32() -> fn(&[f32], &[f32]) -> f32 {
+    dot_for_this_cpu()
 }
 
 type Dot = fn(&[f32], &[f32]) -> f32;

@@ -24,8 +24,6 @@
 
 use rayon::prelude::*;
 
-/// Weight rows handed to a thread at a time.
-const ROWS_PER_TASK: usize = 64;
 /// Accumulator lanes of every dot product.
 const LANES: usize = 16;
 
@@ -72,36 +70,8 @@ fn f16_to_f32(bits: u16) -> f32 {
 /// # Panics
 /// If the lengths do not fit those shapes.
 pub fn gemv_rows_half(half: Half, weight: &[u16], xs: &[f32], cols: usize, out: &mut [f32]) {
-    assert_eq!(xs.len() % cols.max(1), 0, "gemv_rows_half: xs is not [m, cols]");
-    let m = xs.len() / cols.max(1);
-    let rows = weight.len() / cols.max(1);
-    assert_eq!(weight.len(), rows * cols, "gemv_rows_half: weight is not [rows, cols]");
-    assert_eq!(out.len(), m * rows, "gemv_rows_half: out is not [m, rows]");
-    if m == 0 {
-        return;
-    }
     let (dot, dot4) = kernels(half);
-    let x = |i: usize| &xs[i * cols..(i + 1) * cols];
-    // Weight-row-major results, so each task writes one contiguous run.
-    let mut by_row = vec![0f32; rows * m];
-    by_row.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, ys)| {
-        let first = task * ROWS_PER_TASK;
-        for (r, y) in ys.chunks_mut(m).enumerate() {
-            let w = &weight[(first + r) * cols..(first + r + 1) * cols];
-            let quads = m - m % 4;
-            for i in (0..quads).step_by(4) {
-                y[i..i + 4].copy_from_slice(&dot4(w, [x(i), x(i + 1), x(i + 2), x(i + 3)]));
-            }
-            for i in quads..m {
-                y[i] = dot(w, x(i));
-            }
-        }
-    });
-    for (r, ys) in by_row.chunks(m).enumerate() {
-        for (i, &y) in ys.iter().enumerate() {
-            out[i * rows + r] = y;
-        }
-    }
+    crate::gemv::rows_times_weight(weight, xs, cols, out, dot.as_ref(), dot4.as_ref());
 }
 
 /// Widens 16-bit values into f32 (`dst.len() == src.len()`), on every core:

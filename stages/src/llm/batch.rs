@@ -195,6 +195,7 @@ struct Shape {
 /// over its KV head's cached keys at positions `from..=position` of `seq`.
 fn attend(pool: &BlockPool, layer: usize, seq: &SeqBlocks, q: &[f32], position: usize, shape: &Shape, out: &mut [f32]) {
     let d = shape.dim;
+    let dot = swift_kernels::gemv::dot_f32();
     let scale = 1.0 / (d as f32).sqrt();
     let from = shape.window.map_or(0, |w| (position + 1).saturating_sub(w));
     let mut scores = Vec::with_capacity(position + 1 - from);
@@ -222,16 +223,3 @@ fn attend(pool: &BlockPool, layer: usize, seq: &SeqBlocks, q: &[f32], position: 
     }
 }
 
-/// A dot product in eight running sums, so it vectorizes (a single running
-/// sum fixes the order of every addition and cannot).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0f32; LANES];
-    let split = a.len() - a.len() % LANES;
-    for (ca, cb) in a[..split].chunks_exact(LANES).zip(b[..split].chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    acc.iter().sum::<f32>() + a[split..].iter().zip(&b[split..]).map(|(x, y)| x * y).sum::<f32>()
-}
