@@ -329,14 +329,6 @@ impl InputValue {
             Err(_) => file.to_path_buf(),
         }
     }
-
-    /// A message with the input's store path given as the original's name.
-    pub fn shown_in(&self, message: &str) -> String {
-        match &self.shown {
-            Some(shown) => message.replace(&self.path.display().to_string(), shown),
-            None => message.to_string(),
-        }
-    }
 }
 
 /// An output a stage returns.

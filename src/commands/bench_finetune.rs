@@ -9,13 +9,14 @@
 //! and memory do not depend on them. `--json` prints every figure as one
 //! JSON line at the end.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
+use swift_stages::llm::weights::Weights;
+use swift_stages::llm::ModelConfig;
 
 use super::bench::{cpu_model, median, num_cores, stage, timed, xorshift};
 use super::Exit;
@@ -105,7 +106,6 @@ pub(super) fn write_model(folder: &Path, s: &Shape) -> anyhow::Result<PathBuf> {
         return Ok(folder);
     }
     std::fs::create_dir_all(&folder)?;
-    let head_dim = s.hidden / s.heads;
     let config = serde_json::json!({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": s.hidden,
         "intermediate_size": s.intermediate, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
@@ -119,38 +119,7 @@ pub(super) fn write_model(folder: &Path, s: &Shape) -> anyhow::Result<PathBuf> {
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(fixture.join(file), folder.join(file))?;
     }
-    let (q, kv) = (s.heads * head_dim, s.kv_heads * head_dim);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![s.vocab, s.hidden])];
-    for n in 0..s.layers {
-        let p = format!("model.layers.{n}");
-        for (name, shape) in [
-            ("self_attn.q_proj.weight", vec![q, s.hidden]),
-            ("self_attn.q_proj.bias", vec![q]),
-            ("self_attn.k_proj.weight", vec![kv, s.hidden]),
-            ("self_attn.k_proj.bias", vec![kv]),
-            ("self_attn.v_proj.weight", vec![kv, s.hidden]),
-            ("self_attn.v_proj.bias", vec![kv]),
-            ("self_attn.o_proj.weight", vec![s.hidden, q]),
-            ("mlp.gate_proj.weight", vec![s.intermediate, s.hidden]),
-            ("mlp.up_proj.weight", vec![s.intermediate, s.hidden]),
-            ("mlp.down_proj.weight", vec![s.hidden, s.intermediate]),
-        ] {
-            shapes.push((format!("{p}.{name}"), shape));
-        }
-        shapes.push((format!("{p}.input_layernorm.weight"), vec![s.hidden]));
-        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![s.hidden]));
-    }
-    shapes.push(("model.norm.weight".into(), vec![s.hidden]));
-    let mut tensors = HashMap::new();
-    for (name, shape) in shapes {
-        let t = if name.ends_with("norm.weight") {
-            Tensor::ones(shape, DType::F32, &Device::Cpu)?
-        } else {
-            Tensor::randn(0f32, 0.02, shape, &Device::Cpu)?
-        };
-        tensors.insert(name, t.to_dtype(s.dtype)?);
-    }
-    candle_core::safetensors::save(&tensors, folder.join("model.safetensors"))?;
+    Weights::write_random(&folder, &ModelConfig::load(&folder)?, s.dtype)?;
     Ok(folder)
 }
 

@@ -9,18 +9,18 @@
 //! beyond the same run stopped after its first token (the prefill), on both
 //! sides. Sequence `s` has its own prompt, so no prefix is shared.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use swift_stages::llm::generate::GenerateOptions;
 use swift_stages::llm::linear::DenseLoader;
 use swift_stages::llm::scheduler::{generate_all, BatchLimits, Request};
 use swift_stages::llm::stored::StoredLoader;
 use swift_stages::llm::model::{argmax, KvCache};
+use swift_stages::llm::weights::Weights;
 use swift_stages::llm::{Decoder, ModelConfig};
 
 use super::bench::{cpu_model, median, num_cores, timed};
@@ -205,36 +205,6 @@ fn write_checkpoint(dir: &Path) -> anyhow::Result<()> {
     if weights.exists() {
         return Ok(());
     }
-    let config = ModelConfig::load(dir)?;
-    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
-    let (q, kv) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
-    let device = Device::Cpu;
-    let random = |shape: &[usize]| -> candle_core::Result<Tensor> { Tensor::randn(0f32, 0.02, shape, &device)?.to_dtype(DType::BF16) };
-    let ones = |n: usize| -> candle_core::Result<Tensor> { Tensor::ones(n, DType::BF16, &device) };
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    tensors.insert("model.embed_tokens.weight".into(), random(&[v, h])?);
-    tensors.insert("model.norm.weight".into(), ones(h)?);
-    for n in 0..config.num_layers {
-        let p = format!("model.layers.{n}");
-        for (name, shape) in [
-            ("self_attn.q_proj.weight", vec![q, h]),
-            ("self_attn.k_proj.weight", vec![kv, h]),
-            ("self_attn.v_proj.weight", vec![kv, h]),
-            ("self_attn.o_proj.weight", vec![h, q]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
-            ("self_attn.q_proj.bias", vec![q]),
-            ("self_attn.k_proj.bias", vec![kv]),
-            ("self_attn.v_proj.bias", vec![kv]),
-        ] {
-            tensors.insert(format!("{p}.{name}"), random(&shape)?);
-        }
-        tensors.insert(format!("{p}.input_layernorm.weight"), ones(h)?);
-        tensors.insert(format!("{p}.post_attention_layernorm.weight"), ones(h)?);
-    }
-    let tmp = dir.join("model.safetensors.partial");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, &weights)?;
+    Weights::write_random(dir, &ModelConfig::load(dir)?, DType::BF16)?;
     Ok(())
 }

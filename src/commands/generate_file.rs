@@ -9,10 +9,10 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use serde::Deserialize;
 use swift_stages::llm::chat::Message;
-use swift_stages::llm::generate::GenerateOptions;
+use swift_stages::llm::generate::{check_prompt, GenerateOptions};
 use swift_stages::llm::scheduler::{generate_all, BatchLimits, Request};
 use swift_stages::llm::{Decoder, TextTokenizer};
 
@@ -68,15 +68,8 @@ pub fn read_prompts(file: &Path, tokenizer: &TextTokenizer, folder: &Path, chat:
 /// `finish_reason`.
 pub fn run(model: &Decoder, tokenizer: &TextTokenizer, prompts: &[FilePrompt], options: &GenerateOptions, batch_size: usize)
     -> anyhow::Result<()> {
-    let context = model.config().max_position_embeddings;
-    if let Some(long) = prompts.iter().find(|p| p.ids.len() >= context) {
-        bail!(
-            "line {}: the prompt has {} tokens, and the model's context is {context} (max_position_embeddings in config.json): \
-             shorten it to at most {} tokens to leave room for an answer",
-            long.line,
-            long.ids.len(),
-            context - 1
-        );
+    for prompt in prompts {
+        check_prompt(model, &prompt.ids).map_err(|e| anyhow!("line {}: {e}", prompt.line))?;
     }
     let requests: Vec<Request> = prompts.iter().map(|p| Request { prompt: p.ids.clone(), options: options.clone() }).collect();
     let limits = BatchLimits { max_seqs: batch_size.max(1), ..BatchLimits::default() };

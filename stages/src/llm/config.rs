@@ -193,6 +193,37 @@ fn default_max_positions() -> usize {
 }
 
 impl ModelConfig {
+    /// Every tensor a checkpoint of this model holds, with its shape, as
+    /// transformers saves a Qwen2, Llama or Mistral model: q/k/v (and o)
+    /// biases where the family has them, `lm_head` unless it is tied.
+    pub fn checkpoint_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![v, h]), ("model.norm.weight".to_string(), vec![h])];
+        if !self.tie_word_embeddings {
+            shapes.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        for n in 0..self.num_layers {
+            let layer = [
+                ("input_layernorm.weight", vec![h], true),
+                ("post_attention_layernorm.weight", vec![h], true),
+                ("self_attn.q_proj.weight", vec![q, h], true),
+                ("self_attn.k_proj.weight", vec![kv, h], true),
+                ("self_attn.v_proj.weight", vec![kv, h], true),
+                ("self_attn.o_proj.weight", vec![h, q], true),
+                ("self_attn.q_proj.bias", vec![q], self.qkv_bias),
+                ("self_attn.k_proj.bias", vec![kv], self.qkv_bias),
+                ("self_attn.v_proj.bias", vec![kv], self.qkv_bias),
+                ("self_attn.o_proj.bias", vec![h], self.o_bias),
+                ("mlp.gate_proj.weight", vec![i, h], true),
+                ("mlp.up_proj.weight", vec![i, h], true),
+                ("mlp.down_proj.weight", vec![h, i], true),
+            ];
+            shapes.extend(layer.into_iter().filter(|(_, _, present)| *present).map(|(name, shape, _)| (format!("model.layers.{n}.{name}"), shape)));
+        }
+        shapes
+    }
+
     /// Reads `config.json` in a model folder.
     pub fn load(folder: &Path) -> Result<Self, LlmError> {
         let path = folder.join("config.json");

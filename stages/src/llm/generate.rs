@@ -125,7 +125,7 @@ fn generate_in_chunks(
 }
 
 /// Refuses an empty prompt, and one that leaves no room in the context.
-pub(crate) fn check_prompt(model: &Decoder, prompt: &[u32]) -> Result<(), LlmError> {
+pub fn check_prompt(model: &Decoder, prompt: &[u32]) -> Result<(), LlmError> {
     if prompt.is_empty() {
         return Err(LlmError::Template("the prompt has no tokens".into()));
     }

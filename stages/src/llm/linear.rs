@@ -60,10 +60,10 @@ pub trait LinearLoader {
     }
 }
 
-/// Rows at most that [`Dense::forward_batch`] multiplies by matrix-vector
-/// products rather than candle's GEMM, which packs the whole weight on every
+/// Rows at most that [`Dense::forward_batch`] (and the 16-bit
+/// `StoredDense`'s) multiplies by matrix-vector products rather than candle's GEMM, which packs the whole weight on every
 /// call and so reads it several times over for a handful of rows.
-const FEW_ROWS: usize = 32;
+pub(crate) const FEW_ROWS: usize = 32;
 
 /// A plain weight matrix in the compute dtype.
 pub struct Dense {

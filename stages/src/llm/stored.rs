@@ -20,15 +20,12 @@ use candle_core::{DType, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 use swift_kernels::gemv_half::{gemv_rows_half, widen_into, Half};
 
-use super::linear::{Dense, DenseLoader, LinearLoader, Projection};
+use super::linear::{Dense, DenseLoader, LinearLoader, Projection, FEW_ROWS};
 use super::weights::Weights;
 use super::LlmError;
 
 /// Weights widened to f32 at a time for a many-row product (32 MiB).
 const PANEL_FLOATS: usize = 8 << 20;
-
-/// Input rows at most multiplied by matrix-vector products.
-const FEW_ROWS: usize = 32;
 
 /// A projection whose weight stays as the checkpoint's 16-bit values.
 pub struct StoredDense {
@@ -181,8 +178,6 @@ impl LinearLoader for StoredLoader {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use candle_core::Device;
 
     use super::*;
@@ -196,31 +191,7 @@ mod tests {
     /// A random checkpoint stored in `dtype`.
     fn checkpoint(dir: &std::path::Path, dtype: DType) {
         std::fs::write(dir.join("config.json"), CONFIG).unwrap();
-        let c = ModelConfig::load(dir).unwrap();
-        let (h, i, kv) = (c.hidden_size, c.intermediate_size, c.num_kv_heads * c.head_dim);
-        let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h]), ("model.norm.weight".into(), vec![h])];
-        for n in 0..c.num_layers {
-            for (name, shape) in [
-                ("self_attn.q_proj.weight", vec![h, h]),
-                ("self_attn.q_proj.bias", vec![h]),
-                ("self_attn.k_proj.weight", vec![kv, h]),
-                ("self_attn.k_proj.bias", vec![kv]),
-                ("self_attn.v_proj.weight", vec![kv, h]),
-                ("self_attn.v_proj.bias", vec![kv]),
-                ("self_attn.o_proj.weight", vec![h, h]),
-                ("mlp.gate_proj.weight", vec![i, h]),
-                ("mlp.up_proj.weight", vec![i, h]),
-                ("mlp.down_proj.weight", vec![h, i]),
-                ("input_layernorm.weight", vec![h]),
-                ("post_attention_layernorm.weight", vec![h]),
-            ] {
-                shapes.push((format!("model.layers.{n}.{name}"), shape));
-            }
-        }
-        let weights = Weights::random(DType::F32, &Device::Cpu, true);
-        let tensors: HashMap<String, Tensor> =
-            shapes.into_iter().map(|(name, shape)| (name.clone(), weights.get(&name, &shape).unwrap().to_dtype(dtype).unwrap())).collect();
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        Weights::write_random(dir, &ModelConfig::load(dir).unwrap(), dtype).unwrap();
     }
 
     fn load(dir: &std::path::Path, loader: &dyn LinearLoader) -> Decoder {

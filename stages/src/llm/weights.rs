@@ -91,6 +91,22 @@ impl Weights {
         }
     }
 
+    /// Writes a checkpoint of `config` with these random weights to
+    /// `folder/model.safetensors`, every tensor in `dtype` (through a
+    /// temporary name, so a half-written file is never taken for one): real
+    /// shapes for benchmarks and tests without a download.
+    pub fn write_random(folder: &Path, config: &super::ModelConfig, dtype: DType) -> Result<(), LlmError> {
+        let weights = Self::random(DType::F32, &Device::Cpu, config.tie_word_embeddings);
+        let mut tensors = HashMap::new();
+        for (name, shape) in config.checkpoint_shapes() {
+            let tensor = weights.get(&name, &shape)?.to_dtype(dtype)?;
+            tensors.insert(name, tensor);
+        }
+        let (path, partial) = (folder.join("model.safetensors"), folder.join("model.safetensors.partial"));
+        candle_core::safetensors::save(&tensors, &partial)?;
+        std::fs::rename(&partial, &path).map_err(|e| LlmError::io(&path, e))
+    }
+
     /// An error about this checkpoint, naming its folder.
     pub fn error(&self, message: String) -> LlmError {
         LlmError::Weights { path: self.folder.clone(), message }

@@ -222,7 +222,7 @@ impl PreprocessPlan {
                 bail!("{}: no .jsonl, .json or .csv file", shown(&input.path).display());
             }
             for file in files {
-                let (mut rows, bad) = records::read_file(&file).map_err(|e| anyhow!("{}", input.shown_in(&e.to_string())))?;
+                let (mut rows, bad) = records::read_file(&file).map_err(|e| anyhow!("{e}"))?;
                 for mut error in bad {
                     error.file = shown(&error.file);
                     self.row_error(&error, stats)?;
